@@ -1,0 +1,227 @@
+"""ModelConfig: the DeepSeek-V3 hyper-parameters, with Hugging Face `DeepseekV3Config` field names.
+
+A seekling checkpoint's `config.json` is exactly what transformers writes for `deepseek_v3`, so
+either side reads the other's. Presets give the shapes we train (`tiny`, `small`) and the real
+DeepSeek shapes (for reference and parameter counting only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 192
+    intermediate_size: int = 512  # dense FFN width (the first `first_k_dense_replace` layers)
+    moe_intermediate_size: int = 128  # width of each routed / shared expert
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    n_shared_experts: int = 1
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    first_k_dense_replace: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    q_lora_rank: int | None = None  # None: queries are not compressed (DeepSeek-V2-Lite style)
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 1  # MTP depth D
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+    # Training-only knobs (kept in config.json under their own names; transformers ignores them).
+    bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing
+    seq_aux_alpha: float = 0.0  # alpha of the complementary sequence-wise balance loss
+    mtp_loss_weight: float = 0.3  # lambda of the MTP loss
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys, written back untouched
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n_routed_experts % max(self.n_group, 1):
+            problems.append(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
+        if self.topk_group > self.n_group:
+            problems.append(f"topk_group={self.topk_group} > n_group={self.n_group}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            problems.append("num_experts_per_tok > n_routed_experts")
+        if self.n_group > 1 and (self.n_routed_experts // self.n_group) < 2:
+            problems.append("group-limited routing needs at least 2 experts per group (top-2 group score)")
+        if self.qk_rope_head_dim % 2:
+            problems.append("qk_rope_head_dim must be even")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("yarn", "default", None):
+                problems.append(f"rope_scaling type {kind!r} is not supported (only 'yarn')")
+        if problems:
+            raise ValueError("unsupported ModelConfig: " + "; ".join(problems))
+
+    # --- derived sizes -------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_qk), times YaRN's mscale^2 when the context is extended (DeepSeek-V3 eq. for mscale)."""
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling
+        if rs and rs.get("rope_type", rs.get("type")) == "yarn":
+            m_all = rs.get("mscale_all_dim", 0)
+            if m_all:
+                m = yarn_mscale(rs["factor"], m_all)
+                scale = scale * m * m
+        return scale
+
+    def num_parameters(self, include_mtp: bool = True, active: bool = False) -> int:
+        """Parameter count computed from the shapes alone (works for the full-size presets)."""
+        h, v = self.hidden_size, self.vocab_size
+        nh = self.num_attention_heads
+        if self.q_lora_rank is None:
+            attn = h * nh * self.qk_head_dim
+        else:
+            attn = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * nh * self.qk_head_dim
+        attn += h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+        attn += self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim)
+        attn += nh * self.v_head_dim * h
+        dense_ffn = 3 * h * self.intermediate_size
+        expert = 3 * h * self.moe_intermediate_size
+        n_exp = self.num_experts_per_tok if active else self.n_routed_experts
+        moe_ffn = expert * (n_exp + self.n_shared_experts) + h * self.n_routed_experts
+        n_dense = min(self.first_k_dense_replace, self.num_hidden_layers)
+        n_moe = self.num_hidden_layers - n_dense
+        block = attn + 2 * h
+        total = n_dense * (block + dense_ffn) + n_moe * (block + moe_ffn)
+        total += v * h + h + (0 if self.tie_word_embeddings else v * h)
+        if include_mtp:
+            mtp_ffn = moe_ffn if self.num_hidden_layers >= self.first_k_dense_replace else dense_ffn
+            total += self.num_nextn_predict_layers * (block + mtp_ffn + 3 * h + 2 * h * h)
+        return total
+
+    # --- Hugging Face config.json ---------------------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        d = {**self.extra, **d}
+        d.update(
+            model_type="deepseek_v3",
+            architectures=["DeepseekV3ForCausalLM"],
+            num_key_value_heads=self.num_attention_heads,
+            hidden_act="silu",
+            rope_interleave=True,
+            attention_bias=False,
+            dtype="float32",
+        )
+        # transformers >= 5 reads `rope_parameters`; older readers and DeepSeek's own files use
+        # `rope_theta` + `rope_scaling`. Write both so every reader sees the same RoPE.
+        rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+            rope["rope_type"] = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "yarn"))
+        d["rope_parameters"] = rope
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        mt = d.get("model_type", "deepseek_v3")
+        if mt not in ("deepseek_v3", "deepseek_v2"):
+            raise ValueError(f"model_type {mt!r} is not a DeepSeek-V3 config")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
+        if d.get("attention_bias"):
+            raise ValueError("attention_bias=True is not supported")
+        if d.get("rope_interleave") is False:
+            raise ValueError("rope_interleave=False is not supported (DeepSeek checkpoints interleave)")
+        if d.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ValueError(f"scoring_func {d['scoring_func']!r} is not supported (DeepSeek-V3 uses sigmoid)")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kw = {k: v for k, v in d.items() if k in names}
+        rp = d.get("rope_parameters")
+        if rp:
+            kw["rope_theta"] = rp.get("rope_theta", kw.get("rope_theta", 10000.0))
+            if rp.get("rope_type", rp.get("type", "default")) != "default":
+                kw["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if kw.get("n_group") is None:
+            kw["n_group"] = 1
+        if kw.get("topk_group") is None:
+            kw["topk_group"] = 1
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        skip = names | {"rope_parameters", "model_type", "architectures", "num_key_value_heads", "hidden_act",
+                        "rope_interleave", "attention_bias", "dtype", "torch_dtype", "transformers_version",
+                        "head_dim", "qk_head_dim"}
+        kw["extra"] = {k: v for k, v in d.items() if k not in skip}
+        return cls(**kw)
+
+    def save(self, directory: str | Path) -> None:
+        from seekling.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(directory) / "config.json", json.dumps(self.to_hf_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ModelConfig:
+        path = Path(directory) / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: not a model directory")
+        return cls.from_hf_dict(json.loads(path.read_text()))
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+# Presets. `tiny` is the CPU speedrun size; `small` a 25-50M model for a bigger machine;
+# the DeepSeek shapes are for reference and parameter counting.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        max_position_embeddings=1024,
+    ),
+    "small": dict(
+        hidden_size=512, intermediate_size=1408, moe_intermediate_size=128, num_hidden_layers=8,
+        num_attention_heads=8, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, n_group=4,
+        topk_group=2, first_k_dense_replace=1, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64,
+        qk_rope_head_dim=32, v_head_dim=64, routed_scaling_factor=2.0, max_position_embeddings=4096,
+        vocab_size=8192,
+    ),
+    "deepseek-v2-lite": dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, n_shared_experts=2, n_routed_experts=64,
+        num_experts_per_tok=6, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        norm_topk_prob=False, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, num_nextn_predict_layers=0, max_position_embeddings=163840,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    ),
+    "deepseek-v3": dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
+        num_experts_per_tok=8, first_k_dense_replace=3, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+        norm_topk_prob=True, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, num_nextn_predict_layers=1, max_position_embeddings=163840,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,490 @@
+"""The inference engine: requests in, text deltas out.
+
+    engine = Engine("runs/speedrun/rl")                 # or Engine(model, tokenizer)
+    outs = engine.generate(["What is 2 + 3?"], SamplingParams(temperature=0))
+    for delta in engine.stream(prompt, params): ...
+
+One `step()` = drain the inbox (requests and aborts from any thread), schedule (continuous batching
+over the latent block cache), one packed forward of the main model, sampling (or speculative
+verification), detokenisation, then — when speculative — one packed forward of the MTP module that
+drafts each sequence's next token. Servers call `add_request` / `abort` from their threads and
+`step()` from one loop; `generate` and `stream` drive `step()` themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seekling.engine.cache import BlockManager, allocate_kv, cache_bytes_per_token
+from seekling.engine.detok import IncrementalDecoder, TextStream, prompt_opens_think
+from seekling.engine.runner import Runner, make_batch
+from seekling.engine.sampling import SamplingParams, probs_from_logits, sample, token_logprobs, uniform
+from seekling.engine.scheduler import Scheduler, Sequence
+
+Prompt = str | list[dict[str, Any]] | list[int]
+
+
+@dataclass
+class Delta:
+    index: int  # which of the request's n samples
+    text: str
+    reasoning: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    reasoning: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: Prompt
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def reasoning(self) -> str:
+        return self.outputs[0].reasoning
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+@dataclass
+class _Request:
+    params: SamplingParams
+    seqs: dict[int, Sequence]  # by sample index (forks appear once the prompt is prefilled)
+    unfinished: int
+
+
+class Engine:
+    def __init__(self, model_or_path: torch.nn.Module | str | Path, tokenizer: Any = None, *,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, cache_blocks: int | None = None,
+                 block_size: int = 16, device: str | torch.device | None = None, speculative: bool = False,
+                 num_speculative_tokens: int = 1, cache_memory: int = 256 * 2**20):
+        if isinstance(model_or_path, (str, Path)):
+            from seekling.checkpoint import load_pretrained
+
+            model = load_pretrained(str(model_or_path), device=device)
+            if tokenizer is None and (Path(model_or_path) / "tokenizer.json").is_file():
+                from seekling.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(model_or_path)
+        else:
+            model = model_or_path
+        if not hasattr(model, "main_layers") or not hasattr(model.config, "kv_lora_rank"):
+            raise ValueError(f"the engine runs seekling's DeepSeek-V3 Transformer (MLA), "
+                             f"got {type(model).__name__}")
+        self.device = torch.device(device) if device is not None else model.device
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        cfg = self.config = model.config
+        if speculative and len(model.mtp_layers) == 0:
+            raise ValueError("speculative=True needs an MTP module (num_nextn_predict_layers >= 1)")
+        if speculative and num_speculative_tokens != 1:
+            raise ValueError("num_speculative_tokens must be 1 (one MTP module drafts one token)")
+        self.speculative = speculative
+        self.max_model_len = cfg.max_position_embeddings
+        dtype = next(model.parameters()).dtype
+        num_layers = cfg.num_hidden_layers + (1 if speculative else 0)
+        self.cache_bytes_per_token = cache_bytes_per_token(num_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                                           dtype)
+        if cache_blocks is None:  # enough for every sequence at full length, within the memory budget
+            want = max_num_seqs * -(-self.max_model_len // block_size)
+            cache_blocks = max(1, min(want, cache_memory // (self.cache_bytes_per_token * block_size)))
+        self.block_size = block_size
+        self.kv = allocate_kv(num_layers, cache_blocks, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                              dtype, self.device)
+        self.blocks = BlockManager(cache_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.runner = Runner(model, self.kv, block_size)
+        eos = tokenizer.eos_token_id if tokenizer is not None else cfg.eos_token_id
+        self.eos_token_id: int | None = eos
+        self._lock = threading.Lock()  # guards the inbox and the set of live request ids
+        self._step_lock = threading.RLock()  # one step at a time
+        self._inbox: list[tuple[str, Prompt, list[int], str, SamplingParams]] = []
+        self._aborts: list[str] = []
+        self._live: set[str] = set()
+        self._requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self.num_generated = 0
+        self.num_drafted = 0
+        self.num_accepted = 0
+
+    # --- requests --------------------------------------------------------------------------------
+    def _encode(self, prompt: Prompt) -> tuple[list[int], str]:
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            if tok is None:
+                raise ValueError("a text prompt needs a tokenizer (pass token ids, or Engine(model, tok))")
+            return tok.encode(prompt), prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            if tok is None:
+                raise ValueError("a chat prompt needs a tokenizer")
+            text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            return tok.encode(text), text
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt), tok.decode(prompt) if tok is not None else ""
+        raise ValueError("a prompt is a string, a list of chat messages ({'role', 'content'}) or a list of "
+                         f"token ids; got {type(prompt).__name__}")
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (thread-safe); returns its id. Bad input raises ValueError here, at once."""
+        params = params if params is not None else SamplingParams()
+        ids, text = self._encode(prompt)
+        V = self.config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(t < 0 or t >= V for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {V})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
+        if params.stop_list and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.scheduler.max_num_seqs}")
+        longest = len(ids) + (params.max_tokens or self.max_model_len)
+        longest = min(longest, self.max_model_len) + (1 if self.speculative else 0)
+        if self.blocks.blocks_for(longest) > self.blocks.num_blocks:
+            raise ValueError(f"the request needs up to {longest} cache slots but the cache holds "
+                             f"{self.blocks.num_blocks * self.block_size}: it can never fit (lower "
+                             "max_tokens or enlarge the cache)")
+        request_id = request_id or uuid.uuid4().hex
+        with self._lock:
+            if request_id in self._live:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._live.add(request_id)
+            self._inbox.append((request_id, prompt, ids, text, params))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (thread-safe); its sequences finish with finish_reason "abort" at the next step.
+        Unknown or already finished ids are ignored (a request may finish while its abort is in flight)."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._inbox) or self.scheduler.has_unfinished()
+
+    def stats(self) -> dict[str, Any]:
+        used = self.blocks.num_blocks - self.blocks.num_free
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting) + len(self._inbox),
+            "cache_blocks": self.blocks.num_blocks,
+            "cache_blocks_used": used,
+            "cache_usage": used / self.blocks.num_blocks,
+            "block_size": self.block_size,
+            "cache_bytes_per_token": self.cache_bytes_per_token,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "generated_tokens": self.num_generated,
+            "spec_drafted": self.num_drafted,
+            "spec_accepted": self.num_accepted,
+            "spec_acceptance_rate": self.num_accepted / self.num_drafted if self.num_drafted else None,
+        }
+
+    def _new_seq(self, request_id: str, index: int, ids: list[int], text: str,
+                 params: SamplingParams) -> Sequence:
+        gen = None
+        if params.seed is not None:  # each sample its own stream: seed, seed + 1, ...
+            gen = torch.Generator(self.device).manual_seed(params.seed + index)
+        tok = self.tokenizer
+        text_out = tok is not None  # without a tokenizer only token ids come out
+        return Sequence(
+            seq_id=next(self._seq_ids), request_id=request_id, index=index, prompt_ids=ids, params=params,
+            prompt_text=text, generator=gen, decoder=IncrementalDecoder(tok, ids) if text_out else None,
+            stream=TextStream(params.stop_list, prompt_opens_think(text)) if text_out else None)
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def step(self) -> list[tuple[str, Delta]]:
+        """One scheduler iteration; returns the (request_id, Delta) produced by it."""
+        with self._step_lock:
+            with self._lock:
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            out: list[tuple[str, Delta]] = []
+            for request_id, _, ids, text, params in inbox:
+                seq = self._new_seq(request_id, 0, ids, text, params)
+                seq.num_forks = params.n - 1
+                self._requests[request_id] = _Request(params, {0: seq}, params.n)
+                self.scheduler.add(seq)
+            for request_id in aborts:
+                out += self._abort(request_id)
+            batch = self.scheduler.schedule()
+            if batch:
+                # Eval mode for the step only: a trainer (GRPO rollouts) may hand us a model in training mode,
+                # and MoE layers must not count inference tokens as training load.
+                training = self.model.training
+                self.model.eval()
+                try:
+                    with torch.inference_mode():
+                        out += self._run(batch)
+                finally:
+                    self.model.train(training)
+            return out
+
+    def _abort(self, request_id: str) -> list[tuple[str, Delta]]:
+        req = self._requests.get(request_id)
+        if req is None:
+            return []
+        out = []
+        for index in range(req.params.n):
+            seq = req.seqs.get(index)
+            if seq is not None and seq.finish_reason is not None:
+                continue
+            if seq is not None:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+            out.append((request_id, Delta(index, "", "", [], "abort")))
+        self._close(request_id)
+        return out
+
+    def _close(self, request_id: str) -> None:
+        del self._requests[request_id]
+        with self._lock:
+            self._live.discard(request_id)
+
+    def _run(self, batch: list[tuple[Sequence, int]]) -> list[tuple[str, Delta]]:
+        items, offsets, off = [], [], 0
+        for seq, n in batch:
+            items.append((seq.pending()[:n], seq.num_cached, seq.block_table))
+            offsets.append(off)
+            off += n
+        hidden = self.runner.forward(make_batch(items, self.block_size, self.device))
+
+        # Rows to sample from: the last fed token of a sequence that reached its end, or, when
+        # verifying drafts, the last token and every draft (row j predicts output position j).
+        rows, row_params, row_prompts, row_outputs = [], [], [], []
+        for (seq, n), o in zip(batch, offsets, strict=True):
+            if seq.num_cached + n - len(seq.draft) < seq.num_tokens:
+                continue  # a prefill chunk that does not reach the end yet
+            first = o + n - 1 - len(seq.draft)
+            for j in range(len(seq.draft) + 1):
+                rows.append(first + j)
+                row_params.append(seq.params)
+                row_prompts.append(seq.prompt_ids)
+                row_outputs.append(seq.output_ids + seq.draft[:j])
+        logits = self.runner.logits(hidden[rows]) if rows else None
+        probs = probs_from_logits(logits, row_params, row_prompts, row_outputs) if rows else None
+        # One batched draw for every sequence that is not verifying drafts.
+        plain, r = [], 0
+        for seq, n in batch:
+            if seq.num_cached + n - len(seq.draft) >= seq.num_tokens:
+                if not seq.draft:
+                    plain.append((r, seq.generator))
+                r += len(seq.draft) + 1
+        drawn = sample(probs[[i for i, _ in plain]], [g for _, g in plain]).tolist() if plain else []
+        drawn = dict(zip([i for i, _ in plain], drawn, strict=True))
+
+        out: list[tuple[str, Delta]] = []
+        mtp: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, first hidden row, count)
+        r = 0
+        for (seq, n), o in zip(batch, offsets, strict=True):
+            start = seq.num_cached
+            if start + n - len(seq.draft) < seq.num_tokens:
+                seq.num_cached += n
+                mtp.append((seq, start, o, n))
+                continue
+            k = len(seq.draft)
+            if k:
+                tokens = self._verify(seq, probs[r:r + k + 1])
+            else:
+                tokens = [drawn[r]]
+            valid = n - k + len(tokens) - 1  # fed positions whose latent stays valid
+            seq.num_cached = start + valid
+            seq.draft, seq.draft_probs = [], None
+            group = [(seq, tokens)]
+            if seq.num_forks:
+                group += self._fork(seq, probs[r:r + 1])
+            for s, toks in group:
+                lp = None
+                if s.params.logprobs is not None:
+                    lp = token_logprobs(logits[r:r + len(toks)], torch.tensor(toks), s.params.logprobs)
+                out += self._append(s, toks, lp)
+                if self.speculative and s.finish_reason is None:
+                    mtp.append((s, start, o, valid))
+            r += k + 1
+        if self.speculative and mtp:
+            self._draft(mtp, hidden)
+        return out
+
+    def _fork(self, parent: Sequence, probs: torch.Tensor) -> list[tuple[Sequence, list[int]]]:
+        """Samples 1..n-1 of a request share the parent's prefilled prompt: share its full blocks, copy
+        the rest, draw their own first token from the same distribution."""
+        req = self._requests[parent.request_id]
+        P = parent.num_cached
+        # With MTP the last prompt position's MTP latent depends on the sampled token: keep it private.
+        shared = P - 1 if self.speculative else P
+        forked = []
+        for index in range(1, parent.num_forks + 1):
+            child = self._new_seq(parent.request_id, index, parent.prompt_ids, parent.prompt_text,
+                                  parent.params)
+            req.seqs[index] = child
+            table = self.blocks.fork(parent.block_table, P, shared, self.kv)
+            if table is None:  # no room for its private blocks: recompute it later
+                self.scheduler.waiting.appendleft(child)
+                continue
+            child.block_table, child.num_cached = table, P
+            self.scheduler.running.append(child)
+            forked.append((child, [int(sample(probs, [child.generator])[0])]))
+        parent.num_forks = 0
+        return forked
+
+    def _verify(self, seq: Sequence, p: torch.Tensor) -> list[int]:
+        """Speculative sampling (Leviathan et al. 2023): accept draft d with prob min(1, p(d)/q(d)); on
+        rejection sample from norm(max(0, p - q)); if all are accepted add a bonus token from p."""
+        out = []
+        for j, d in enumerate(seq.draft):
+            q = seq.draft_probs[j]
+            self.num_drafted += 1
+            if uniform(seq.generator) < min(1.0, float(p[j, d] / q[d])):
+                out.append(d)
+                self.num_accepted += 1
+                continue
+            residual = (p[j] - q).clamp(min=0)
+            residual = residual / residual.sum() if residual.sum() > 0 else p[j]
+            return out + [int(sample(residual[None], [seq.generator])[0])]
+        return out + [int(sample(p[len(seq.draft)][None], [seq.generator])[0])]
+
+    def _draft(self, mtp: list[tuple[Sequence, int, int, int]], hidden: torch.Tensor) -> None:
+        """Run the MTP module over the positions just verified (it needs t_{i+1}, known now) and draft
+        one token for every sequence that is decoding."""
+        items, rows = [], []
+        for seq, start, o, count in mtp:
+            items.append((seq.tokens[start + 1:start + count + 1], start, seq.block_table))
+            rows.extend(range(o, o + count))
+        h = self.runner.mtp(make_batch(items, self.block_size, self.device), hidden[rows])
+        drafting, last, end = [], [], 0
+        for seq, start, _, count in mtp:
+            end += count
+            remaining = (seq.params.max_tokens or self.max_model_len) - len(seq.output_ids)
+            if start + count == seq.num_tokens - 1 and remaining > 1 and seq.num_tokens < self.max_model_len:
+                drafting.append(seq)
+                last.append(end - 1)
+        if not drafting:
+            return
+        q = probs_from_logits(self.runner.logits(h[last]), [s.params for s in drafting],
+                              [s.prompt_ids for s in drafting], [s.output_ids for s in drafting])
+        for i, seq in enumerate(drafting):
+            seq.draft = [int(sample(q[i:i + 1], [seq.generator])[0])]
+            seq.draft_probs = q[i:i + 1]
+
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[dict[int, float]] | None,
+                ) -> list[tuple[str, Delta]]:
+        """Append sampled tokens one by one until a stop condition; returns the sequence's delta."""
+        p = seq.params
+        new, text, reasoning = [], "", ""
+        for t in tokens:
+            seq.output_ids.append(t)
+            new.append(t)
+            self.num_generated += 1
+            stop_token = (t == self.eos_token_id and not p.ignore_eos) or t in (p.stop_token_ids or ())
+            reason = "stop" if stop_token else None
+            if reason is None and (len(seq.output_ids) >= (p.max_tokens or self.max_model_len)
+                                   or seq.num_tokens >= self.max_model_len):
+                reason = "length"
+            if seq.stream is not None:
+                piece = "" if stop_token else seq.decoder.add(t)
+                if reason is not None:
+                    piece += seq.decoder.flush()
+                rs, tx = seq.stream.push(piece, final=reason is not None)
+                reasoning, text = reasoning + rs, text + tx
+                if seq.stream.stopped:
+                    reason = "stop"
+            if reason is not None:
+                seq.finish_reason = reason
+                break
+        lp = logprobs[:len(new)] if logprobs is not None else None
+        if lp is not None:
+            seq.logprobs.extend(lp)
+        out = [(seq.request_id, Delta(seq.index, text, reasoning, new, seq.finish_reason, lp))]
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+            req = self._requests[seq.request_id]
+            req.unfinished -= 1
+            if req.unfinished == 0:
+                self._close(seq.request_id)
+        return out
+
+    # --- convenience drivers -------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | list[Prompt],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run the prompts to completion (batched); one RequestOutput per prompt, in order."""
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], (dict, int)))
+        if single:  # one prompt, not a list of them
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, p in zip(prompts, params_list, strict=True):
+            p = p if p is not None else SamplingParams()
+            rid = self.add_request(prompt, p)
+            ids, _ = self._encode(prompt)
+            results[rid] = RequestOutput(rid, prompt, ids, [CompletionOutput(i) for i in range(p.n)])
+            order.append(rid)
+        pending = set(order)
+        while pending:
+            for rid, d in self.step():
+                if rid not in results:
+                    continue
+                o = results[rid].outputs[d.index]
+                o.text += d.text
+                o.reasoning += d.reasoning
+                o.token_ids += d.token_ids
+                if d.logprobs is not None:
+                    o.logprobs = (o.logprobs or []) + d.logprobs
+                if d.finish_reason is not None:
+                    o.finish_reason = d.finish_reason
+                    if results[rid].finished:
+                        pending.discard(rid)
+        return [results[rid] for rid in order]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Yield the deltas of one request as they come; closing the iterator aborts the request."""
+        params = params if params is not None else SamplingParams()
+        rid = self.add_request(prompt, params)
+        left = params.n
+        try:
+            while left:
+                for r, d in self.step():
+                    if r == rid:
+                        left -= d.finish_reason is not None
+                        yield d
+        finally:
+            if left:
+                self.abort(rid)
+                self.step()

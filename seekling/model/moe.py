@@ -1,0 +1,130 @@
+"""DeepSeekMoE (DeepSeek-V3 §2.1.2): fine-grained routed experts + shared experts, sigmoid routing,
+group-limited top-k, and auxiliary-loss-free load balancing.
+
+Routing, for token u with hidden u_t (eqs. 13-16 of the V3 report):
+    s_{i,t} = sigmoid(u_t · e_i)                              affinity to routed expert i
+    pick top-k experts on s_{i,t} + b_i                        b: e_score_correction_bias
+    g_{i,t} = s_{i,t} / Σ_{j∈topk} s_{j,t} · routed_scaling     gate weights come from the unbiased s
+    h'_t = u_t + Σ_shared FFN(u_t) + Σ_{i∈topk} g_{i,t} FFN_i(u_t)
+The bias b only steers which experts are chosen; it gets no gradient and is updated after each
+optimizer step by b_i += γ·sign(mean_load − load_i) (`update_bias`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from seekling.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense FFN, each routed expert, and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.route_scale = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        # fp32 always: the bias moves in steps of ~1e-3, which bf16 could not represent near 1.
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, h] -> (weights [N, k] fp32, indices [N, k], scores [N, E] fp32)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        biased = scores.detach() + self.e_score_correction_bias
+        if self.n_group > 1:
+            # Group-limited routing: keep the topk_group groups whose best two experts score highest.
+            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = biased.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.gamma = config.bias_update_speed
+        self.alpha = config.seq_aux_alpha
+        self.gate = Gate(config)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(self.n_experts))
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        # Tokens routed to each expert since the last bias update (training only; not saved).
+        self.register_buffer("load", torch.zeros(self.n_experts), persistent=False)
+        self.register_buffer("last_load", torch.zeros(self.n_experts), persistent=False)  # for logging
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, indices, scores = self.gate(flat)
+        routed = self.dispatch(flat, weights, indices)
+        if self.training:
+            with torch.no_grad():
+                self.load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(self.load.dtype)
+            self.balance_loss = self.sequence_balance_loss(scores, indices, shape) if self.alpha > 0 else None
+        return (routed + self.shared_experts(flat)).view(shape)
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Group the (token, expert) pairs by expert with one sort, run each expert once on its
+        tokens, and scatter the weighted results back; no loop over tokens."""
+        flat_idx = indices.flatten()
+        order = flat_idx.argsort(stable=True)
+        token_of = order // self.top_k  # which token each sorted pair came from
+        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
+        x_sorted = x[token_of]
+        w_sorted = weights.flatten()[order].unsqueeze(-1)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            y = self.experts[e](x_sorted[start:start + n]) * w_sorted[start:start + n]
+            out.index_add_(0, token_of[start:start + n], y.to(x.dtype))
+            start += n
+        return out
+
+    def sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Complementary sequence-wise balance loss (V3 eqs. 17-20): α Σ_i f_i P_i per sequence."""
+        B, T = (shape[0], shape[1]) if len(shape) == 3 else (1, shape[0])
+        probs = (scores / scores.sum(-1, keepdim=True)).view(B, T, self.n_experts)
+        chosen = torch.zeros(B * T, self.n_experts, device=scores.device)
+        chosen.scatter_(1, indices, 1.0)
+        f = chosen.view(B, T, self.n_experts).mean(1) * (self.n_experts / self.top_k)
+        return self.alpha * (f * probs.mean(1)).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Auxiliary-loss-free balancing: push under-loaded experts' bias up, over-loaded down."""
+        load = self.load
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)  # every rank must apply the same update
+        if load.sum() > 0:
+            self.gate.e_score_correction_bias += self.gamma * torch.sign(load.mean() - load)
+            self.last_load.copy_(load)
+        load.zero_()

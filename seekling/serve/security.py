@@ -1,0 +1,228 @@
+"""Server settings, OpenAI-shaped errors, API keys, rate limits and the request-body cap.
+
+Keys are hashed (sha256) as soon as they are loaded, so the plain key never sits in memory after start-up
+and a conversation's owner is stored as the key's hash, never the key itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+LOCAL_OWNER = "local"  # the single owner when no API key is configured
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "seekling")
+
+
+@dataclass
+class Settings:
+    """Every flag of `seekling serve`; each also reads `SEEKLING_<NAME>` from the environment."""
+
+    model: str | None = None
+    model_name: str | None = None  # the id shown by /v1/models (default: the model directory's name)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: list[str] = field(default_factory=list)
+    api_key_file: str | None = None
+    rate_limit: float = 0.0  # requests per minute per key; 0 = unlimited
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 256
+    max_prompt_tokens: int = 8192
+    max_tokens_cap: int = 2048
+    max_n: int = 8
+    max_queue: int = 256  # requests admitted but not yet producing tokens
+    max_num_seqs: int | None = None  # passed to the engine when the server loads the model itself
+    keepalive_s: float = 5.0  # SSE keep-alive comment interval while a stream has nothing to send
+    cors_origin: list[str] = field(default_factory=list)
+    log_requests: bool = False
+    data_dir: str = field(default_factory=default_data_dir)
+
+    @classmethod
+    def from_env(cls, **overrides) -> Settings:
+        """Defaults, then `SEEKLING_*` environment variables, then explicit overrides (flags)."""
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get("SEEKLING_" + f.name.upper())
+            if raw is None:
+                continue
+            kind = str(f.type)
+            if kind.startswith("list"):
+                values[f.name] = [v.strip() for v in raw.split(",") if v.strip()]
+            elif kind == "bool":
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif kind.startswith("int"):
+                values[f.name] = int(raw)
+            elif kind.startswith("float"):
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(error_body(err.message, err.type, err.param, err.code), err.status, headers=err.headers)
+
+
+# ---------------------------------------------------------------------------------------------- API keys
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_key_hashes(settings: Settings) -> list[bytes]:
+    """Hashes of the keys given by --api-key and --api-key-file (one key a line, '#' comments)."""
+    keys = list(settings.api_key)
+    if settings.api_key_file:
+        text = Path(settings.api_key_file).read_text()
+        keys += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    for k in keys:
+        if len(k) < 8:
+            raise ValueError("an API key must be at least 8 characters long")
+    return [hash_key(k).encode() for k in keys]
+
+
+class Authenticator:
+    def __init__(self, key_hashes: list[bytes]):
+        self.key_hashes = key_hashes
+
+    def owner(self, request: Request) -> str:
+        """The caller's owner id (its key's hash), or LOCAL_OWNER when no keys are set; raises 401."""
+        if not self.key_hashes:
+            return LOCAL_OWNER
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(
+                401,
+                "Missing API key: send 'Authorization: Bearer <key>'.",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+        digest = hash_key(token.strip()).encode()
+        # Compare against every key without stopping early, so timing says nothing about which matched.
+        match = None
+        for h in self.key_hashes:
+            if hmac.compare_digest(digest, h):
+                match = h
+        if match is None:
+            raise APIError(401, "Incorrect API key provided.", "authentication_error", code="invalid_api_key")
+        return match.decode()
+
+
+# ---------------------------------------------------------------------------------------------- rate limit
+
+
+class RateLimiter:
+    """A token bucket per owner: `rate` requests per minute, bursts up to `rate`."""
+
+    def __init__(self, per_minute: float):
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, per_minute)
+        self.buckets: dict[str, tuple[float, float]] = {}  # owner -> (tokens, last refill time)
+        self.lock = threading.Lock()
+
+    def check(self, owner: str) -> None:
+        if self.rate <= 0:
+            return
+        with self.lock:
+            now = time.monotonic()
+            tokens, last = self.buckets.get(owner, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - last) * self.rate)
+            if tokens < 1.0:
+                self.buckets[owner] = (tokens, now)
+                wait = math.ceil((1.0 - tokens) / self.rate)
+                raise APIError(
+                    429,
+                    f"Rate limit reached: {self.capacity:g} requests per minute. Retry in {wait} s.",
+                    "rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(wait)},
+                )
+            self.buckets[owner] = (tokens - 1.0, now)
+
+
+# ---------------------------------------------------------------------------------------------- body cap
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: refuse (413) a request body over `max_bytes`, with or without Content-Length.
+
+    The body is read up front and replayed to the app, so chunked uploads are bounded too.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return await self.app(scope, receive, send)
+        too_large = JSONResponse(
+            error_body(
+                f"Request body exceeds {self.max_bytes} bytes.",
+                "invalid_request_error",
+                code="request_too_large",
+            ),
+            413,
+        )
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would say
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,321 @@
+"""Tokenizer: byte-level BPE (Hugging Face `tokenizers`) plus the DeepSeek-R1 chat template.
+
+One class serves our own trained tokenizers and the released ones (DeepSeek-R1-Distill Qwen2/Llama):
+a tokenizer directory is `tokenizer.json` + `tokenizer_config.json` (bos/eos, `chat_template`) or a
+`chat_template.jinja` file, exactly what transformers reads and writes. The chat template is rendered
+the way transformers renders it (sandboxed Jinja, same globals and filters, same message clean-up),
+so `AutoTokenizer.from_pretrained(dir).apply_chat_template(...)` and ours give the same text and ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+# Qwen2's pre-tokenizer split: `\p{N}` takes one digit at a time, so every number tokenises digit by digit
+# (what makes column arithmetic learnable) and BPE merges can never glue digits together.
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+# DeepSeek-R1's format. System prompts are joined and put right after bos; earlier assistant turns lose
+# their reasoning (R1 strips everything up to </think>); the final message, when it is an assistant's,
+# is a training sample and gets its reasoning (`reasoning_content`, or the think block inside `content`).
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + message['content'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- bos_token + ns.system -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- '<｜User｜>' + message['content'] -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- set content = message['content'] | default('', true) -%}"
+    "{%- set reasoning = message['reasoning_content'] | default('', true) -%}"
+    "{%- if '</think>' in content -%}"
+    "{%- if not reasoning -%}"
+    "{%- set reasoning = content.split('</think>')[0].replace('<think>', '') -%}"
+    "{%- endif -%}"
+    "{%- set content = content.split('</think>')[-1] -%}"
+    "{%- endif -%}"
+    "{%- if loop.last -%}"
+    "{{- '<｜Assistant｜><think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n')"
+    " + eos_token -}}"
+    "{%- else -%}"
+    "{{- '<｜Assistant｜>' + content.lstrip('\\n') + eos_token -}}"
+    "{%- endif -%}"
+    "{%- elif message['role'] != 'system' -%}"
+    "{{- raise_exception('unsupported chat role: ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<｜Assistant｜><think>\\n' -}}"
+    "{%- endif -%}"
+)
+
+# Names a message's reasoning may come under; transformers copies them all to `reasoning_content`.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+@lru_cache
+def _compile_template(source: str) -> jinja2.Template:
+    """The Jinja environment transformers builds in `utils/chat_template_utils.py` (minus its
+    `{% generation %}` tracker, which no template we render needs)."""
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(format: str) -> str:
+        return datetime.now().strftime(format)
+
+    class Namespace(jinja2.utils.Namespace):
+        # As in transformers: no underscore attributes on a namespace, a route to Python internals.
+        def __setitem__(self, name: str, value: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
+            super().__setitem__(name, value)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.globals["namespace"] = Namespace
+    return env.from_string(source)
+
+
+def _clean_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """transformers' message clean-up: drop None-valued keys, alias reasoning fields."""
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise TypeError(f"chat messages must be dicts, got {message!r}")
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def render_chat(messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                template: str = CHAT_TEMPLATE, **special_tokens: str) -> str:
+    """Render chat messages with a Jinja chat template, as transformers does. `special_tokens` are the
+    template variables transformers passes from the tokenizer (bos_token, eos_token, pad_token...);
+    they default to DeepSeek-R1's, so the corpus can be rendered before any tokenizer exists."""
+    if not messages:
+        raise ValueError("cannot apply a chat template to an empty conversation")
+    variables = {"bos_token": BOS, "eos_token": EOS, **special_tokens}
+    return _compile_template(template).render(
+        messages=_clean_messages(messages), tools=None, documents=None,
+        add_generation_prompt=add_generation_prompt, **variables,
+    )
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token in tokenizer_config.json is a string or an AddedToken dict."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"cannot read special token {value!r} from tokenizer_config.json")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with its special tokens and chat template."""
+
+    def __init__(self, tokenizer: HFTokenizer, chat_template: str | None = CHAT_TEMPLATE,
+                 bos_token: str | None = BOS, eos_token: str | None = EOS, pad_token: str | None = None,
+                 model_max_length: int = 4096):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.pad_token = pad_token if pad_token is not None else eos_token
+        self.model_max_length = model_max_length
+        for token in (bos_token, eos_token, self.pad_token):
+            if token is not None and tokenizer.token_to_id(token) is None:
+                raise ValueError(f"special token {token!r} is not in the tokenizer's vocabulary")
+
+    # --- ids -----------------------------------------------------------------------------------------
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        if isinstance(tokens, str):
+            return self.tokenizer.token_to_id(tokens)
+        return [self.tokenizer.token_to_id(t) for t in tokens]
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.tokenizer.id_to_token(token_id)
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id(self.pad_token)
+
+    @property
+    def think_start_id(self) -> int | None:
+        return self._id(THINK_START)
+
+    @property
+    def think_end_id(self) -> int | None:
+        return self._id(THINK_END)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # --- text <-> ids --------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no bos/eos added, but special-token strings inside the text are matched."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tokenize: bool = False) -> str | list[int]:
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat_template")
+        special = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                     ("pad_token", self.pad_token)) if v is not None}
+        text = render_chat(messages, add_generation_prompt, self.chat_template, **special)
+        return self.encode(text) if tokenize else text
+
+    def encode_sft(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        """Ids of a training conversation and a loss mask that is 1 exactly on the final assistant turn's
+        tokens (reasoning, </think>, answer, eos) and 0 on the prompt, which is the generation prompt the
+        model sees at inference and so already ends with "<think>\n"."""
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("encode_sft needs a conversation that ends with an assistant message")
+        prompt = self.apply_chat_template(messages[:-1], add_generation_prompt=True)
+        full = self.apply_chat_template(messages, add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+        prompt_ids, full_ids = self.encode(prompt), self.encode(full)
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            # A BPE merge crossed the prompt/answer boundary (e.g. empty reasoning: "\n\n" is one piece).
+            # At inference the prompt is encoded alone and the model continues it, so train on that split.
+            full_ids = prompt_ids + self.encode(full[len(prompt):])
+        mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
+        return full_ids, mask
+
+    # --- files ---------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json and tokenizer_config.json (atomically) in the layout transformers loads."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "model_max_length": self.model_max_length,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": self.chat_template,
+        }
+        _atomic_write(directory / "tokenizer.json", self.tokenizer.to_str())
+        _atomic_write(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """Load any Hugging Face tokenizer directory (ours, or a released DeepSeek-R1-Distill one)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {directory}")
+    tokenizer_file = directory / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {directory} (only tokenizer.json tokenizers load)")
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    template = config.get("chat_template")
+    if isinstance(template, list):  # the old named-templates form: [{"name": ..., "template": ...}]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():  # transformers >= 4.43 saves the template here, and prefers it
+        template = jinja_file.read_text(encoding="utf-8")
+    return Tokenizer(
+        HFTokenizer.from_file(str(tokenizer_file)),
+        chat_template=template,
+        bos_token=_token_content(config.get("bos_token")),
+        eos_token=_token_content(config.get("eos_token")),
+        pad_token=_token_content(config.get("pad_token")),
+        model_max_length=int(config.get("model_max_length", 4096)),
+    )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int = 4096) -> Tokenizer:
+    """Train a byte-level BPE on `texts` with single-digit pre-tokens and DeepSeek-R1's special tokens.
+    `vocab_size` counts everything (256 byte tokens, merges, special and added tokens) and is an upper
+    bound: a narrow corpus (like the task corpus, ~530 tokens) runs out of merges sooner, so size the
+    model's embedding from the returned `tok.vocab_size`."""
+    special = [BOS, EOS, USER, ASSISTANT]
+    added = [THINK_START, THINK_END]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(special) + len(added):
+        raise ValueError(f"vocab_size must be at least {len(alphabet) + len(special) + len(added)}")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(added), special_tokens=special, initial_alphabet=alphabet,
+        min_frequency=2, show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # Special tokens are control tokens (skipped by decode(skip_special_tokens=True)); the think tags are
+    # plain added tokens, as in the R1-Distill tokenizers, so decoded text keeps them for reasoning splitting.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    return Tokenizer(tok, CHAT_TEMPLATE, BOS, EOS, EOS, model_max_length)
