@@ -172,6 +172,9 @@ def test_unsupported_architecture(llama, tmp_path):
     _edit_config(path, model_type="mistral")
     with pytest.raises(ValueError, match="unsupported architecture: model_type='mistral'"):
         load_dense(path)
+    _edit_config(path, model_type="qwen2", quantization_config={"quant_method": "awq"})
+    with pytest.raises(ValueError, match="quantized checkpoint \\(awq\\)"):
+        load_dense(path)
 
 
 def test_missing_shard_file(qwen2, tmp_path):

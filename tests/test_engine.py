@@ -5,6 +5,7 @@ API and MTP speculative decoding (greedy parity and a distribution test)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -65,7 +66,8 @@ def prompts_of(lengths: list[int], vocab: int = 300, seed: int = 0) -> list[list
     return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+GREEDY_KW = dict(temperature=0, max_tokens=10, ignore_eos=True)
+GREEDY = SamplingParams(**GREEDY_KW)
 
 
 def test_greedy_matches_full_recompute_mixed_lengths_and_chunked_prefill(model):
@@ -95,10 +97,12 @@ def test_sequences_join_mid_flight(model):
         assert tokens[rid] == reference_greedy(model, p, 10)
 
 
-def test_preemption_with_tiny_cache_keeps_greedy_output(model):
+@pytest.mark.parametrize("speculative", [False, True])
+def test_preemption_with_tiny_cache_keeps_greedy_output(model, speculative):
     prompts = prompts_of([10, 11, 12, 13], seed=2)
     params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
-    engine = Engine(model, max_num_seqs=4, block_size=4, cache_blocks=14)  # 56 slots for 4 x 25 tokens
+    # 56 slots for 4 x 25 tokens
+    engine = Engine(model, max_num_seqs=4, block_size=4, cache_blocks=14, speculative=speculative)
     outs = engine.generate(prompts, params)
     assert engine.stats()["num_preemptions"] > 0
     for p, o in zip(prompts, outs, strict=True):
@@ -123,6 +127,20 @@ def test_weights_updated_in_place_are_picked_up(tmp_path, tok):
     assert engine.model.training  # the engine restores the caller's mode
     engine.model.eval()
     assert after.token_ids == reference_greedy(engine.model, prompt, 10) != before.token_ids
+
+
+def test_prefix_cache_reuses_blocks_of_a_finished_request(model):
+    shared = prompts_of([21], seed=8)[0]
+    a, b = shared + [5, 6, 7, 8], shared + [9]
+    engine = Engine(model, block_size=4, cache_blocks=32)
+    out_a = engine.generate([a], GREEDY)[0]
+    out_b = engine.generate([b], GREEDY)[0]
+    assert engine.stats()["prefix_cache_hit_tokens"] == 20  # the 5 full blocks of the common prefix
+    assert out_a.token_ids == reference_greedy(model, a, 10)
+    assert out_b.token_ids == reference_greedy(model, b, 10)
+    again = engine.generate([a], GREEDY)[0]  # the whole prompt is cached but for its last token
+    assert again.token_ids == out_a.token_ids
+    assert engine.stats()["prefix_cache_hit_tokens"] == 20 + 24
 
 
 def test_request_that_can_never_fit_is_rejected(model):
@@ -175,6 +193,12 @@ def test_n_samples_share_the_prefill_and_match_single_runs(model):
     assert engine.stats()["cache_blocks_used"] == 0
 
 
+def test_speculative_with_forks_keeps_greedy_output(model):
+    p = prompts_of([9], seed=4)[0]
+    out = Engine(model, block_size=4, speculative=True).generate([p], SamplingParams(n=3, **GREEDY_KW))[0]
+    assert [o.token_ids for o in out.outputs] == [reference_greedy(model, p, 10)] * 3
+
+
 def test_stop_token_ids_max_tokens_and_eos(model):
     p = prompts_of([8])[0]
     full = reference_greedy(model, p, 10)
@@ -190,6 +214,25 @@ def test_stop_token_ids_max_tokens_and_eos(model):
     finally:
         model.config.eos_token_id = eos
     assert out.token_ids == full[:full.index(full[2]) + 1] and out.finish_reason == "stop"
+
+
+def test_penalties_in_the_engine_match_a_reference_loop(model):
+    p = prompts_of([6], seed=6)[0]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.3,
+                            presence_penalty=-1.5, frequency_penalty=0.2)  # < 0: encourage repeats
+    out = Engine(model).generate([p], params)[0].token_ids
+    ids, ref = list(p), []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            for t in set(ids):  # HF: positive logits divided, negative multiplied
+                logits[t] = logits[t] / 1.3 if logits[t] > 0 else logits[t] * 1.3
+            for t in set(ref):  # OpenAI: over the generated tokens
+                logits[t] -= -1.5 + 0.2 * ref.count(t)
+            ref.append(int(logits.argmax()))
+            ids.append(ref[-1])
+    assert out == ref
+    assert out != reference_greedy(model, p, 12)  # the penalties did change something
 
 
 def test_logprobs_are_those_of_the_model(model):
@@ -294,11 +337,49 @@ def test_server_api_threads_and_abort(model):
         engine.add_request([3, 4], long, request_id="x")
 
 
-def test_speculative_greedy_equals_plain_greedy(model):
+def test_requests_added_while_a_background_loop_steps(model):
+    engine = Engine(model, block_size=4)
+    tokens: dict[str, list[int]] = {}
+    done = threading.Event()
+
+    def loop() -> None:  # what a server's engine thread does
+        while not done.is_set():
+            for rid, d in engine.step():
+                tokens.setdefault(rid, []).extend(d.token_ids)
+            if not engine.has_unfinished():
+                time.sleep(0.001)
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    prompts = prompts_of([5, 8, 3, 12], seed=9)
+    ids = []
+    for p in prompts:
+        ids.append(engine.add_request(p, GREEDY))
+        time.sleep(0.005)
+    deadline = time.time() + 30
+    while engine.has_unfinished() and time.time() < deadline:
+        time.sleep(0.005)
+    done.set()
+    worker.join()
+    for rid, p in zip(ids, prompts, strict=True):
+        assert tokens[rid] == reference_greedy(model, p, 10)
+
+
+def test_closing_a_stream_aborts_its_request(model):
+    engine = Engine(model)
+    stream = engine.stream(prompts_of([5])[0], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    first = next(stream)
+    assert len(first.token_ids) == 1 and engine.stats()["running"] == 1
+    stream.close()
+    assert not engine.has_unfinished() and engine.stats()["cache_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("budget", [4096, 8])  # 8: chunked prefills, and drafts dropped for lack of budget
+def test_speculative_greedy_equals_plain_greedy(model, budget):
     prompts = prompts_of([4, 13, 25], seed=3)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     plain = Engine(model, block_size=4).generate(prompts, params)
-    engine = Engine(model, block_size=4, speculative=True)
+    engine = Engine(model, block_size=4, speculative=True, max_num_batched_tokens=budget)
     spec = engine.generate(prompts, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert [o.token_ids for o in plain][0] == reference_greedy(model, prompts[0], 16)

@@ -119,3 +119,22 @@ def test_compute_rewards_weighted_sum_with_custom_fn():
         compute_rewards(samples, completions, [1, 1], {"custom": 1.0})
     with pytest.raises(TypeError, match="expected a float"):
         compute_rewards(samples, completions, [1, 1], {"custom": 1.0}, custom_fn=lambda p, c, **k: "1")
+
+
+def test_accuracy_through_the_task_verifier():
+    from seekling.tasks import format_answer, sample_problems
+    from seekling.train.rewards import accuracy_reward
+
+    p = sample_problems("addition", 1, "test", 1, seed=3)[0]
+    right, wrong = format_answer(p.answer), format_answer(str(int(p.answer) + 1))
+    assert accuracy_reward(p, f"adding</think>\n\n{right}") == 1.0
+    assert accuracy_reward(p, f"adding</think>\n\n{wrong}") == 0.0
+    assert accuracy_reward(p, f"never closed {right}") == 0.0  # the answer must come after the think block
+    # R1-Zero: the <answer> tags delimit the answer, with or without \boxed{}
+    assert accuracy_reward(p, f"<think>x</think> <answer>{p.answer}</answer>", "r1-zero") == 1.0
+    assert accuracy_reward(p, f"<think>x</think> <answer>{right}</answer>", "r1-zero") == 1.0
+    assert accuracy_reward(p, f"<think>x</think> <answer>{int(p.answer) + 1}</answer>", "r1-zero") == 0.0
+    rewards = compute_rewards([{"problem": p}] * 2, [f"a</think>\n\n{right}", f"a</think>\n\n{p.answer}"], [3, 3],
+                              {"accuracy": 1.0, "format": 0.1}, answer_ok=lambda a: "\\boxed{" in a)
+    assert rewards["accuracy"] == [1.0, 0.0] and rewards["format"] == [1.0, 0.0]
+    assert rewards["total"] == [pytest.approx(1.1), 0.0]

@@ -200,6 +200,9 @@ def test_time_budget_sigterm_and_state_dir_guard(tmp_path, shards):
                     loss_fn=sigterm_at_step_2)
     assert summary["stopped"] == "interrupted" and summary["step"] == 2
     assert torch.load(tmp_path / "train_state" / "term" / "state.pt", weights_only=False)["step"] == 2
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        train(tiny_model(), BatchLoader(ds, 2, rank=0, world_size=1), cfg(), tmp_path / "nan",
+              loss_fn=lambda model, batch: (lm_loss(model, batch)[0] * float("nan"), {}))
     with pytest.raises(ValueError, match="inside the model directory"):
         train(tiny_model(), [], cfg(), tmp_path / "m", state_dir=tmp_path / "m" / "state")
 

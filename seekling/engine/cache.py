@@ -8,8 +8,14 @@ so a token costs L × (kv_lora_rank + qk_rope_head_dim) × dtype bytes, against
 L × n_heads × (qk_head_dim + v_head_dim) × dtype for expanded K/V. The MTP module, when speculative
 decoding uses it, is one more cache layer at the end.
 
+Dense GQA models (the Qwen2/Llama R1 distills, `dense_runner.py`) cache the usual rotated keys and
+values per KV head instead, in the same block layout (block id on dim 1, so forks copy alike):
+    kv[layer, block, slot] = [k | v]            shape [L, num_blocks, block_size, 2, n_kv_heads, head_dim]
+at L × 2 × n_kv_heads × head_dim × dtype bytes per token.
+
 A sequence owns a block table (list of block ids); position p lives in slot p % block_size of block
-table[p // block_size]. Blocks are reference counted so n samples of one prompt share its full blocks.
+table[p // block_size]. Blocks are reference counted so n samples of one prompt share its full blocks,
+and full blocks are remembered by content (prefix caching) after their sequence is gone.
 """
 
 from __future__ import annotations
@@ -22,14 +28,30 @@ def cache_bytes_per_token(num_layers: int, kv_lora_rank: int, qk_rope_head_dim: 
     return num_layers * (kv_lora_rank + qk_rope_head_dim) * torch.empty((), dtype=dtype).element_size()
 
 
+def dense_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return num_layers * 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 class BlockManager:
+    """Hands out blocks; reference counts let several sequences share one.
+
+    Prefix caching: a full block is registered under a hash of its tokens chained with its prefix's
+    hash. A freed block keeps its contents and registration until it is handed out again (free
+    blocks are reused least recently freed first), so a new request, or a preempted one coming back,
+    picks up the blocks of a prefix that was computed before.
+    """
+
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"the cache needs at least one block of at least one slot "
                              f"(num_blocks={num_blocks}, block_size={block_size})")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives low ids first
+        self.free: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion-ordered: oldest first
         self.ref = [0] * num_blocks
+        self.hash_of: list[int | None] = [None] * num_blocks
+        self.tokens_of: list[tuple[int, ...] | None] = [None] * num_blocks  # to rule out hash collisions
+        self.by_hash: dict[int, int] = {}
+        self.num_prefix_hits = 0  # tokens whose latent came from the prefix cache
 
     @property
     def num_free(self) -> int:
@@ -42,21 +64,60 @@ class BlockManager:
         """Whether `table` can be extended to hold num_tokens positions (plus `extra` spare blocks)."""
         return self.blocks_for(num_tokens) - len(table) + extra <= self.num_free
 
+    def _take(self) -> int:
+        b = next(iter(self.free))
+        del self.free[b]
+        if self.hash_of[b] is not None:  # its cached prefix is overwritten from now on
+            if self.by_hash.get(self.hash_of[b]) == b:
+                del self.by_hash[self.hash_of[b]]
+            self.hash_of[b] = self.tokens_of[b] = None
+        self.ref[b] = 1
+        return b
+
     def grow(self, table: list[int], num_tokens: int) -> None:
         need = self.blocks_for(num_tokens) - len(table)
         if need > self.num_free:
             raise RuntimeError(f"out of cache blocks: need {need}, {self.num_free} free")
-        for _ in range(need):
-            b = self.free.pop()
-            self.ref[b] = 1
-            table.append(b)
+        table.extend(self._take() for _ in range(need))
 
     def release(self, table: list[int]) -> None:
         for b in table:
             self.ref[b] -= 1
             if self.ref[b] == 0:
-                self.free.append(b)
+                self.free[b] = None
         table.clear()
+
+    def match_prefix(self, tokens: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+        """The cached blocks holding the longest prefix of `tokens` (at most max_tokens of them), taken
+        for the caller, and their chain hashes."""
+        table: list[int] = []
+        hashes: list[int] = []
+        bs = self.block_size
+        for i in range(max_tokens // bs):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = hash((hashes[-1] if hashes else None, chunk))
+            b = self.by_hash.get(h)
+            if b is None or self.tokens_of[b] != chunk:
+                break
+            if self.ref[b] == 0:
+                del self.free[b]
+            self.ref[b] += 1
+            table.append(b)
+            hashes.append(h)
+        self.num_prefix_hits += len(table) * bs
+        return table, hashes
+
+    def register(self, table: list[int], hashes: list[int], tokens: list[int], num_tokens: int) -> None:
+        """Register the blocks of `table` that the first num_tokens positions fill completely."""
+        bs = self.block_size
+        for i in range(len(hashes), num_tokens // bs):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = hash((hashes[-1] if hashes else None, chunk))
+            hashes.append(h)
+            b = table[i]
+            if h not in self.by_hash and self.hash_of[b] is None:
+                self.by_hash[h] = b
+                self.hash_of[b], self.tokens_of[b] = h, chunk
 
     def fork(self, table: list[int], num_tokens: int, shared_tokens: int,
              kv: torch.Tensor) -> list[int] | None:
@@ -71,8 +132,7 @@ class BlockManager:
         for b in child:
             self.ref[b] += 1
         for b in copies:
-            new = self.free.pop()
-            self.ref[new] = 1
+            new = self._take()
             kv[:, new] = kv[:, b]
             child.append(new)
         return child
@@ -82,3 +142,8 @@ def allocate_kv(num_layers: int, num_blocks: int, block_size: int, kv_lora_rank:
                 dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
     return torch.zeros(num_layers, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim, dtype=dtype,
                        device=device)
+
+
+def allocate_dense_kv(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+    return torch.zeros(num_layers, num_blocks, block_size, 2, num_kv_heads, head_dim, dtype=dtype, device=device)

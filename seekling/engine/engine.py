@@ -209,6 +209,7 @@ class Engine:
             "block_size": self.block_size,
             "cache_bytes_per_token": self.cache_bytes_per_token,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_tokens": self.blocks.num_prefix_hits,
             "generated_tokens": self.num_generated,
             "spec_drafted": self.num_drafted,
             "spec_accepted": self.num_accepted,
@@ -231,28 +232,31 @@ class Engine:
     def step(self) -> list[tuple[str, Delta]]:
         """One scheduler iteration; returns the (request_id, Delta) produced by it."""
         with self._step_lock:
-            with self._lock:
-                inbox, self._inbox = self._inbox, []
+            with self._lock:  # moved under the lock, so has_unfinished() never misses a request
+                for request_id, _, ids, text, params in self._inbox:
+                    seq = self._new_seq(request_id, 0, ids, text, params)
+                    seq.num_forks = params.n - 1
+                    self._requests[request_id] = _Request(params, {0: seq}, params.n)
+                    self.scheduler.add(seq)
+                self._inbox = []
                 aborts, self._aborts = self._aborts, []
             out: list[tuple[str, Delta]] = []
-            for request_id, _, ids, text, params in inbox:
-                seq = self._new_seq(request_id, 0, ids, text, params)
-                seq.num_forks = params.n - 1
-                self._requests[request_id] = _Request(params, {0: seq}, params.n)
-                self.scheduler.add(seq)
             for request_id in aborts:
                 out += self._abort(request_id)
             batch = self.scheduler.schedule()
             if batch:
-                # Eval mode for the step only: a trainer (GRPO rollouts) may hand us a model in training mode,
-                # and MoE layers must not count inference tokens as training load.
+                # A trainer (GRPO rollouts) may hand us a model in training mode; MoE layers must not count
+                # inference tokens as training load. Toggling walks every module (~ms), so only when needed:
+                # calling model.eval() before sampling avoids the cost.
                 training = self.model.training
-                self.model.eval()
+                if training:
+                    self.model.eval()
                 try:
                     with torch.inference_mode():
                         out += self._run(batch)
                 finally:
-                    self.model.train(training)
+                    if training:
+                        self.model.train()
             return out
 
     def _abort(self, request_id: str) -> list[tuple[str, Delta]]:
@@ -315,6 +319,7 @@ class Engine:
             start = seq.num_cached
             if start + n - len(seq.draft) < seq.num_tokens:
                 seq.num_cached += n
+                self.blocks.register(seq.block_table, seq.block_hashes, seq.tokens, seq.num_cached)
                 mtp.append((seq, start, o, n))
                 continue
             k = len(seq.draft)
@@ -325,6 +330,7 @@ class Engine:
             valid = n - k + len(tokens) - 1  # fed positions whose latent stays valid
             seq.num_cached = start + valid
             seq.draft, seq.draft_probs = [], None
+            self.blocks.register(seq.block_table, seq.block_hashes, seq.tokens + tokens, seq.num_cached)
             group = [(seq, tokens)]
             if seq.num_forks:
                 group += self._fork(seq, probs[r:r + 1])
@@ -357,6 +363,7 @@ class Engine:
                 self.scheduler.waiting.appendleft(child)
                 continue
             child.block_table, child.num_cached = table, P
+            child.block_hashes = parent.block_hashes[:shared // self.block_size]
             self.scheduler.running.append(child)
             forked.append((child, [int(sample(probs, [child.generator])[0])]))
         parent.num_forks = 0

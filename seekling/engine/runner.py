@@ -62,42 +62,51 @@ class Runner:
         self.rotary = model.model.rotary_emb
         self._fused: dict[int, tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def fused_weights(self, attn: MLA) -> tuple[torch.Tensor, torch.Tensor]:
-        """The absorbed projections of one MLA layer, as two matrices:
-        w_in  maps x (or the normed q_lora latent) to [W_UK^T q_nope per head | q_pe per head], and
-        w_out maps the attended latents [H * kv_lora_rank] through W_UV and o_proj to the hidden size.
+    def fused_weights(self, attn: MLA) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The absorbed projections of one MLA layer, as few matrices as possible:
+        w_x   maps x to [queries | c_KV | k_pe], or to [q_lora latent | c_KV | k_pe] with q_lora_rank;
+        w_q   (q_lora_rank only) maps the normed q latent to the queries;
+        w_out maps the attended latents [H * kv_lora_rank] through W_UV and o_proj to the hidden size;
+        where "queries" are [W_UK^T q_nope per head | q_pe per head].
         At these widths one bigger matmul beats several small ones (per-op overhead dominates decode).
         Rebuilt whenever a weight changed in place (an optimizer step between RL rollouts, a load)."""
-        ws = [attn.kv_b_proj.weight, attn.o_proj.weight, attn.q_proj.weight if attn.q_lora_rank is None
-              else attn.q_b_proj.weight]
+        lora = attn.q_lora_rank is not None
+        ws = [attn.kv_b_proj.weight, attn.o_proj.weight, attn.kv_a_proj_with_mqa.weight]
+        ws += [attn.q_a_proj.weight, attn.q_b_proj.weight] if lora else [attn.q_proj.weight]
         key = tuple(w._version for w in ws) + tuple(w.data_ptr() for w in ws)
         cached = self._fused.get(id(attn))
         if cached is not None and cached[0] == key:
             return cached[1]
         H, r, dn, dr, dv = (attn.n_heads, attn.kv_lora_rank, attn.qk_nope_head_dim, attn.qk_rope_head_dim,
                             attn.v_head_dim)
-        kv_b, o_w, q_w = (w.detach() for w in ws)
+        kv_b, o_w, kv_a, *q_ws = (w.detach() for w in ws)
         w_kv = kv_b.view(H, dn + dv, r)
-        q = q_w.view(H, dn + dr, -1)  # [H, dn + dr, in]
+        q = q_ws[-1].view(H, dn + dr, -1)  # [H, dn + dr, in]
         q_lat = torch.einsum("hdc,hdi->hci", w_kv[:, :dn], q[:, :dn])  # [H, r, in]
-        w_in = torch.cat([q_lat.reshape(H * r, -1), q[:, dn:].reshape(H * dr, -1)])
+        w_q = torch.cat([q_lat.reshape(H * r, -1), q[:, dn:].reshape(H * dr, -1)])
+        w_x = torch.cat([q_ws[0], kv_a]) if lora else torch.cat([w_q, kv_a])
         w_out = torch.einsum("ohv,hvc->ohc", o_w.view(-1, H, dv), w_kv[:, dn:]).reshape(-1, H * r)
-        self._fused[id(attn)] = (key, (w_in, w_out))
-        return w_in, w_out
+        fused = (w_x, w_q if lora else None, w_out)
+        self._fused[id(attn)] = (key, fused)
+        return fused
 
     def attention(self, attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                   batch: Batch) -> torch.Tensor:
         H, r, dr = attn.n_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
-        w_in, w_out = self.fused_weights(attn)
-        q_in = x if attn.q_lora_rank is None else attn.q_a_layernorm(attn.q_a_proj(x))
-        q = F.linear(q_in, w_in)  # [N, H * (r + dr)]
-        N = q.shape[0]
+        w_x, w_q, w_out = self.fused_weights(attn)
+        N = x.shape[0]
+        y = F.linear(x, w_x)
+        if w_q is None:
+            q, c_kv, k_pe = y.split([H * (r + dr), r, dr], dim=-1)
+        else:
+            q_a, c_kv, k_pe = y.split([attn.q_lora_rank, r, dr], dim=-1)
+            q = F.linear(attn.q_a_layernorm(q_a), w_q)
         q_lat, q_pe = q.split([H * r, H * dr], dim=-1)
-        q_pe = apply_rope(q_pe.view(1, N, H, dr), cos, sin)[0]
-        c_kv, k_pe = attn.latent(x[None], cos, sin)  # [1, N, r], [1, N, dr]
+        # Rotate the H query heads and the one shared key together.
+        pe = apply_rope(torch.cat([q_pe.view(1, N, H, dr), k_pe.view(1, N, 1, dr)], dim=2), cos, sin)[0]
         cache = self.kv[layer].view(-1, self.kv.shape[-1])  # [num_blocks * block_size, r + dr]
-        cache[batch.slots] = torch.cat([c_kv[0], k_pe[0]], dim=-1).to(cache.dtype)
-        q = torch.cat([q_lat.view(N, H, r), q_pe], dim=-1)[batch.q_index]  # [B, Tmax, H, r + dr]
+        cache[batch.slots] = torch.cat([attn.kv_a_layernorm(c_kv), pe[:, H]], dim=-1).to(cache.dtype)
+        q = torch.cat([q_lat.view(N, H, r), pe[:, :H]], dim=-1)[batch.q_index]  # [B, Tmax, H, r + dr]
         B, T = q.shape[:2]
         keys = self.kv[layer][batch.block_tables].view(B, -1, self.kv.shape[-1])  # [B, L, r + dr]
         # All heads share the one latent key/value: a single bmm per sequence over its T * H query rows

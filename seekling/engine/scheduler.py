@@ -34,6 +34,7 @@ class Sequence:
     num_forks: int = 0  # samples still to fork from this one once its prompt is prefilled
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # prefix-cache hashes of its full blocks
     num_cached: int = 0  # positions whose latent is in the cache
     draft: list[int] = field(default_factory=list)  # MTP draft tokens to verify next step
     draft_probs: torch.Tensor | None = None  # [k, V] the distributions the drafts were sampled from
@@ -99,11 +100,16 @@ class Scheduler:
             seq = self.waiting[0]
             if len(self.running) + 1 + seq.num_forks > self.max_num_seqs:
                 break
+            if not seq.block_table:  # reuse cached blocks of its prefix; keep one token to compute
+                seq.block_table, seq.block_hashes = self.blocks.match_prefix(seq.tokens, seq.num_tokens - 1)
+                seq.num_cached = len(seq.block_table) * self.blocks.block_size
             n = min(len(seq.pending()), budget)
             # The forks each want a private copy of the prompt's last block(s); alone, it goes anyway
             # (a fork that finds no free block is recomputed later).
             extra = 2 * seq.num_forks if self.running else 0
             if not self.blocks.can_grow(seq.block_table, seq.num_cached + n, extra=extra):
+                self.blocks.release(seq.block_table)
+                seq.block_hashes, seq.num_cached = [], 0
                 break
             self.waiting.popleft()
             self.running.append(seq)
@@ -115,7 +121,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
-        seq.num_cached, seq.draft, seq.draft_probs = 0, [], None
+        seq.num_cached, seq.block_hashes, seq.draft, seq.draft_probs = 0, [], [], None
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

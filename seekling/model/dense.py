@@ -33,7 +33,7 @@ import json
 import math
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,6 @@ class DenseConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     torch_dtype: str | None = None  # the dtype the checkpoint was saved in, if config.json says
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DenseConfig:
@@ -81,6 +80,9 @@ class DenseConfig:
             raise ValueError(f"unsupported architecture: model_type={model_type!r} "
                              f"(architectures={d.get('architectures')}); the dense loader reads "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        if d.get("quantization_config"):
+            method = d["quantization_config"].get("quant_method")
+            raise ValueError(f"unsupported: a quantized checkpoint ({method}); use the bf16/fp32 release")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act={d['hidden_act']!r} (only silu)")
         if d.get("use_sliding_window"):
@@ -110,7 +112,6 @@ class DenseConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
-            extra=d,
         )
 
 

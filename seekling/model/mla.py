@@ -25,9 +25,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the activation dtype (as DeepSeek and transformers do).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # F.rms_norm is one fused kernel (the pow/mean/rsqrt/mul chain was five ops and as many copies).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -139,6 +138,12 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        # SDPA's fused (flash) CPU kernel needs equal q/k and v head dims, else it falls back to the
+        # math path (materialised [T, T] scores and mask). Zero-padding v to the q/k width gives
+        # the same output in its first v_head_dim columns, and the fused kernel skips the masked half.
+        pad = self.qk_head_dim - self.v_head_dim
+        v = F.pad(v, (0, pad)) if pad > 0 else v
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=attn_mask,
                                            is_causal=attn_mask is None, scale=self.softmax_scale)
+        o = o[..., :self.v_head_dim] if pad > 0 else o
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))

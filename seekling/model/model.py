@@ -35,6 +35,16 @@ class ModelOutput:
     balance_loss: torch.Tensor | None = None
 
 
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, L, V] at position i against labels[:, i + shift] (-100 ignored).
+
+    The labels are shifted and padded with -100 rather than the logits sliced: slicing copies the
+    whole [B, L-1, V] logits (and its backward writes a zero-filled copy back)."""
+    L = logits.shape[1]
+    targets = F.pad(labels[:, shift:shift + L], (0, L - (labels.shape[1] - shift)), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -150,8 +160,7 @@ class Transformer(nn.Module):
         if labels is None:
             return out
 
-        out.ce_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                      ignore_index=-100)
+        out.ce_loss = shifted_cross_entropy(logits, labels, 1)
         out.loss = out.ce_loss
         if self.training and len(self.mtp_layers) and self.config.mtp_loss_weight > 0:
             mtp_losses = []
@@ -162,8 +171,7 @@ class Transformer(nn.Module):
                 sub_mask = mask[..., :T - k, :T - k] if mask is not None else None
                 h_k = layer(h_k[:, :-1], emb[:, k:], cos[:, :T - k], sin[:, :T - k], sub_mask)
                 logits_k = self.lm_head(layer.shared_head.norm(h_k))
-                mtp_losses.append(F.cross_entropy(logits_k[:, :-1].flatten(0, 1).float(),
-                                                  labels[:, k + 1:].flatten(), ignore_index=-100))
+                mtp_losses.append(shifted_cross_entropy(logits_k, labels, k + 1))
             if mtp_losses:
                 out.mtp_loss = torch.stack(mtp_losses).mean()
                 out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss

@@ -29,8 +29,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """SwiGLU of x [n, h]; `scale` [n, 1] (a routing weight) multiplies the intermediate
+        activations, which by linearity equals scaling the output, on the narrower tensor."""
+        act = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(act if scale is None else act * scale)
 
 
 class Gate(nn.Module):
@@ -83,31 +86,35 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(flat)
-        routed = self.dispatch(flat, weights, indices)
+        out = self.dispatch(flat, weights, indices, out=self.shared_experts(flat))
         if self.training:
             with torch.no_grad():
                 self.load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(self.load.dtype)
             self.balance_loss = self.sequence_balance_loss(scores, indices, shape) if self.alpha > 0 else None
-        return (routed + self.shared_experts(flat)).view(shape)
+        return out.view(shape)
 
-    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """Group the (token, expert) pairs by expert with one sort, run each expert once on its
-        tokens, and scatter the weighted results back; no loop over tokens."""
+        tokens, and add the weighted results to `out` (zeros if None; forward passes the shared
+        experts' output); no loop over tokens.
+
+        Measured choices (benchmarks/bench_model.py): gathering with index_select and adding back
+        with one index_add (its backward is a cheap index_select) beat x[idx] (whose backward is a
+        scatter_add) and a per-expert index_add_; padding the experts into one stacked bmm lost to
+        this loop on CPU (the padding costs more than the per-expert ops save); concatenating gate and
+        up weights into one matmul per call gained nothing measurable."""
         flat_idx = indices.flatten()
         order = flat_idx.argsort(stable=True)
         token_of = order // self.top_k  # which token each sorted pair came from
-        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
-        x_sorted = x[token_of]
-        w_sorted = weights.flatten()[order].unsqueeze(-1)
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            y = self.experts[e](x_sorted[start:start + n]) * w_sorted[start:start + n]
-            out.index_add_(0, token_of[start:start + n], y.to(x.dtype))
-            start += n
-        return out
+        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()  # tiny host sync, needed to split
+        x_sorted = x.index_select(0, token_of)
+        w_sorted = weights.flatten().index_select(0, order).unsqueeze(-1).to(x.dtype)
+        parts = zip(self.experts, x_sorted.split(counts), w_sorted.split(counts), counts, strict=True)
+        ys = [expert(xe, we) for expert, xe, we, n in parts if n]
+        if out is None:
+            out = torch.zeros_like(x)
+        return out.index_add(0, token_of, torch.cat(ys)) if ys else out
 
     def sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Complementary sequence-wise balance loss (V3 eqs. 17-20): α Σ_i f_i P_i per sequence."""

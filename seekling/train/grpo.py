@@ -30,7 +30,10 @@ from torch import nn
 from seekling.train.rewards import (
     R1_ZERO_TEMPLATE,
     RewardFn,
+    accuracy_reward,
     compute_rewards,
+    load_prompts_jsonl,
+    load_reward_fn,
 )
 
 AGGREGATIONS = ("seq-mean", "token-mean", "dr-grpo")
@@ -190,7 +193,8 @@ class RLConfig:
             problems.append("temperature must be > 0 (RL samples; log-probs use logits / temperature)")
         if min(self.steps, self.prompts_per_step, self.max_new_tokens, self.mu, self.micro_batch,
                self.max_sampling_rounds) < 1:
-            problems.append("steps, prompts_per_step, max_new_tokens, mu, micro_batch, max_sampling_rounds must be >= 1")
+            problems.append("steps, prompts_per_step, max_new_tokens, mu, micro_batch and max_sampling_rounds "
+                            "must be >= 1")
         if self.w_overlong and not 0 < self.overlong_cache <= self.max_new_tokens:
             problems.append("w_overlong needs 0 < overlong_cache <= max_new_tokens")
         if problems:
@@ -208,9 +212,10 @@ def lr_at(cfg: RLConfig, step: int, progress: float) -> float:
     return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def task_sampler(tasks: list[str], difficulties: list[int] | None, seed: int) -> Callable[[int, int, int], list]:
-    """draw(step, round, n) -> n training problems as samples, deterministic in its arguments (so a
-    resumed run sees the same stream), the (task, difficulty) pairs taken in turn."""
+def task_sampler(tasks: list[str], difficulties: list[int] | None, seed: int) -> Callable[[int, int], list]:
+    """draw(cursor, n) -> the training problems cursor .. cursor + n - 1 of a stream that depends only on
+    the seed (so a resumed run, restoring the cursor, sees the same problems); (task, difficulty) pairs in
+    turn."""
     from seekling.tasks import TASKS, sample_problems
 
     unknown = [t for t in tasks if t not in TASKS]
@@ -220,30 +225,29 @@ def task_sampler(tasks: list[str], difficulties: list[int] | None, seed: int) ->
     if not pairs:
         raise ValueError(f"none of the difficulties {difficulties} exist in tasks {tasks}")
 
-    def draw(step: int, rnd: int, n: int) -> list[dict[str, Any]]:
-        counts: dict[tuple[str, int | None], int] = {}
-        for i in range(n):
-            pair = pairs[(step * n + i) % len(pairs)]
-            counts[pair] = counts.get(pair, 0) + 1
+    def draw(cursor: int, n: int) -> list[dict[str, Any]]:
         out = []
-        for (task, d), k in counts.items():
-            problems = sample_problems(task, k, "train", d, seed=(seed * 100_003 + step) * 16 + rnd)
-            out += [{"problem": p} for p in problems]
+        for i in range(cursor, cursor + n):
+            task, d = pairs[i % len(pairs)]
+            # One seed per problem index: problem i is the same whatever the batch boundaries were.
+            p = sample_problems(task, 1, "train", d, seed=seed * 1_000_003 + i)[0]
+            out.append({"problem": p, "prompt": p.question})
         return out
 
     return draw
 
 
-def prompt_sampler(rows: list[dict[str, Any]], seed: int) -> Callable[[int, int, int], list]:
-    """draw(step, round, n) over a user's prompts: a fresh shuffle each epoch, deterministic in the seed."""
-    def draw(step: int, rnd: int, n: int) -> list[dict[str, Any]]:
+def prompt_sampler(rows: list[dict[str, Any]], seed: int) -> Callable[[int, int], list]:
+    """draw(cursor, n) over a user's prompts: epochs of fresh shuffles, deterministic in the seed."""
+    def draw(cursor: int, n: int) -> list[dict[str, Any]]:
+        orders: dict[int, list[int]] = {}
         out = []
-        start = (step * 16 + rnd) * n
-        for i in range(start, start + n):
+        for i in range(cursor, cursor + n):
             epoch, j = divmod(i, len(rows))
-            order = list(range(len(rows)))
-            random.Random(seed * 1_000_003 + epoch).shuffle(order)
-            out.append(rows[order[j]])
+            if epoch not in orders:
+                orders[epoch] = list(range(len(rows)))
+                random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+            out.append(rows[orders[epoch][j]])
         return out
 
     return draw
@@ -286,14 +290,18 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
 
         answer_ok = lambda a: extract_answer(a) is not None  # the tasks' answer format: \boxed{...}
 
-    step, elapsed, best, last_eval_step = 0, 0.0, None, -1
+    t_session = time.perf_counter()  # the budget counts everything: loading, evals, saving
+    step, cursor, elapsed, best, last_eval_step = 0, 0, 0.0, None, -1  # cursor: prompts drawn so far
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
         policy.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        step, elapsed, best = state["step"], state["elapsed"], state["best"]
+        step, cursor, elapsed, best = state["step"], state["cursor"], state["elapsed"], state["best"]
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
+        if log_path.exists():  # drop lines of steps done after the checkpoint: they are about to be redone
+            lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+            log_path.write_text("".join(ln + "\n" for ln in lines))
         log(f"resumed from {state_path} at step {step}")
     else:
         random.seed(cfg.seed)
@@ -301,7 +309,7 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
         log_path.unlink(missing_ok=True)
 
     def save_state() -> None:
-        state = {"step": step, "elapsed": elapsed, "best": best, "model": policy.state_dict(),
+        state = {"step": step, "cursor": cursor, "elapsed": elapsed, "best": best, "model": policy.state_dict(),
                  "optimizer": opt.state_dict(), "config": dataclasses.asdict(cfg),
                  "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
         tmp = state_path.with_name(f".{state_path.name}.tmp{os.getpid()}")
@@ -312,11 +320,15 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
         policy.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
 
+    eval_s = 0.0
+
     def evaluate() -> float:
-        nonlocal best, last_eval_step
+        nonlocal best, last_eval_step, eval_s
+        t = time.perf_counter()
         policy.eval()
         score = float(eval_fn(policy, tok))
         last_eval_step = step
+        eval_s = time.perf_counter() - t
         if best is None or score > best:
             best = score
             save_model()
@@ -326,11 +338,12 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
     if eval_fn is not None and step == 0:
         log(f"step 0 eval {evaluate():.4f}")
     G, P = cfg.group_size, cfg.prompts_per_step
-    t_session = time.perf_counter()
     elapsed_at_start, last_step_s = elapsed, 0.0
     stop_reason = "steps"
     while step < cfg.steps:
-        if cfg.time_budget_s and elapsed + last_step_s > cfg.time_budget_s:
+        elapsed = elapsed_at_start + (time.perf_counter() - t_session)
+        # Stop when one more step (and the final eval) would overrun the budget.
+        if cfg.time_budget_s and elapsed + last_step_s + eval_s > cfg.time_budget_s:
             stop_reason = "time_budget"
             break
         t0 = time.perf_counter()
@@ -347,8 +360,9 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
         seen: dict[str, list[float]] = {}
         lengths: list[int] = []
         truncated = n_groups = n_zero = 0
-        for rnd in range(cfg.max_sampling_rounds):
-            batch = draw(step, rnd, P - len(kept) if cfg.dynamic_sampling else P)
+        for _ in range(cfg.max_sampling_rounds):
+            batch = draw(cursor, P - len(kept) if cfg.dynamic_sampling else P)
+            cursor += len(batch)
             prompt_ids = [encode_prompt(tok, s, cfg.recipe) for s in batch]
             groups = rollout(engine, prompt_ids, G, cfg)
             flat = [c for g in groups for c in g]
@@ -359,7 +373,7 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
                 seen.setdefault(name, []).extend(values)
             lengths += [len(c.token_ids) for c in flat]
             truncated += sum(c.finish_reason == "length" for c in flat)
-            for i, (ids, g) in enumerate(zip(prompt_ids, groups)):
+            for i, (ids, g) in enumerate(zip(prompt_ids, groups, strict=True)):
                 r = rewards["total"][i * G:(i + 1) * G]
                 zero = max(r) - min(r) < 1e-9
                 n_groups += 1
@@ -379,7 +393,6 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
         if kept and (adv.abs().max() > 0 or cfg.beta > 0):
             stats = update_policy(policy, ref, opt, kept, adv, cfg, pad_id)
         step += 1
-        last_step_s = time.perf_counter() - t0
         elapsed = elapsed_at_start + (time.perf_counter() - t_session)
 
         record: dict[str, Any] = {"step": step, "lr": lr}
@@ -389,14 +402,17 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
             record[f"reward/{name}_std"] = t.std().item() if len(values) > 1 else 0.0
         if "accuracy" in seen:
             record["accuracy"] = record["reward/accuracy_mean"]
-        record.update(len_mean=sum(lengths) / len(lengths), len_max=max(lengths), truncated_frac=truncated / len(lengths),
+        record.update(len_mean=sum(lengths) / len(lengths), len_max=max(lengths),
+                      truncated_frac=truncated / len(lengths),
                       zero_var_frac=n_zero / n_groups, groups_used=len(kept), **stats,
                       t_rollout=t_rollout, t_update=time.perf_counter() - t1, rollouts_per_s=len(lengths) / t_rollout,
                       elapsed_s=elapsed)
         if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
             record["eval"] = evaluate()
+            record["t_eval"] = eval_s
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        last_step_s = time.perf_counter() - t0 - record.get("t_eval", 0.0)
         eta = (cfg.steps - step) * last_step_s
         if cfg.time_budget_s:
             eta = min(eta, cfg.time_budget_s - elapsed)
@@ -413,6 +429,7 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
         log(f"final eval {evaluate():.4f}")
     if eval_fn is None:
         save_model()
+    elapsed = elapsed_at_start + (time.perf_counter() - t_session)
     save_state()
     log(f"RL done ({stop_reason}) after {step} steps, {elapsed:.0f}s; model in {out_dir}")
     return {"steps": step, "stop_reason": stop_reason, "wall_time_s": elapsed, "best_eval": best,
@@ -425,7 +442,8 @@ def update_policy(policy: nn.Module, ref: nn.Module | None, opt: torch.optim.Opt
     """mu optimizer steps of the GRPO loss on one batch of groups; returns the step's statistics.
     Old log-probs (for the ratio) are computed once, before the first step; with mu = 1 they equal the
     current ones, so the ratio is 1 and no extra forward is needed."""
-    rows = [(ids, c, a) for (ids, g, _), a_g in zip(kept, adv.view(len(kept), -1)) for c, a in zip(g, a_g.tolist())]
+    rows = [(ids, c, a) for (ids, g, _), a_g in zip(kept, adv.view(len(kept), -1), strict=True)
+            for c, a in zip(g, a_g.tolist(), strict=True)]
     rows.sort(key=lambda r: len(r[0]) + len(r[1].token_ids))  # similar lengths share a micro-batch: less padding
     chunks = []
     for i in range(0, len(rows), cfg.micro_batch):
@@ -504,8 +522,6 @@ def task_eval_fn(tasks: list[str], n: int, difficulties: list[int] | None = None
 
     def eval_fn(model: nn.Module, tok: Any) -> float:
         engine = Engine(model, tok, max_num_seqs=min(len(samples), 64))
-        from seekling.train.rewards import accuracy_reward
-
         outs = engine.generate([encode_prompt(tok, s, recipe) for s in samples],
                                SamplingParams(temperature=0, max_tokens=max_new_tokens))
         texts = [tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]

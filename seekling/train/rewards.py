@@ -169,7 +169,7 @@ def compute_rewards(samples: Sequence[dict[str, Any]], completions: Sequence[str
             continue
         if name == "accuracy":
             out[name] = [accuracy_reward(s["problem"], c, template) if s.get("problem") is not None else 0.0
-                         for s, c in zip(samples, completions)]
+                         for s, c in zip(samples, completions, strict=True)]
         elif name == "format":
             out[name] = [format_reward(c, template, answer_ok) for c in completions]
         elif name == "overlong":
@@ -178,7 +178,7 @@ def compute_rewards(samples: Sequence[dict[str, Any]], completions: Sequence[str
             if custom_fn is None:
                 raise ValueError("a 'custom' reward weight needs a reward function (module:function)")
             out[name] = []
-            for s, c in zip(samples, completions):
+            for s, c in zip(samples, completions, strict=True):
                 fields = {k: v for k, v in s.items() if k not in ("prompt", "messages", "problem")}
                 r = custom_fn(s.get("prompt", s.get("messages")), c, **fields)
                 if not isinstance(r, (int, float)):

@@ -292,7 +292,7 @@ def train(
     batches = iter(train_batches)
     stop_reason, last_loss, last_eval = "max_steps", float("nan"), None
     window_tokens, window_time = 0, 0.0  # for tokens/s since the last log line
-    start_step = step
+    start_step, start_time = step, train_time  # for the ETA: this session's pace
     log(f"training {n_params / 1e6:.2f}M active params on {device} x{world}, steps {step}->{cfg.max_steps}")
     try:
         while step < cfg.max_steps:
@@ -347,12 +347,17 @@ def train(
             if world > 1:
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps or stop or step == start_step + 1:
+            checkpoint_due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+            # log (and check the loss) at least before every save
+            if step % cfg.log_every == 0 or step in (start_step + 1, cfg.max_steps) or stop or checkpoint_due:
                 names = sorted(metric_sums)
                 vals = torch.stack([loss_sum] + [metric_sums[k].to(device) for k in names]) / cfg.grad_accum
                 if world > 1:
                     dist.all_reduce(vals, op=dist.ReduceOp.AVG)
                 last_loss = vals[0].item()
+                if not math.isfinite(last_loss):  # stop before a diverged run overwrites the last good checkpoint
+                    raise FloatingPointError(f"loss is {last_loss} at step {step}: lower the lr or check the data "
+                                             f"(the last good state is in {state_dir})")
                 tps = window_tokens / max(window_time, 1e-9)
                 record = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm.item(),
                           "tokens": tokens_seen, "tokens_per_s": tps, "mfu": 6 * n_params * tps / peak,
@@ -361,7 +366,7 @@ def train(
                 if loads:  # per MoE layer: the busiest expert's load over the mean (1.0 = balanced)
                     record["expert_load_max_mean"] = [(lo.max() / lo.mean().clamp_min(1e-9)).item()
                                                       for lo in loads]
-                remaining = (cfg.max_steps - step) * train_time / max(step - start_step, 1)
+                remaining = (cfg.max_steps - step) * (train_time - start_time) / (step - start_step)
                 if cfg.time_budget_s:
                     remaining = min(remaining, cfg.time_budget_s - train_time)
                 log(f"step {step}/{cfg.max_steps} | loss {last_loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
@@ -374,7 +379,7 @@ def train(
             if stop:
                 stop_reason = "interrupted" if interrupted_at is not None else "time_budget"
                 break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            if checkpoint_due:
                 save()
 
         if eval_batches is not None and (not cfg.eval_every or step % cfg.eval_every):

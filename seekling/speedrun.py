@@ -1,0 +1,307 @@
+"""`seekling speedrun`: train a small DeepSeek-style reasoning model from nothing, on a CPU, and show
+the evidence.
+
+    tasks -> corpus -> tokenizer -> pretrain (base/) -> SFT on traces (sft/) -> GRPO (rl/)
+          + the equal-time SFT control (sft_control/) -> held-out eval -> results.json + report.md
+
+Every stage writes its model directory and records itself in results.json; a re-run skips the
+stages already done and resumes an interrupted one (the trainers checkpoint as they go), so
+Ctrl-C costs at most a few steps.
+
+The recipe (sizes, budgets, levels) is chosen by measurement — docs/log.md has the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seekling.checkpoint import atomic_write_text
+from seekling.config import preset as model_preset
+
+R1_ZERO_SHARE = 0.1  # share of pretraining documents written in the R1-Zero template (see pretrain_documents)
+
+
+@dataclass
+class Recipe:
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the `tiny` model preset
+    vocab_size: int = 1024  # an upper bound: the task corpus supports ~550 tokens
+    corpus_per_task: int = 20000  # training problems per task family for pretraining
+    seq_len: int = 256
+    batch_size: int = 16
+    pretrain_s: float = 480.0
+    pretrain_lr: float = 3e-3
+    sft_s: float = 240.0
+    sft_lr: float = 1e-3
+    sft_levels: tuple[int, ...] = (1, 2)
+    sft_per_task_level: int = 4000
+    rl_s: float = 240.0
+    rl_levels: tuple[int, ...] = (3,)
+    rl_lr: float = 2e-5
+    rl_prompts_per_step: int = 8
+    rl_group_size: int = 8
+    rl_val_n: int = 16  # validation problems per task and RL level for keeping the best RL checkpoint (0: last)
+    r1_zero_s: float = 0.0  # the separate R1-Zero run (RL straight from base); 0 skips it
+    eval_n: int = 30  # held-out problems per task and level
+    eval_k: int = 4  # samples for pass@1 at T=0.6
+    max_new_tokens: int = 200
+    threads: int = 0  # torch threads (0: leave torch's default)
+
+
+RECIPES: dict[str, Recipe] = {
+    # ~2 minutes: every stage runs, on a smaller model; for tests and CI, not for results.
+    "smoke": Recipe(model=dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                               v_head_dim=16, n_routed_experts=4),
+                    vocab_size=512, corpus_per_task=600, seq_len=256, batch_size=8, pretrain_s=25, sft_s=10,
+                    sft_per_task_level=100, rl_s=10, rl_prompts_per_step=4, rl_group_size=4, rl_val_n=0, r1_zero_s=0,
+                    eval_n=3, eval_k=2, max_new_tokens=48),
+    # <= 30 minutes on 2 CPU cores.
+    "default": Recipe(r1_zero_s=0.0),
+}
+
+
+def pretrain_documents(n_per_task: int, seed: int = 0) -> list[str]:
+    """The pretraining corpus: solved training problems of every family and level, written as
+    DeepSeek-R1 chat transcripts, with a share in the R1-Zero plain-text template so that a base
+    model has seen that format too (the R1-Zero recipe starts from it)."""
+    from seekling.tasks import TASKS, sample_problems
+    from seekling.tokenizer import BOS, EOS, render_chat
+    from seekling.train.rewards import R1_ZERO_TEMPLATE
+
+    rng = random.Random(seed)
+    docs = []
+    per_task = [sample_problems(task, n_per_task, "train", None, seed) for task in sorted(TASKS)]
+    for group in zip(*per_task, strict=True):
+        for p in group:
+            if rng.random() < R1_ZERO_SHARE:
+                answer = f"\\boxed{{{p.answer}}}"
+                docs.append(f"{BOS}{R1_ZERO_TEMPLATE.format(question=p.question)} <think>\n{p.trace}\n</think> "
+                            f"<answer> {answer} </answer>{EOS}")
+            else:
+                docs.append(render_chat(p.messages(with_trace=True), add_generation_prompt=False))
+    return docs
+
+
+def sft_messages(levels: tuple[int, ...], n_per_task_level: int, seed: int = 1) -> list[list[dict[str, str]]]:
+    from seekling.tasks import TASKS, sample_problems
+
+    out = []
+    for task in sorted(TASKS):
+        for lv in levels:
+            out += [p.messages(with_trace=True) for p in sample_problems(task, n_per_task_level, "train", lv, seed)]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+class Speedrun:
+    def __init__(self, out: str | Path, recipe_name: str = "default", **overrides: Any):
+        if recipe_name not in RECIPES:
+            raise ValueError(f"unknown preset {recipe_name!r}; choose from {sorted(RECIPES)}")
+        self.out = Path(out)
+        self.recipe_name = recipe_name
+        self.recipe = Recipe(**{**asdict(RECIPES[recipe_name]), **overrides})
+        self.results_path = self.out / "results.json"
+        self.results: dict[str, Any] = (json.loads(self.results_path.read_text()) if self.results_path.exists()
+                                        else {"preset": recipe_name, "stages": {}, "stage_time_s": {}})
+        if self.results.get("preset") != recipe_name:
+            raise ValueError(f"{self.out} holds a {self.results.get('preset')!r} run; use another --out")
+
+    def save_results(self) -> None:
+        atomic_write_text(self.results_path, json.dumps(self.results, indent=2))
+
+    def stage(self, name: str, fn) -> Any:
+        """Run a stage once: skipped when results.json says it finished (a re-run resumes)."""
+        done = self.results.setdefault("done", [])
+        if name in done:
+            print(f"[speedrun] {name}: done already, skipping")
+            return None
+        print(f"\n[speedrun] === {name} ===", flush=True)
+        t0 = time.time()
+        value = fn()
+        self.results["stage_time_s"][name] = round(time.time() - t0, 1)
+        done.append(name)
+        self.save_results()
+        return value
+
+    # --- stages --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        r = self.recipe
+        if r.threads:
+            torch.set_num_threads(r.threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        t_start = time.time() - self.results.get("wall_time_s", 0.0)
+        self.stage("tokenizer", self.make_tokenizer)
+        self.stage("pretrain", self.pretrain)
+        self.stage("eval_base", lambda: self.evaluate("base"))
+        self.stage("sft", self.sft)
+        self.stage("eval_sft", lambda: self.evaluate("sft"))
+        self.stage("rl", self.rl)
+        self.stage("sft_control", self.sft_control)
+        self.stage("eval_rl", lambda: self.evaluate("rl"))
+        self.stage("eval_sft_control", lambda: self.evaluate("sft_control"))
+        if r.r1_zero_s > 0:
+            self.stage("r1_zero", self.r1_zero)
+        self.results["wall_time_s"] = round(time.time() - t_start, 1)
+        self.save_results()
+        self.stage("report", self.report)
+        self.results["done"].remove("report")  # the report is always rewritten
+        self.save_results()
+        return self.results
+
+    def make_tokenizer(self) -> None:
+        from seekling.tokenizer import train_tokenizer
+
+        docs = pretrain_documents(self.recipe.corpus_per_task)
+        tok = train_tokenizer(docs[:20000], self.recipe.vocab_size)
+        tok.save_pretrained(self.out / "tokenizer")
+        from seekling.data import write_shards
+
+        t0 = time.time()
+        index = write_shards((tok.encode(d) for d in docs), self.out / "data" / "pretrain",
+                             eos_id=tok.eos_token_id, vocab_size=tok.vocab_size)
+        print(f"tokenizer: {tok.vocab_size} tokens; corpus: {len(docs)} documents, {index['num_tokens']:,} tokens "
+              f"({time.time() - t0:.0f}s)")
+        self.results["data"] = {"vocab_size": tok.vocab_size, "pretrain_docs": len(docs),
+                                "pretrain_tokens": index["num_tokens"]}
+
+    def tokenizer(self):
+        from seekling.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.out / "tokenizer")
+
+    def pretrain(self) -> None:
+        from seekling.data import BatchLoader, PackedDataset
+        from seekling.model import Transformer
+        from seekling.train.trainer import TrainConfig, train
+
+        r, tok = self.recipe, self.tokenizer()
+        cfg = model_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, max_position_embeddings=max(1024, r.seq_len), **r.model)
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        print(f"model: {model.num_parameters() / 1e6:.2f}M parameters "
+              f"({cfg.num_parameters(active=True) / 1e6:.2f}M active, MTP included)")
+        data = PackedDataset(self.out / "data" / "pretrain", r.seq_len)
+        loader = BatchLoader(data, r.batch_size, seed=0)
+        held = [data.collate([data[len(data) - 1 - i] for i in range(b * 4, b * 4 + 4)]) for b in range(4)]
+        tc = TrainConfig(max_steps=100_000, time_budget_s=r.pretrain_s, lr=r.pretrain_lr, min_lr=r.pretrain_lr / 10,
+                         warmup_steps=30, schedule="wsd", eval_every=200, eval_batches=4, checkpoint_every=200,
+                         log_every=25)
+        summary = train(model, loader, tc, self.out / "base", self.out / "train_state" / "base",
+                        eval_batches=held, resume=True)
+        tok.save_pretrained(self.out / "base")
+        self.results["pretrain"] = {**summary, "params": model.num_parameters()}
+
+    def sft(self) -> None:
+        self._sft(self.out / "base", self.out / "sft", self.recipe.sft_s, self.recipe.sft_lr, seed=1)
+
+    def _sft(self, src: Path, dst: Path, budget_s: float, lr: float, seed: int, warmup: int = 20) -> dict:
+        from seekling.checkpoint import load_pretrained
+        from seekling.data import BatchLoader, SFTDataset
+        from seekling.train.trainer import TrainConfig, train
+
+        r, tok = self.recipe, self.tokenizer()
+        samples = [tok.encode_sft(m) for m in sft_messages(r.sft_levels, r.sft_per_task_level, seed=seed)]
+        data = SFTDataset(samples, r.seq_len, pad_id=tok.pad_token_id)
+        loader = BatchLoader(data, r.batch_size, seed=seed)
+        model = load_pretrained(src)
+        tc = TrainConfig(max_steps=100_000, time_budget_s=budget_s, lr=lr, min_lr=lr / 20, warmup_steps=warmup,
+                         schedule="cosine", checkpoint_every=200, log_every=25, seed=seed)
+        summary = train(model, loader, tc, dst, self.out / "train_state" / dst.name, resume=True)
+        tok.save_pretrained(dst)
+        self.results[dst.name] = summary
+        return summary
+
+    def rl(self) -> None:
+        from seekling.tasks import TASKS
+        from seekling.train.grpo import RLConfig, train_rl
+
+        r = self.recipe
+        cfg = RLConfig(recipe="r1", steps=10_000, prompts_per_step=r.rl_prompts_per_step,
+                       group_size=r.rl_group_size, max_new_tokens=r.max_new_tokens, lr=r.rl_lr,
+                       time_budget_s=r.rl_s, save_every=10, eval_every=0)
+        t0 = time.time()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # rollouts dominate RL time and are op-overhead bound (see evaluate)
+        try:
+            summary = train_rl(self.out / "sft", self.out / "rl", self.out / "train_state" / "rl", cfg,
+                               tasks=sorted(TASKS), difficulties=list(r.rl_levels),
+                               eval_fn=self.validation_fn(r.rl_levels, r.rl_val_n) if r.rl_val_n else None)
+        finally:
+            torch.set_num_threads(threads)
+        self.tokenizer().save_pretrained(self.out / "rl")
+        self.results["rl"] = {**summary, "wall_s": round(time.time() - t0, 1), "levels": list(r.rl_levels)}
+
+    def validation_fn(self, levels: tuple[int, ...], n: int):
+        """Greedy accuracy on validation problems for keeping RL's best checkpoint. They come from the
+        train split (another seed), never from the test split the report is scored on."""
+        from seekling.engine import Engine
+        from seekling.eval import evaluate
+        from seekling.tasks import TASKS, sample_problems
+
+        problems = [p for t in sorted(TASKS) for lv in levels for p in sample_problems(t, n, "train", lv, seed=777)]
+        return lambda model, tok: evaluate(Engine(model, tok, max_num_seqs=128), problems, k=0,
+                                           max_tokens=self.recipe.max_new_tokens)["greedy"]
+
+    def sft_control(self) -> None:
+        """The control beside RL: the SFT checkpoint trained further by SFT for RL's wall time."""
+        budget = self.results.get("rl", {}).get("wall_time_s", self.recipe.rl_s)  # RL's training time
+        self._sft(self.out / "sft", self.out / "sft_control", budget, self.recipe.sft_lr / 3, seed=2, warmup=5)
+
+    def r1_zero(self) -> None:
+        from seekling.tasks import TASKS
+        from seekling.train.grpo import RLConfig, train_rl
+
+        r = self.recipe
+        cfg = RLConfig(recipe="r1-zero", steps=10_000, prompts_per_step=r.rl_prompts_per_step,
+                       group_size=r.rl_group_size, max_new_tokens=r.max_new_tokens, lr=r.rl_lr,
+                       time_budget_s=r.r1_zero_s, save_every=10)
+        self.results["r1_zero"] = train_rl(self.out / "base", self.out / "r1_zero",
+                                           self.out / "train_state" / "r1_zero", cfg, tasks=sorted(TASKS))
+
+    def evaluate(self, stage: str) -> None:
+        from seekling.engine import Engine
+        from seekling.eval import eval_problems, evaluate
+
+        r = self.recipe
+        engine = Engine(self.out / stage, max_num_seqs=128)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # decode of a tiny model is op-overhead bound: a second thread only syncs
+        try:
+            result = evaluate(engine, eval_problems(r.eval_n), k=r.eval_k, max_tokens=r.max_new_tokens)
+        finally:
+            torch.set_num_threads(threads)
+        self.results["stages"][stage] = result
+        print(f"{stage}: greedy {result['greedy']:.3f}  pass@1 {result.get('pass@1', 0):.3f}  "
+              f"({result['eval_time_s']:.0f}s)")
+
+    def report(self) -> None:
+        from seekling.report import write_report
+
+        write_report(self.out)
+
+
+def add_speedrun_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(RECIPES), default="default",
+                   help="smoke: ~2 minutes, every stage on a small model (tests, CI); default: <= 30 minutes")
+    p.add_argument("--out", default="runs/speedrun", help="run directory (re-running resumes it)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+
+
+def run_speedrun(args: argparse.Namespace) -> dict[str, Any]:
+    run = Speedrun(args.out, args.preset, threads=args.threads)
+    results = run.run()
+    out = Path(args.out)
+    print(f"\n[speedrun] finished in {results['wall_time_s'] / 60:.1f} min; report: {out / 'report.md'}")
+    print("Talk to the model:")
+    print(f"  seekling chat --model {out / 'rl'}")
+    print(f"  seekling serve --model {out / 'rl'}    # then open http://127.0.0.1:8000/")
+    return results
