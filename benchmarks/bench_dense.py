@@ -4,6 +4,9 @@ A random ~120M-parameter Qwen2 (hidden 768, 12 layers, 12 heads / 2 KV heads, in
 vocab 32000) is saved with `save_pretrained` and loaded back by both sides. Each variant decodes
 the same prompt greedily; the greedy tokens are compared, the best of a few runs is kept, and the
 ratio to transformers in the same dtype is printed (int8 is compared with transformers fp32).
+The "engine" variants run the same models through seekling's serving engine (paged per-KV-head cache,
+continuous batching machinery, sampler, one request), so they show its per-step overhead over the
+plain contiguous-cache loop.
 
     PYTHONPATH=. python benchmarks/bench_dense.py [--new-tokens 64] [--repeats 3]   (or pip install -e .)
 """
@@ -18,6 +21,7 @@ import time
 import torch
 import transformers
 
+from seekling.engine import Engine, SamplingParams
 from seekling.model.dense import DenseModel, load_dense
 from seekling.model.quant import quantize_int8
 
@@ -36,6 +40,13 @@ def seekling_greedy(model: DenseModel, ids: torch.Tensor, n: int) -> list[int]:
         tok = model(tok, torch.tensor([[T + i]]), cache)[:, -1].argmax(-1, keepdim=True)
         out.append(tok)
     return torch.cat(out, 1)[0].tolist()
+
+
+def engine_greedy(model: DenseModel, ids: torch.Tensor, n: int) -> list[int]:
+    # a fresh engine per run: a reused one would find the prompt in its prefix cache
+    engine = Engine(model, max_num_seqs=1, block_size=16, cache_blocks=-(-(ids.shape[1] + n) // 16))
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    return engine.generate([ids[0].tolist()], params)[0].token_ids
 
 
 @torch.inference_mode()
@@ -74,6 +85,7 @@ def main() -> None:
                 "int8": quantize_int8(load_dense(tmp, dtype="float32"))}
     runs = {"transformers " + k: (lambda m=m: hf_greedy(m, ids, n)) for k, m in hf.items()}
     runs |= {"seekling " + k: (lambda m=m: seekling_greedy(m, ids, n)) for k, m in ours.items()}
+    runs |= {"engine " + k: (lambda m=ours[k]: engine_greedy(m, ids, n)) for k in ("float32", "int8")}
     for fn in runs.values():
         fn()  # warm-up (allocator, kernels)
     # round-robin over the variants and keep each one's best run, so load from other processes on a

@@ -5,6 +5,8 @@ and of one MoE layer vs a FLOP-matched dense SwiGLU layer.
    config and the same weights (seekling's are saved with `save_pretrained` and loaded by
    transformers); the losses of the first step are checked to agree. MTP is off for the
    like-for-like comparison; seekling with its MTP module (and its extra loss) is timed too.
+   transformers runs with its defaults (sdpa attention, `grouped_mm` experts, which on CPU fp32
+   falls back to one matmul per expert on stacked weights); both use torch's default AdamW.
 2. MoE layer vs a dense SwiGLU of intermediate size moe_intermediate × (top-k + shared), forward +
    backward on the same tokens: the dense layer does the same matmul FLOPs without routing.
 

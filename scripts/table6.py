@@ -95,7 +95,7 @@ def fine_tune(base: Path, teacher: Path, traces: Path, dst: Path, budget_s: floa
         loss_fn = make_kd_loss(t, "forward", temperature=1.0, ce_weight=0.5)
     cfg = TrainConfig(max_steps=100_000, time_budget_s=budget_s, lr=1e-3, min_lr=5e-5, warmup_steps=10,
                       checkpoint_every=200, log_every=25, seed=1)
-    train(model, BatchLoader(data, 16, seed=1), cfg, dst, loss_fn=loss_fn, resume=True)
+    train(model, BatchLoader(data, min(16, len(data)), seed=1), cfg, dst, loss_fn=loss_fn, resume=True)
     tok.save_pretrained(dst)
 
 

@@ -110,9 +110,13 @@ def weight_files(directory: Path) -> dict[str, Path]:
 
 
 def load_pretrained(directory: str | Path, device: str | torch.device | None = None,
-                    dtype: str | torch.dtype | None = None) -> torch.nn.Module:
-    """Load a DeepSeek-V3-format checkpoint (ours, transformers', or DeepSeek's unquantised layout)."""
+                    dtype: str | torch.dtype | None = None, max_memory_gb: float | None = None) -> torch.nn.Module:
+    """Load a DeepSeek-V3-format checkpoint (ours, transformers', or DeepSeek's unquantised layout), or a
+    dense Qwen2/Llama one (the DeepSeek-R1-Distill releases: model_type qwen2/llama) as a DenseModel via
+    `load_dense` (dtype None = its "auto" choice). Loads that would not fit in the available memory, or in
+    `max_memory_gb`, are refused before any tensor is read."""
     from seekling.model import Transformer
+    from seekling.model.dense import SUPPORTED_MODEL_TYPES, available_memory_bytes, format_bytes, load_dense
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -120,9 +124,15 @@ def load_pretrained(directory: str | Path, device: str | torch.device | None = N
     raw = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else None
     if raw is None:
         raise FileNotFoundError(f"{directory}/config.json not found: not a model directory")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if raw.get("model_type") in SUPPORTED_MODEL_TYPES:
+        return load_dense(directory, dtype=dtype or "auto", device=device or "cpu", max_memory_gb=max_memory_gb)
     if raw.get("quantization_config"):
-        raise ValueError(f"{directory} holds a quantized checkpoint ({raw['quantization_config'].get('quant_method')}); "
-                         "convert it to bf16/fp32 first")
+        method = raw["quantization_config"].get("quant_method")
+        raise ValueError(f"{directory} holds a quantized checkpoint ({method}); convert it to bf16/fp32 first")
     cfg = ModelConfig.from_hf_dict(raw)
     files = weight_files(directory)
     # transformers' DeepseekV3ForCausalLM has no MTP modules and saves none while its config still
@@ -133,13 +143,18 @@ def load_pretrained(directory: str | Path, device: str | torch.device | None = N
     if len(present) != cfg.num_nextn_predict_layers:
         cfg.extra["num_nextn_predict_layers_in_config"] = cfg.num_nextn_predict_layers
         cfg.num_nextn_predict_layers = len(present)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Transformer(cfg)
+    # Loading peaks at the model in fp32 (to_empty) before any dtype conversion.
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    budget = available_memory_bytes(device)
+    if max_memory_gb is not None:
+        budget = min(budget, int(max_memory_gb * 1e9))
+    if needed > budget:
+        cap = f" (capped by max_memory_gb={max_memory_gb:g})" if max_memory_gb is not None else ""
+        raise MemoryError(f"{directory.name} needs {format_bytes(needed)} to load, {format_bytes(budget)} "
+                          f"available{cap}")
     model = model.to_empty(device=device)
     expected = model.state_dict()
     d = cfg.num_nextn_predict_layers

@@ -164,9 +164,9 @@ def write_report(run: str | Path) -> Path:
             summary += f"| {s} | " + " | ".join("" if c is None else f"{100 * c:.1f}%" for c in cells) + " |\n"
         lines += [summary, "### pass@1 by task and level", "", format_table(stages, "pass@1"),
                   "### greedy by task and level", "", format_table(stages, "greedy")]
-        rl_levels = results.get("rl", {}).get("levels") or []
+        cells = [tuple(c) for c in results.get("rl", {}).get("cells") or []]
         if "rl" in stages and "sft" in stages:
-            lines.append(_rl_verdict(stages, rl_levels))
+            lines.append(_rl_verdict(stages, cells))
     lines += ["## Plots", ""] + [f"![{m}](plots/{m})" for m in made] + [""]
     path = run / "report.md"
     from seekling.checkpoint import atomic_write_text
@@ -176,21 +176,23 @@ def write_report(run: str | Path) -> Path:
     return path
 
 
-def _rl_verdict(stages: dict[str, Any], rl_levels: list[int]) -> str:
-    """RL's gain over SFT and over the equal-time SFT control, on the RL target levels."""
+def rl_target_accuracy(stage_result: dict[str, Any], cells: list[tuple[str, int]]) -> float | None:
+    """pass@1 over the RL target cells (all cells when none are given), weighted by problem count."""
+    vals, n = 0.0, 0
+    for task, tv in stage_result["by_task"].items():
+        for lv, v in tv["by_level"].items():
+            if not cells or (task, int(lv)) in cells:
+                vals += v.get("pass@1", 0.0) * v["n"]
+                n += v["n"]
+    return vals / n if n else None
 
-    def target(stage: str) -> float | None:
-        vals, n = 0.0, 0
-        for task in stages[stage]["by_task"].values():
-            for lv, v in task["by_level"].items():
-                if not rl_levels or int(lv) in rl_levels:
-                    vals += v.get("pass@1", 0.0) * v["n"]
-                    n += v["n"]
-        return vals / n if n else None
 
-    parts = {s: target(s) for s in ("sft", "sft_control", "rl") if s in stages}
-    text = "### RL on its target levels " + (f"({', '.join(map(str, rl_levels))})" if rl_levels else "") + "\n\n"
-    text += "| stage | pass@1 on the RL levels |\n|---|---|\n"
+def _rl_verdict(stages: dict[str, Any], cells: list[tuple[str, int]]) -> str:
+    """RL's gain over SFT and over the equal-time SFT control, on the RL target cells."""
+    parts = {s: rl_target_accuracy(stages[s], cells) for s in ("sft", "sft_control", "rl") if s in stages}
+    where = ", ".join(f"{t} {lv}" for t, lv in cells)
+    text = f"### RL on its target cells ({where})\n\n"
+    text += "| stage | pass@1 on the RL cells |\n|---|---|\n"
     text += "".join(f"| {s} | {100 * v:.1f}% |\n" for s, v in parts.items() if v is not None)
     if parts.get("rl") is not None and parts.get("sft") is not None:
         text += f"\nRL − SFT: **{100 * (parts['rl'] - parts['sft']):+.1f} points**"

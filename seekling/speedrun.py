@@ -33,23 +33,28 @@ R1_ZERO_SHARE = 0.1  # share of pretraining documents written in the R1-Zero tem
 class Recipe:
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the `tiny` model preset
     vocab_size: int = 1024  # an upper bound: the task corpus supports ~550 tokens
-    corpus_per_task: int = 20000  # training problems per task family for pretraining
+    corpus_per_task: int = 12000  # training problems per task family for pretraining (~4M tokens)
     seq_len: int = 256
     batch_size: int = 16
-    pretrain_s: float = 480.0
+    pretrain_s: float = 780.0
     pretrain_lr: float = 3e-3
-    sft_s: float = 240.0
+    pretrain_mtp: bool = False  # MTP costs ~31% of a step (bench_model); the MTP module learns in SFT instead
+    sft_s: float = 150.0
     sft_lr: float = 1e-3
+    sft_batch_size: int = 32
     sft_levels: tuple[int, ...] = (1, 2)
     sft_per_task_level: int = 4000
-    rl_s: float = 240.0
+    rl_s: float = 180.0
     rl_levels: tuple[int, ...] = (3,)
-    rl_lr: float = 2e-5
+    rl_lr: float = 5e-5
+    rl_eval_every: int = 15
     rl_prompts_per_step: int = 8
     rl_group_size: int = 8
+    rl_min_acc: float = 0.1  # RL targets the cells where SFT's pass@1 is in [rl_min_acc, rl_max_acc]
+    rl_max_acc: float = 0.75
     rl_val_n: int = 16  # validation problems per task and RL level for keeping the best RL checkpoint (0: last)
     r1_zero_s: float = 0.0  # the separate R1-Zero run (RL straight from base); 0 skips it
-    eval_n: int = 30  # held-out problems per task and level
+    eval_n: int = 25  # held-out problems per task and level
     eval_k: int = 4  # samples for pass@1 at T=0.6
     max_new_tokens: int = 200
     threads: int = 0  # torch threads (0: leave torch's default)
@@ -61,8 +66,8 @@ RECIPES: dict[str, Recipe] = {
                                num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                v_head_dim=16, n_routed_experts=4),
                     vocab_size=512, corpus_per_task=600, seq_len=256, batch_size=8, pretrain_s=25, sft_s=10,
-                    sft_per_task_level=100, rl_s=10, rl_prompts_per_step=4, rl_group_size=4, rl_val_n=0, r1_zero_s=0,
-                    eval_n=3, eval_k=2, max_new_tokens=48),
+                    sft_per_task_level=100, sft_batch_size=8, rl_s=10, rl_prompts_per_step=4, rl_group_size=4,
+                    rl_val_n=0, r1_zero_s=0, eval_n=3, eval_k=2, max_new_tokens=48),
     # <= 30 minutes on 2 CPU cores.
     "default": Recipe(r1_zero_s=0.0),
 }
@@ -137,7 +142,6 @@ class Speedrun:
         if r.threads:
             torch.set_num_threads(r.threads)
         self.out.mkdir(parents=True, exist_ok=True)
-        t_start = time.time() - self.results.get("wall_time_s", 0.0)
         self.stage("tokenizer", self.make_tokenizer)
         self.stage("pretrain", self.pretrain)
         self.stage("eval_base", lambda: self.evaluate("base"))
@@ -147,10 +151,12 @@ class Speedrun:
         self.stage("sft_control", self.sft_control)
         self.stage("eval_rl", lambda: self.evaluate("rl"))
         self.stage("eval_sft_control", lambda: self.evaluate("sft_control"))
+        # the main job's time (without R1-Zero), summed over stages so that resumed runs count right
+        times = self.results["stage_time_s"]
+        self.results["wall_time_s"] = round(sum(v for k, v in times.items() if k not in ("r1_zero", "report")), 1)
+        self.save_results()
         if r.r1_zero_s > 0:
             self.stage("r1_zero", self.r1_zero)
-        self.results["wall_time_s"] = round(time.time() - t_start, 1)
-        self.save_results()
         self.stage("report", self.report)
         self.results["done"].remove("report")  # the report is always rewritten
         self.save_results()
@@ -187,6 +193,8 @@ class Speedrun:
                            eos_token_id=tok.eos_token_id, max_position_embeddings=max(1024, r.seq_len), **r.model)
         torch.manual_seed(0)
         model = Transformer(cfg)
+        if not r.pretrain_mtp:
+            model.config.mtp_loss_weight = 0.0  # the MTP module is still there (and saved), just not trained yet
         print(f"model: {model.num_parameters() / 1e6:.2f}M parameters "
               f"({cfg.num_parameters(active=True) / 1e6:.2f}M active, MTP included)")
         data = PackedDataset(self.out / "data" / "pretrain", r.seq_len)
@@ -211,8 +219,9 @@ class Speedrun:
         r, tok = self.recipe, self.tokenizer()
         samples = [tok.encode_sft(m) for m in sft_messages(r.sft_levels, r.sft_per_task_level, seed=seed)]
         data = SFTDataset(samples, r.seq_len, pad_id=tok.pad_token_id)
-        loader = BatchLoader(data, r.batch_size, seed=seed)
+        loader = BatchLoader(data, r.sft_batch_size, seed=seed)
         model = load_pretrained(src)
+        model.config.mtp_loss_weight = 0.3  # SFT trains the MTP module too (speculative decoding drafts with it)
         tc = TrainConfig(max_steps=100_000, time_budget_s=budget_s, lr=lr, min_lr=lr / 20, warmup_steps=warmup,
                          schedule="cosine", checkpoint_every=200, log_every=25, seed=seed)
         summary = train(model, loader, tc, dst, self.out / "train_state" / dst.name, resume=True)
@@ -227,27 +236,43 @@ class Speedrun:
         r = self.recipe
         cfg = RLConfig(recipe="r1", steps=10_000, prompts_per_step=r.rl_prompts_per_step,
                        group_size=r.rl_group_size, max_new_tokens=r.max_new_tokens, lr=r.rl_lr,
-                       time_budget_s=r.rl_s, save_every=10, eval_every=0)
+                       time_budget_s=r.rl_s, save_every=10, eval_every=r.rl_eval_every)
+        cells = self.rl_cells()
+        print(f"RL target cells (task, level): {cells}")
         t0 = time.time()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # rollouts dominate RL time and are op-overhead bound (see evaluate)
         try:
             summary = train_rl(self.out / "sft", self.out / "rl", self.out / "train_state" / "rl", cfg,
-                               tasks=sorted(TASKS), difficulties=list(r.rl_levels),
-                               eval_fn=self.validation_fn(r.rl_levels, r.rl_val_n) if r.rl_val_n else None)
+                               tasks=sorted(TASKS), cells=cells,
+                               eval_fn=self.validation_fn(cells, r.rl_val_n) if r.rl_val_n else None)
         finally:
             torch.set_num_threads(threads)
         self.tokenizer().save_pretrained(self.out / "rl")
-        self.results["rl"] = {**summary, "wall_s": round(time.time() - t0, 1), "levels": list(r.rl_levels)}
+        self.results["rl"] = {**summary, "wall_s": round(time.time() - t0, 1), "cells": [list(c) for c in cells]}
 
-    def validation_fn(self, levels: tuple[int, ...], n: int):
+    def rl_cells(self) -> list[tuple[str, int]]:
+        """Where RL can learn: the (task, level) cells on which the SFT model's held-out pass@1 lies in
+        [rl_min_acc, rl_max_acc] — a group of G samples then usually holds a right and a wrong answer.
+        The harder levels (rl_levels, which SFT's traces leave out) come first; the other levels only
+        when none of those qualifies."""
+        r = self.recipe
+        sft = self.results["stages"].get("sft", {}).get("by_task", {})
+        ok = [(t, int(lv)) for t, v in sorted(sft.items()) for lv, c in v["by_level"].items()
+              if r.rl_min_acc <= c.get("pass@1", 0.0) <= r.rl_max_acc]
+        preferred = [c for c in ok if c[1] in r.rl_levels]
+        from seekling.tasks import TASKS
+
+        return preferred or ok or [(t, lv) for t in sorted(TASKS) for lv in r.rl_levels]
+
+    def validation_fn(self, cells: list[tuple[str, int]], n: int):
         """Greedy accuracy on validation problems for keeping RL's best checkpoint. They come from the
         train split (another seed), never from the test split the report is scored on."""
         from seekling.engine import Engine
         from seekling.eval import evaluate
-        from seekling.tasks import TASKS, sample_problems
+        from seekling.tasks import sample_problems
 
-        problems = [p for t in sorted(TASKS) for lv in levels for p in sample_problems(t, n, "train", lv, seed=777)]
+        problems = [p for t, lv in cells for p in sample_problems(t, n, "train", lv, seed=777)]
         return lambda model, tok: evaluate(Engine(model, tok, max_num_seqs=128), problems, k=0,
                                            max_tokens=self.recipe.max_new_tokens)["greedy"]
 
@@ -294,10 +319,13 @@ def add_speedrun_args(p: argparse.ArgumentParser) -> None:
                    help="smoke: ~2 minutes, every stage on a small model (tests, CI); default: <= 30 minutes")
     p.add_argument("--out", default="runs/speedrun", help="run directory (re-running resumes it)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--r1-zero", type=float, default=None, metavar="SECONDS",
+                   help="also run R1-Zero (GRPO straight from the base model) for this long, after the main stages")
 
 
 def run_speedrun(args: argparse.Namespace) -> dict[str, Any]:
-    run = Speedrun(args.out, args.preset, threads=args.threads)
+    extra = {"r1_zero_s": args.r1_zero} if args.r1_zero is not None else {}
+    run = Speedrun(args.out, args.preset, threads=args.threads, **extra)
     results = run.run()
     out = Path(args.out)
     print(f"\n[speedrun] finished in {results['wall_time_s'] / 60:.1f} min; report: {out / 'report.md'}")

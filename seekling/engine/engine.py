@@ -7,7 +7,9 @@
 One `step()` = drain the inbox (requests and aborts from any thread), schedule (continuous batching
 over the latent block cache), one packed forward of the main model, sampling (or speculative
 verification), detokenisation, then — when speculative — one packed forward of the MTP module that
-drafts each sequence's next token. Servers call `add_request` / `abort` from their threads and
+drafts each sequence's next token. The dense Qwen2/Llama models (the DeepSeek-R1-Distill releases,
+`seekling.model.dense`) run the same loop on a per-KV-head paged cache (`dense_runner.py`); speculative
+decoding needs MTP and so stays with the DeepSeek-V3 model. Servers call `add_request` / `abort` from their threads and
 `step()` from one loop; `generate` and `stream` drive `step()` themselves.
 """
 
@@ -23,11 +25,19 @@ from typing import Any
 
 import torch
 
-from seekling.engine.cache import BlockManager, allocate_kv, cache_bytes_per_token
+from seekling.engine.cache import (
+    BlockManager,
+    allocate_dense_kv,
+    allocate_kv,
+    cache_bytes_per_token,
+    dense_cache_bytes_per_token,
+)
+from seekling.engine.dense_runner import DenseRunner
 from seekling.engine.detok import IncrementalDecoder, TextStream, prompt_opens_think
 from seekling.engine.runner import Runner, make_batch
 from seekling.engine.sampling import SamplingParams, probs_from_logits, sample, token_logprobs, uniform
 from seekling.engine.scheduler import Scheduler, Sequence
+from seekling.model.dense import DenseModel
 
 Prompt = str | list[dict[str, Any]] | list[int]
 
@@ -91,45 +101,89 @@ class Engine:
     def __init__(self, model_or_path: torch.nn.Module | str | Path, tokenizer: Any = None, *,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, cache_blocks: int | None = None,
                  block_size: int = 16, device: str | torch.device | None = None, speculative: bool = False,
-                 num_speculative_tokens: int = 1, cache_memory: int = 256 * 2**20):
+                 num_speculative_tokens: int = 1, cache_memory: int = 256 * 2**20,
+                 dtype: str | torch.dtype | None = None, quantize: str | None = None,
+                 max_memory_gb: float | None = None):
+        """From a directory, `dtype` ("float32", "bfloat16"/"bf16", ...; default: the loader's choice),
+        `quantize="int8"` (dense models: int8 weight-only Linear layers) and `max_memory_gb` (refuse
+        weights that would not fit) apply to the load; the generation defaults of the checkpoint's
+        generation_config.json end up in `generation_defaults` (for the server; `generate` does not
+        apply them) and its eos ids all stop a sequence."""
+        self.generation_defaults: dict[str, Any] = {}
+        if quantize not in (None, "int8"):
+            raise ValueError(f"unknown quantize={quantize!r}: only 'int8' (or None)")
         if isinstance(model_or_path, (str, Path)):
             from seekling.checkpoint import load_pretrained
+            from seekling.model.dense import read_generation_config
 
-            model = load_pretrained(str(model_or_path), device=device)
+            model = load_pretrained(str(model_or_path), device=device, dtype=dtype, max_memory_gb=max_memory_gb)
             if tokenizer is None and (Path(model_or_path) / "tokenizer.json").is_file():
                 from seekling.tokenizer import load_tokenizer
 
                 tokenizer = load_tokenizer(model_or_path)
+            self.generation_defaults = read_generation_config(Path(model_or_path))[0]
         else:
+            if dtype is not None or max_memory_gb is not None:
+                raise ValueError("dtype and max_memory_gb apply when the engine loads a directory; "
+                                 "convert a model object yourself")
             model = model_or_path
-        if not hasattr(model, "main_layers") or not hasattr(model.config, "kv_lora_rank"):
-            raise ValueError(f"the engine runs seekling's DeepSeek-V3 Transformer (MLA), "
-                             f"got {type(model).__name__}")
-        self.device = torch.device(device) if device is not None else model.device
+            self.generation_defaults = dict(getattr(model, "generation_defaults", {}))
+        self.dense = isinstance(model, DenseModel)
+        if not self.dense and (not hasattr(model, "main_layers") or not hasattr(model.config, "kv_lora_rank")):
+            raise ValueError(f"the engine runs seekling's DeepSeek-V3 Transformer (MLA) or a dense Qwen2/Llama "
+                             f"DenseModel, got {type(model).__name__}")
+        if quantize == "int8":
+            if not self.dense:
+                raise ValueError("quantize='int8' is for the dense Qwen2/Llama models (the MLA runner reads "
+                                 "the attention weights directly)")
+            from seekling.model.quant import Int8Linear, quantize_int8
+
+            if not any(isinstance(m, Int8Linear) for m in model.modules()):
+                model = quantize_int8(model)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
         cfg = self.config = model.config
+        if speculative and self.dense:
+            raise ValueError(f"speculative decoding drafts with DeepSeek-V3's MTP module; this {cfg.model_type} "
+                             "model has none (run it with speculative=False)")
         if speculative and len(model.mtp_layers) == 0:
             raise ValueError("speculative=True needs an MTP module (num_nextn_predict_layers >= 1)")
         if speculative and num_speculative_tokens != 1:
             raise ValueError("num_speculative_tokens must be 1 (one MTP module drafts one token)")
         self.speculative = speculative
         self.max_model_len = cfg.max_position_embeddings
-        dtype = next(model.parameters()).dtype
+        kv_dtype = next(model.parameters()).dtype  # the embedding's: int8 quantisation leaves it as it was
         num_layers = cfg.num_hidden_layers + (1 if speculative else 0)
-        self.cache_bytes_per_token = cache_bytes_per_token(num_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                                                           dtype)
+        if self.dense:
+            self.cache_bytes_per_token = dense_cache_bytes_per_token(num_layers, cfg.num_key_value_heads,
+                                                                     cfg.head_dim, kv_dtype)
+        else:
+            self.cache_bytes_per_token = cache_bytes_per_token(num_layers, cfg.kv_lora_rank,
+                                                               cfg.qk_rope_head_dim, kv_dtype)
         if cache_blocks is None:  # enough for every sequence at full length, within the memory budget
             want = max_num_seqs * -(-self.max_model_len // block_size)
             cache_blocks = max(1, min(want, cache_memory // (self.cache_bytes_per_token * block_size)))
         self.block_size = block_size
-        self.kv = allocate_kv(num_layers, cache_blocks, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                              dtype, self.device)
+        if self.dense:
+            self.kv = allocate_dense_kv(num_layers, cache_blocks, block_size, cfg.num_key_value_heads,
+                                        cfg.head_dim, kv_dtype, self.device)
+        else:
+            self.kv = allocate_kv(num_layers, cache_blocks, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                  kv_dtype, self.device)
         self.blocks = BlockManager(cache_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = Runner(model, self.kv, block_size)
-        eos = tokenizer.eos_token_id if tokenizer is not None else cfg.eos_token_id
+        self.runner = DenseRunner(model, self.kv, block_size) if self.dense else Runner(model, self.kv, block_size)
+        # Every eos id stops a sequence: the tokenizer's, and the checkpoint's (generation_config.json may
+        # list several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>).
+        if self.dense:
+            model_eos = list(model.eos_token_ids)
+            eos = tokenizer.eos_token_id if tokenizer is not None else (model_eos[0] if model_eos else None)
+        else:  # our DeepSeek-V3 checkpoints: the tokenizer's eos, else the config's, as before
+            model_eos = []
+            eos = tokenizer.eos_token_id if tokenizer is not None else cfg.eos_token_id
         self.eos_token_id: int | None = eos
+        self.eos_token_ids: set[int] = {t for t in [eos, *model_eos] if t is not None}
         self._lock = threading.Lock()  # guards the inbox and the set of live request ids
         self._step_lock = threading.RLock()  # one step at a time
         self._inbox: list[tuple[str, Prompt, list[int], str, SamplingParams]] = []
@@ -417,7 +471,7 @@ class Engine:
             seq.output_ids.append(t)
             new.append(t)
             self.num_generated += 1
-            stop_token = (t == self.eos_token_id and not p.ignore_eos) or t in (p.stop_token_ids or ())
+            stop_token = (t in self.eos_token_ids and not p.ignore_eos) or t in (p.stop_token_ids or ())
             reason = "stop" if stop_token else None
             if reason is None and (len(seq.output_ids) >= (p.max_tokens or self.max_model_len)
                                    or seq.num_tokens >= self.max_model_len):

@@ -296,6 +296,10 @@ def create_app(engine, settings: Settings) -> FastAPI:
     auth = Authenticator(load_key_hashes(settings))
     settings = dataclasses.replace(settings, api_key=[])  # from here on only the hashes are kept
     limiter = RateLimiter(settings.rate_limit)
+    # A request that leaves a sampling field out gets the checkpoint's recommendation (generation_config.json,
+    # e.g. temperature 0.6 / top_p 0.95 for the R1 models), as vLLM does; max_tokens stays the server's cap.
+    sampling_defaults = {k: v for k, v in (getattr(engine, "generation_defaults", None) or {}).items()
+                         if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
     worker = EngineWorker(engine, settings.max_queue)
     store = Store(settings.data_dir)
     metrics = Metrics()
@@ -379,7 +383,7 @@ def create_app(engine, settings: Settings) -> FastAPI:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise _bad("stop must be up to 4 non-empty strings.", "stop")
-        kwargs = {"n": body.n, "max_tokens": max_tokens or settings.max_tokens_cap, "stop": stop}
+        kwargs = {**sampling_defaults, "n": body.n, "max_tokens": max_tokens or settings.max_tokens_cap, "stop": stop}
         for name in ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty"):
             if getattr(body, name) is not None:
                 kwargs[name] = getattr(body, name)
@@ -784,21 +788,25 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     a("--log-requests", action="store_true", default=d.log_requests, help="log prompts and outputs")
     a("--data-dir", default=d.data_dir, help="where the chat history database lives")
+    # load options (not Settings fields: they only matter when the server loads the model itself)
+    a("--dtype", choices=("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), default=None,
+      help="weights dtype (default: fp32 on CPU when it fits, else the checkpoint's)")
+    a("--quantize", choices=("int8",), default=None, help="int8 weight-only Linear layers (dense Qwen2/Llama)")
 
 
 def run_serve(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__}
-    serve(Settings.from_env(**overrides))
+    serve(Settings.from_env(**overrides), dtype=getattr(args, "dtype", None), quantize=getattr(args, "quantize", None))
 
 
-def load_engine(settings: Settings):
+def load_engine(settings: Settings, dtype: str | None = None, quantize: str | None = None):
     from seekling.engine import Engine
 
     kwargs = {"max_num_seqs": settings.max_num_seqs} if settings.max_num_seqs else {}
-    return Engine(settings.model, **kwargs)
+    return Engine(settings.model, dtype=dtype, quantize=quantize, **kwargs)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, dtype: str | None = None, quantize: str | None = None) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -806,6 +814,6 @@ def serve(settings: Settings) -> None:
         raise ValueError("serve needs --model (or SEEKLING_MODEL)")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not (settings.api_key or settings.api_key_file):
         log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
-    app = create_app(load_engine(settings), settings)
+    app = create_app(load_engine(settings, dtype, quantize), settings)
     log.info("seekling serve: http://%s:%d (history in %s)", settings.host, settings.port, settings.data_dir)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -212,7 +212,8 @@ def lr_at(cfg: RLConfig, step: int, progress: float) -> float:
     return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def task_sampler(tasks: list[str], difficulties: list[int] | None, seed: int) -> Callable[[int, int], list]:
+def task_sampler(tasks: list[str], difficulties: list[int] | None, seed: int,
+                 cells: list[tuple[str, int]] | None = None) -> Callable[[int, int], list]:
     """draw(cursor, n) -> the training problems cursor .. cursor + n - 1 of a stream that depends only on
     the seed (so a resumed run, restoring the cursor, sees the same problems); (task, difficulty) pairs in
     turn."""
@@ -221,7 +222,9 @@ def task_sampler(tasks: list[str], difficulties: list[int] | None, seed: int) ->
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; known: {sorted(TASKS)}")
-    pairs = [(t, d) for t in tasks for d in (difficulties or [None]) if d is None or d in TASKS[t].levels]
+    # cells: explicit (task, difficulty) pairs, e.g. the ones where the policy is neither hopeless nor solved
+    pairs = [tuple(c) for c in cells] if cells else \
+        [(t, d) for t in tasks for d in (difficulties or [None]) if d is None or d in TASKS[t].levels]
     if not pairs:
         raise ValueError(f"none of the difficulties {difficulties} exist in tasks {tasks}")
 
@@ -262,7 +265,7 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
              tasks: list[str] | None = None, difficulties: list[int] | None = None,
              prompts: list[dict[str, Any]] | None = None, reward_fn: RewardFn | None = None,
              eval_fn: Callable[[nn.Module, Any], float] | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print, cells: list[tuple[str, int]] | None = None) -> dict[str, Any]:
     """GRPO from the model in `policy_dir` on task problems (`tasks`) or a user's `prompts` (with
     `reward_fn`). The result goes to `out_dir`: the best model by `eval_fn(model, tokenizer)` (higher is
     better, evaluated at the start, every `eval_every` steps and at the end) or, without one, the last.
@@ -277,7 +280,8 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     state_path, log_path = state_dir / "rl_state.pt", state_dir / "rl_log.jsonl"
-    draw = task_sampler(tasks, difficulties, cfg.seed) if tasks is not None else prompt_sampler(prompts, cfg.seed)
+    draw = task_sampler(tasks, difficulties, cfg.seed, cells) if tasks is not None \
+        else prompt_sampler(prompts, cfg.seed)
 
     policy = load_pretrained(policy_dir)
     tok = load_tokenizer(policy_dir)
