@@ -40,7 +40,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"{index['num_docs']} documents, {index['num_tokens']:,} tokens -> {args.out}")
 
 
-def _train_config(args: argparse.Namespace):
+def train_config(args: argparse.Namespace):
     from seekling.train.trainer import TrainConfig
 
     return TrainConfig(max_steps=args.steps, time_budget_s=args.time, lr=args.lr, min_lr=args.lr / 10,
@@ -49,7 +49,7 @@ def _train_config(args: argparse.Namespace):
                        eval_every=0, seed=args.seed)
 
 
-def _add_train_flags(p: argparse.ArgumentParser, lr: float) -> None:
+def add_train_flags(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--out", required=True, help="output model directory (training state goes beside it)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the schedule's length)")
     p.add_argument("--time", type=float, default=None, help="wall-time budget in seconds (overrides --steps)")
@@ -86,7 +86,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                                    eos_token_id=tok.eos_token_id))
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters")
     data = PackedDataset(args.data, args.seq_len)
-    train(model, BatchLoader(data, args.batch_size, seed=args.seed), _train_config(args), args.out,
+    train(model, BatchLoader(data, args.batch_size, seed=args.seed), train_config(args), args.out,
           resume=args.resume)
     tok.save_pretrained(args.out)
 
@@ -112,7 +112,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
                       truncate=args.truncate)
     print(f"SFT on {len(data)} conversations")
     model = load_pretrained(args.model)
-    train(model, BatchLoader(data, args.batch_size, seed=args.seed), _train_config(args), args.out,
+    train(model, BatchLoader(data, args.batch_size, seed=args.seed), train_config(args), args.out,
           resume=args.resume)
     tok.save_pretrained(args.out)
 
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--preset", default="tiny", help="model preset (tiny, small)")
     p.add_argument("--init", default=None, help="continue from this model directory instead of a fresh model")
-    _add_train_flags(p, lr=3e-3)
+    add_train_flags(p, lr=3e-3)
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on reasoning traces (loss on the assistant only)")
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", nargs="*", type=int, default=[1, 2], help="task levels (without --traces)")
     p.add_argument("--per-level", type=int, default=2000, help="problems per task and level (without --traces)")
     p.add_argument("--truncate", action="store_true", help="truncate long samples instead of dropping them")
-    _add_train_flags(p, lr=1e-3)
+    add_train_flags(p, lr=1e-3)
     p.set_defaults(fn=cmd_sft)
 
     from seekling.train.grpo import add_rl_args, run_rl
@@ -267,14 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("collect", help="harvest reasoning traces from an OpenAI-compatible teacher")
     add_collect_args(q)
     q.set_defaults(fn=run_collect)
-    try:
-        from seekling.train.distill import add_logits_args, run_logits
-    except ImportError:  # the logit-distillation module is optional in a partial install
-        pass
-    else:
-        q = dsub.add_parser("logits", help="knowledge distillation from a local teacher's logits (KL)")
-        add_logits_args(q)
-        q.set_defaults(fn=run_logits)
+    from seekling.train.distill import add_logits_args, run_logits
+
+    q = dsub.add_parser("logits", help="knowledge distillation from a local teacher's logits (KL)")
+    add_logits_args(q)
+    q.set_defaults(fn=run_logits)
 
     p = sub.add_parser("eval", help="held-out evaluation: greedy, pass@1, maj@k per task and level")
     add_eval_args(p)

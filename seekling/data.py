@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,13 +78,7 @@ def _read_file(path: Path, txt_mode: str) -> Iterator[str]:
         docs = [text] if txt_mode == "file" else re.split(r"\n\s*\n", text)
         yield from (d.strip() for d in docs if d.strip())
     elif path.suffix == ".jsonl":
-        for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        for lineno, row in iter_jsonl(path, _read_text(path)):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise ValueError(f'{path}:{lineno}: no "text" string field')
             if row["text"].strip():
@@ -108,6 +103,19 @@ def _read_file(path: Path, txt_mode: str) -> Iterator[str]:
     else:
         raise ValueError(f"{path}: unknown file type {path.suffix!r} "
                          f"(expected one of {', '.join(TEXT_SUFFIXES)})")
+
+
+def iter_jsonl(path: str | Path, text: str | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file; a bad line raises a
+    ValueError naming the file and the line."""
+    text = Path(path).read_text(encoding="utf-8") if text is None else text
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove that line") from None
 
 
 def _read_text(path: Path) -> str:

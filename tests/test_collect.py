@@ -305,7 +305,7 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="n and concurrency must be >= 1"):
         collect(prompts, tmp_path / "o.jsonl", base_url="http://127.0.0.1:9", model="m", n=0)
     (tmp_path / "o.jsonl").write_text('{"id": "a#0"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"o.jsonl:2: not a JSON record"):
+    with pytest.raises(ValueError, match=r"o.jsonl:2: invalid JSON"):
         collect(prompts, tmp_path / "o.jsonl", base_url="http://127.0.0.1:9", model="m")
     with pytest.raises(ValueError, match="verifier"):
         collect(prompts, tmp_path / "o.jsonl", base_url="http://127.0.0.1:9", model="m", only_correct=True)

@@ -94,7 +94,7 @@ def test_prompts_jsonl(tmp_path):
     with pytest.raises(ValueError, match="prompt' or 'messages"):
         load_prompts_jsonl(p)
     p.write_text("{not json\n")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="invalid JSON"):
         load_prompts_jsonl(p)
 
 

@@ -20,14 +20,6 @@ from seekling.train.trainer import newton_schulz
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls: a second thread only adds synchronisation, and on a shared machine it stalls
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)

@@ -29,6 +29,8 @@ from typing import Any
 
 import httpx
 
+from seekling.data import iter_jsonl
+
 RETRY_STATUS = {408, 409, 429}  # plus every 5xx
 CORRECT = 1.0  # a verifier score at or above this counts as a verified-correct answer
 # DeepSeek's advice for prompting R1 on math; the task verifiers read the last \boxed{} answer.
@@ -68,13 +70,7 @@ def read_records(path: str | Path, repair: bool = False) -> list[dict]:
             print(f"[collect] {path}: cut a torn last line ({len(data) - cut} bytes)", flush=True)
         data = data[:cut]
     records = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not a JSON record ({e}); fix or remove that line") from None
+    for lineno, record in iter_jsonl(path, data.decode("utf-8")):
         if not isinstance(record, dict) or "id" not in record:
             raise ValueError(f"{path}:{lineno}: a record must be a JSON object with an 'id'")
         records.append(record)

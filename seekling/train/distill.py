@@ -231,7 +231,7 @@ class OnPolicyBatches:
 
 
 def add_logits_args(parser: argparse.ArgumentParser) -> None:
-    from seekling.cli import _add_train_flags  # the same training flags as pretrain / sft
+    from seekling.cli import add_train_flags  # the same training flags as pretrain / sft
 
     parser.add_argument("--teacher", required=True, help="teacher model directory (with its tokenizer)")
     parser.add_argument("--student", required=True, help="student model directory to start from")
@@ -255,12 +255,12 @@ def add_logits_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-temperature", type=float, default=1.0,
                         help="temperature for teacher samples and on-policy student samples")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    _add_train_flags(parser, lr=1e-3)
+    add_train_flags(parser, lr=1e-3)
 
 
 def run_logits(args: argparse.Namespace) -> dict:
     from seekling.checkpoint import load_pretrained
-    from seekling.cli import _train_config
+    from seekling.cli import train_config
     from seekling.tasks import TASKS, sample_problems
     from seekling.tokenizer import load_tokenizer
     from seekling.train.collect import load_traces
@@ -305,6 +305,6 @@ def run_logits(args: argparse.Namespace) -> dict:
     batches = OnPolicyBatches(student, tok, prompts, fixed, args.on_policy_frac, args.batch_size,
                               max_tokens=args.max_new_tokens, temperature=args.sample_temperature, seed=args.seed)
     loss_fn = make_kd_loss(teacher, args.kind, args.temperature, args.mix, args.ce_weight)
-    summary = train(student, batches, _train_config(args), out, state_dir, loss_fn=loss_fn, resume=args.resume)
+    summary = train(student, batches, train_config(args), out, state_dir, loss_fn=loss_fn, resume=args.resume)
     tok.save_pretrained(out)
     return {k: v for k, v in summary.items() if k != "history"}

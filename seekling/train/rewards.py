@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from seekling.data import iter_jsonl
 
 THINK_END = "</think>"
 _R1_ZERO_FORMAT = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
@@ -132,13 +133,7 @@ def load_prompts_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """A user's prompts: one JSON object a line with "prompt" (text) or "messages" (chat messages), plus
     any fields the reward function takes as keyword arguments."""
     rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+    for i, row in iter_jsonl(path):
         if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
             raise ValueError(f"{path}:{i}: each line needs exactly one of 'prompt' or 'messages'")
         if "prompt" in row and not isinstance(row["prompt"], str):
