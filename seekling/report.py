@@ -53,7 +53,9 @@ def _plot_training(run: Path, plots: Path, plt: Any) -> list[str]:
     if loads:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for layer in range(len(loads[0][1])):
-            ax.plot([s for s, _ in loads], [lo[layer] for _, lo in loads], label=f"MoE layer {layer + 1}")
+            series = [lo[layer] for _, lo in loads]
+            if any(series):  # an MTP layer that is not trained in this stage routes no tokens
+                ax.plot([s for s, _ in loads], series, label=f"MoE layer {layer + 1}")
         ax.axhline(1.0, color="gray", linestyle=":")
         ax.set_xlabel("pretraining step")
         ax.set_ylabel("max / mean expert load")
@@ -77,7 +79,7 @@ def _plot_rl(run: Path, plots: Path, plt: Any, name: str, title: str) -> list[st
             axes[0].plot(x, y, label=label)
     x, y = _series(rows, "eval")
     if x:
-        axes[0].plot(x, y, "o-", label="held-out eval")
+        axes[0].plot(x, y, "o-", label="validation (greedy, train split)")
     axes[0].set_title(f"{title}: reward and accuracy")
     axes[0].legend()
     for key in ("len_mean", "len_max"):

@@ -1,0 +1,99 @@
+"""The main job end to end: `seekling speedrun --preset smoke` through the real command, its
+results.json contract, the report card, resuming, and the command's --help and error paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import seekling
+from seekling.report import rl_target_accuracy
+
+COMMANDS = ["speedrun", "tokenizer", "data", "pretrain", "sft", "rl", "distill", "eval", "sample", "chat", "serve",
+            "export", "report"]
+
+
+def seekling_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "seekling.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speedrun") / "smoke"
+    proc = seekling_cli("speedrun", "--preset", "smoke", "--out", str(out), "--threads", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_smoke_speedrun_writes_the_contract(smoke_run):
+    out, stdout = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["preset"] == "smoke"
+    assert 0 < results["wall_time_s"] < 600
+    for stage in ("base", "sft", "sft_control", "rl"):
+        r = results["stages"][stage]
+        for key in ("greedy", "pass@1"):
+            assert 0.0 <= r[key] <= 1.0
+        assert set(r["by_task"]) == {"addition", "countdown", "multiplication", "word"}
+        for task in r["by_task"].values():
+            assert set(task["by_level"]) == {"1", "2", "3"}
+            for cell in task["by_level"].values():
+                assert cell["n"] == 3 and 0.0 <= cell["pass@1"] <= 1.0
+    # every stage left a Hugging Face model directory with its tokenizer
+    for stage in ("base", "sft", "sft_control", "rl"):
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                     "generation_config.json"):
+            assert (out / stage / name).exists(), (stage, name)
+        assert not (out / stage / "state.pt").exists()  # training state lives beside, not inside
+    assert (out / "train_state" / "base" / "state.pt").exists()
+    report = (out / "report.md").read_text()
+    assert "Held-out accuracy" in report and "| addition | 3 |" in report
+    for plot in ("accuracy.png", "loss.png", "rl.png", "expert_load.png"):
+        assert (out / "plots" / plot).stat().st_size > 1000
+    assert f"seekling chat --model {out / 'rl'}" in stdout
+    # the RL target cells are recorded and the verdict is computed over them
+    cells = [tuple(c) for c in results["rl"]["cells"]]
+    assert cells and all(lv in (1, 2, 3) for _, lv in cells)
+    assert rl_target_accuracy(results["stages"]["rl"], cells) is not None
+
+
+def test_smoke_model_loads_and_generates(smoke_run):
+    out, _ = smoke_run
+    engine = seekling.Engine(str(out / "rl"))
+    outs = engine.generate([[{"role": "user", "content": "What is 12 + 30?"}]],
+                           seekling.SamplingParams(temperature=0, max_tokens=8))
+    assert len(outs[0].token_ids) >= 1 and outs[0].finish_reason in ("stop", "length")
+
+
+def test_rerun_resumes_instead_of_redoing(smoke_run):
+    out, _ = smoke_run
+    before = json.loads((out / "results.json").read_text())
+    proc = seekling_cli("speedrun", "--preset", "smoke", "--out", str(out), "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("done already, skipping") == 9
+    after = json.loads((out / "results.json").read_text())
+    assert after["stages"] == before["stages"]
+    # a run directory of another preset is refused, not overwritten
+    proc = seekling_cli("speedrun", "--preset", "default", "--out", str(out))
+    assert proc.returncode == 2 and "smoke" in proc.stderr
+
+
+def test_every_command_has_help():
+    for command in COMMANDS:
+        proc = seekling_cli(command, "--help", timeout=120)
+        assert proc.returncode == 0 and "usage: seekling" in proc.stdout, command
+    proc = seekling_cli("distill", "logits", "--help", timeout=120)
+    assert proc.returncode == 0 and "--teacher" in proc.stdout
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    proc = seekling_cli("eval", "--model", str(tmp_path / "missing"), timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    proc = seekling_cli("tokenizer", "--out", str(tmp_path / "tok"), "--input", str(bad), timeout=120)
+    assert proc.returncode == 2 and "bad.jsonl:2" in proc.stderr
