@@ -289,8 +289,13 @@ class Speedrun:
         cfg = RLConfig(recipe="r1-zero", steps=10_000, prompts_per_step=r.rl_prompts_per_step,
                        group_size=r.rl_group_size, max_new_tokens=r.max_new_tokens, lr=r.rl_lr,
                        time_budget_s=r.r1_zero_s, save_every=10)
-        self.results["r1_zero"] = train_rl(self.out / "base", self.out / "r1_zero",
-                                           self.out / "train_state" / "r1_zero", cfg, tasks=sorted(TASKS))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in rl(): rollouts are op-overhead bound
+        try:
+            self.results["r1_zero"] = train_rl(self.out / "base", self.out / "r1_zero",
+                                               self.out / "train_state" / "r1_zero", cfg, tasks=sorted(TASKS))
+        finally:
+            torch.set_num_threads(threads)
 
     def evaluate(self, stage: str) -> None:
         from seekling.engine import Engine
