@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import threading
-import time
 
 import pytest
 import torch
-import uvicorn
+from test_serve import LiveServer
 
 from seekling.checkpoint import load_pretrained
 from seekling.config import preset
 from seekling.data import IGNORE_INDEX, BatchLoader, SFTDataset
 from seekling.engine import Engine
 from seekling.model import Transformer
-from seekling.serve.app import create_app
-from seekling.serve.security import Settings
 from seekling.tasks import sample_problems
 from seekling.tokenizer import train_tokenizer
 from seekling.train.collect import collect, load_traces, score_task, task_prompts
@@ -233,29 +228,6 @@ def test_cli_logits(tok, tmp_path, capsys):
 # --- end to end: serve a teacher, harvest it, SFT a student ---------------------------------------------
 
 
-class LiveServer:
-    """The real server app on uvicorn, on a free 127.0.0.1 port, in a background thread."""
-
-    def __init__(self, engine, data_dir: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        app = create_app(engine, Settings(model_name="teacher", keepalive_s=0.2, data_dir=data_dir))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{port}/v1"
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 def sft_loss(model, data) -> float:
     model.eval()
     with torch.no_grad():
@@ -269,10 +241,11 @@ def test_end_to_end_serve_collect_sft(tok, tmp_path):
     teacher = tiny_model(tok.vocab_size, seed=6, hidden=48)
     train(teacher, BatchLoader(teach, 8), TrainConfig(max_steps=60, lr=1e-2, min_lr=1e-3, warmup_steps=5,
                                                      log_every=30), tmp_path / "teacher")
-    server = LiveServer(Engine(teacher.eval(), tok, max_num_seqs=16), str(tmp_path / "server"))
+    server = LiveServer(Engine(teacher.eval(), tok, max_num_seqs=16), model_name="teacher",
+                        data_dir=str(tmp_path / "server"))
     try:
         prompts = task_prompts("addition", 6, difficulty=1, seed=0)
-        stats = collect(prompts, tmp_path / "traces.jsonl", base_url=server.url, model="teacher", n=2,
+        stats = collect(prompts, tmp_path / "traces.jsonl", base_url=server.url + "/v1", model="teacher", n=2,
                         concurrency=4, temperature=0.6, max_tokens=80, timeout=60, score=score_task)
     finally:
         server.close()

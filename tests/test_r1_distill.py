@@ -17,6 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from test_dense import _randomise
 
 from seekling.engine import Engine, SamplingParams
 from seekling.model import DenseModel, load_dense, quantize_int8
@@ -69,13 +70,8 @@ def _checkpoint(path: Path, tok_files: Path, model, steer: bool = False):
     reasoning part and an answer (lm_head's row of </think> becomes 1.1x that of the 3rd greedy token, so
     </think> wins where that token would have, not before)."""
     tok = load_tokenizer(tok_files)
-    torch.manual_seed(0)
+    _randomise(model)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 1.0 if "embed" in name else 0.15)
         if steer:
             ids = torch.tensor([tok.apply_chat_template(QUESTION, tokenize=True)])
             third = model.generate(ids, do_sample=False, max_new_tokens=3)[0, -1]
