@@ -89,3 +89,10 @@ def test_invalid_params_raise_clear_errors(kw, message):
 
 def test_stop_accepts_a_string():
     assert SamplingParams(stop="END").stop_list == ["END"]
+
+
+def test_plain_greedy_is_greedy_without_penalties():
+    assert SamplingParams(temperature=0).plain_greedy
+    assert not SamplingParams(temperature=0.5).plain_greedy
+    for kw in (dict(repetition_penalty=1.1), dict(presence_penalty=0.5), dict(frequency_penalty=-0.5)):
+        assert SamplingParams(temperature=0, **kw).greedy and not SamplingParams(temperature=0, **kw).plain_greedy

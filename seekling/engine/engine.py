@@ -344,27 +344,29 @@ class Engine:
 
         # Rows to sample from: the last fed token of a sequence that reached its end, or, when
         # verifying drafts, the last token and every draft (row j predicts output position j).
-        rows, row_params, row_prompts, row_outputs = [], [], [], []
+        rows: list[int] = []
+        row_of: list[tuple[Sequence, int]] = []
         for (seq, n), o in zip(batch, offsets, strict=True):
             if seq.num_cached + n - len(seq.draft) < seq.num_tokens:
                 continue  # a prefill chunk that does not reach the end yet
             first = o + n - 1 - len(seq.draft)
             for j in range(len(seq.draft) + 1):
                 rows.append(first + j)
-                row_params.append(seq.params)
-                row_prompts.append(seq.prompt_ids)
-                row_outputs.append(seq.output_ids + seq.draft[:j])
+                row_of.append((seq, j))
         logits = self.runner.logits(hidden[rows]) if rows else None
-        probs = probs_from_logits(logits, row_params, row_prompts, row_outputs) if rows else None
-        # One batched draw for every sequence that is not verifying drafts.
-        plain, r = [], 0
-        for seq, n in batch:
-            if seq.num_cached + n - len(seq.draft) >= seq.num_tokens:
-                if not seq.draft:
-                    plain.append((r, seq.generator))
-                r += len(seq.draft) + 1
-        drawn = sample(probs[[i for i, _ in plain]], [g for _, g in plain]).tolist() if plain else []
-        drawn = dict(zip([i for i, _ in plain], drawn, strict=True))
+        # Plain greedy rows (the common case in eval and benchmarks) need only the argmax of the raw
+        # logits: one op for the batch instead of the logits processor and the sampler.
+        chosen: list[int] | dict[int, int] | None = None  # the token of each row not verifying drafts
+        probs = None
+        if rows and all(s.params.plain_greedy and not s.num_forks for s, _ in row_of):
+            chosen = logits.argmax(-1).tolist()
+        elif rows:
+            probs = probs_from_logits(logits, [s.params for s, _ in row_of], [s.prompt_ids for s, _ in row_of],
+                                      [s.output_ids + s.draft[:j] for s, j in row_of])
+            # One batched draw for every sequence that is not verifying drafts.
+            plain = [i for i, (s, _) in enumerate(row_of) if not s.draft]
+            drawn = sample(probs[plain], [row_of[i][0].generator for i in plain]).tolist() if plain else []
+            chosen = dict(zip(plain, drawn, strict=True))
 
         out: list[tuple[str, Delta]] = []
         mtp: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, first hidden row, count)
@@ -373,18 +375,19 @@ class Engine:
             start = seq.num_cached
             if start + n - len(seq.draft) < seq.num_tokens:
                 seq.num_cached += n
-                self.blocks.register(seq.block_table, seq.block_hashes, seq.tokens, seq.num_cached)
+                self._register(seq, seq.tokens)
                 mtp.append((seq, start, o, n))
                 continue
             k = len(seq.draft)
             if k:
-                tokens = self._verify(seq, probs[r:r + k + 1])
+                tokens = self._verify(seq, probs[r:r + k + 1] if probs is not None else None,
+                                      chosen[r:r + k + 1] if probs is None else None)
             else:
-                tokens = [drawn[r]]
+                tokens = [chosen[r]]
             valid = n - k + len(tokens) - 1  # fed positions whose latent stays valid
             seq.num_cached = start + valid
             seq.draft, seq.draft_probs = [], None
-            self.blocks.register(seq.block_table, seq.block_hashes, seq.tokens + tokens, seq.num_cached)
+            self._register(seq, seq.tokens + tokens)
             group = [(seq, tokens)]
             if seq.num_forks:
                 group += self._fork(seq, probs[r:r + 1])
@@ -399,6 +402,11 @@ class Engine:
         if self.speculative and mtp:
             self._draft(mtp, hidden)
         return out
+
+    def _register(self, seq: Sequence, tokens: list[int]) -> None:
+        """Remember the blocks the sequence filled completely (prefix caching), when there is a new one."""
+        if seq.num_cached // self.block_size > len(seq.block_hashes):
+            self.blocks.register(seq.block_table, seq.block_hashes, tokens, seq.num_cached)
 
     def _fork(self, parent: Sequence, probs: torch.Tensor) -> list[tuple[Sequence, list[int]]]:
         """Samples 1..n-1 of a request share the parent's prefilled prompt: share its full blocks, copy
@@ -423,9 +431,21 @@ class Engine:
         parent.num_forks = 0
         return forked
 
-    def _verify(self, seq: Sequence, p: torch.Tensor) -> list[int]:
+    def _verify(self, seq: Sequence, p: torch.Tensor | None, target: list[int] | None) -> list[int]:
         """Speculative sampling (Leviathan et al. 2023): accept draft d with prob min(1, p(d)/q(d)); on
-        rejection sample from norm(max(0, p - q)); if all are accepted add a bonus token from p."""
+        rejection sample from norm(max(0, p - q)); if all are accepted add a bonus token from p.
+        Greedy (p one-hot on the target's argmax) reduces to: accept while the draft is the argmax
+        (`target`: the argmax of each row, when the caller has it)."""
+        if seq.params.greedy:
+            target = target if target is not None else p.argmax(-1).tolist()
+            out = []
+            for j, d in enumerate(seq.draft):
+                self.num_drafted += 1
+                if d != target[j]:
+                    return out + [target[j]]
+                out.append(d)
+                self.num_accepted += 1
+            return out + [target[len(seq.draft)]]
         out = []
         for j, d in enumerate(seq.draft):
             q = seq.draft_probs[j]
@@ -446,18 +466,23 @@ class Engine:
         for seq, start, o, count in mtp:
             items.append((seq.tokens[start + 1:start + count + 1], start, seq.block_table))
             rows.extend(range(o, o + count))
-        h = self.runner.mtp(make_batch(items, self.block_size, self.device), hidden[rows])
-        drafting, last, end = [], [], 0
-        for seq, start, _, count in mtp:
-            end += count
+        # Every position writes its MTP latent; only each sequence's last one drafts (last_only).
+        h = self.runner.mtp(make_batch(items, self.block_size, self.device, last_only=True), hidden[rows])
+        drafting, last = [], []
+        for i, (seq, start, _, count) in enumerate(mtp):
             remaining = (seq.params.max_tokens or self.max_model_len) - len(seq.output_ids)
             if start + count == seq.num_tokens - 1 and remaining > 1 and seq.num_tokens < self.max_model_len:
                 drafting.append(seq)
-                last.append(end - 1)
+                last.append(i)
         if not drafting:
             return
-        q = probs_from_logits(self.runner.logits(h[last]), [s.params for s in drafting],
-                              [s.prompt_ids for s in drafting], [s.output_ids for s in drafting])
+        logits = self.runner.logits(h[last])
+        if all(s.params.plain_greedy for s in drafting):  # the draft is the MTP head's argmax
+            for seq, d in zip(drafting, logits.argmax(-1).tolist(), strict=True):
+                seq.draft = [d]
+            return
+        q = probs_from_logits(logits, [s.params for s in drafting], [s.prompt_ids for s in drafting],
+                              [s.output_ids for s in drafting])
         for i, seq in enumerate(drafting):
             seq.draft = [int(sample(q[i:i + 1], [seq.generator])[0])]
             seq.draft_probs = q[i:i + 1]

@@ -70,6 +70,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without penalties: the token is the argmax of the raw logits (no distribution needed)."""
+        return (self.temperature == 0 and self.repetition_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty)
+
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
                     outputs: list[list[int]]) -> torch.Tensor:

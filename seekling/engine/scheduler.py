@@ -49,9 +49,16 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def num_pending(self) -> int:
+        return self.num_tokens - self.num_cached + len(self.draft)
+
     def pending(self) -> list[int]:
-        """Tokens to feed: the uncached ones, then the drafts (only when nothing else is uncached)."""
-        return self.tokens[self.num_cached:] + self.draft
+        """Tokens to feed: the uncached ones, then the drafts (only when nothing else is uncached).
+        Sliced from prompt and output separately: no copy of the whole sequence on every decode step."""
+        P, c = len(self.prompt_ids), self.num_cached
+        head = self.prompt_ids[c:] + self.output_ids if c < P else self.output_ids[c - P:]
+        return head + self.draft if self.draft else head
 
 
 class Scheduler:
@@ -79,10 +86,10 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running or budget == 0:
                 continue
-            pending = len(seq.pending())
+            pending = seq.num_pending
             if pending > budget and seq.draft:  # a verify is all or nothing: drop the drafts instead
                 seq.draft, seq.draft_probs = [], None
-                pending = len(seq.pending())
+                pending = seq.num_pending
             n = min(pending, budget)
             while not self.blocks.can_grow(seq.block_table, seq.num_cached + n):
                 victim = self.running[-1]
@@ -103,7 +110,7 @@ class Scheduler:
             if not seq.block_table:  # reuse cached blocks of its prefix; keep one token to compute
                 seq.block_table, seq.block_hashes = self.blocks.match_prefix(seq.tokens, seq.num_tokens - 1)
                 seq.num_cached = len(seq.block_table) * self.blocks.block_size
-            n = min(len(seq.pending()), budget)
+            n = min(seq.num_pending, budget)
             # The forks each want a private copy of the prompt's last block(s); alone, it goes anyway
             # (a fork that finds no free block is recomputed later).
             extra = 2 * seq.num_forks if self.running else 0

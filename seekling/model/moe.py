@@ -51,6 +51,11 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, h] -> (weights [N, k] fp32, indices [N, k], scores [N, E] fp32)."""
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        return *self.route(scores), scores
+
+    def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Affinities s [N, E] -> (gate weights [N, k], expert indices [N, k]); the inference engine
+        computes s itself (from its prepared weights) and routes with this."""
         biased = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             # Group-limited routing: keep the topk_group groups whose best two experts score highest.
@@ -63,7 +68,7 @@ class Gate(nn.Module):
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale, indices, scores
+        return weights * self.route_scale, indices
 
 
 class MoE(nn.Module):
