@@ -153,7 +153,7 @@ def main() -> None:
     if not results["harvest"]["verified"]:
         raise SystemExit(f"the verifier accepted none of the teacher's {results['harvest']['samples']} answers: "
                          "train the teacher longer (--teacher-pretrain-s / --teacher-sft-s) or pass --teacher")
-    models = {"teacher (tiny, pretrain+SFT)": teacher, "student base": base,
+    models = {f"teacher ({teacher})": teacher, "student base": base,
               "student + RL (GRPO)": out / "student_rl",
               "student distilled (SFT on verified traces)": out / "student_sft"}
     stage("student_rl", lambda: rl_only(base, out / "student_rl", args.budget_s, args))

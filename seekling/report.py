@@ -168,7 +168,7 @@ def write_report(run: str | Path) -> Path:
                   "### greedy by task and level", "", format_table(stages, "greedy")]
         cells = [tuple(c) for c in results.get("rl", {}).get("cells") or []]
         if "rl" in stages and "sft" in stages:
-            lines.append(_rl_verdict(stages, cells))
+            lines.append(_rl_verdict(results.get("rl_cells_eval") or stages, cells))
     lines += ["## Plots", ""] + [f"![{m}](plots/{m})" for m in made] + [""]
     path = run / "report.md"
     from seekling.checkpoint import atomic_write_text
@@ -178,24 +178,27 @@ def write_report(run: str | Path) -> Path:
     return path
 
 
-def rl_target_accuracy(stage_result: dict[str, Any], cells: list[tuple[str, int]]) -> float | None:
-    """pass@1 over the RL target cells (all cells when none are given), weighted by problem count."""
+def rl_target_accuracy(stage_result: dict[str, Any], cells: list[tuple[str, int]],
+                       metric: str = "pass@1") -> float | None:
+    """`metric` over the RL target cells (all cells when none are given), weighted by problem count."""
     vals, n = 0.0, 0
     for task, tv in stage_result["by_task"].items():
         for lv, v in tv["by_level"].items():
             if not cells or (task, int(lv)) in cells:
-                vals += v.get("pass@1", 0.0) * v["n"]
+                vals += v.get(metric, 0.0) * v["n"]
                 n += v["n"]
     return vals / n if n else None
 
 
 def _rl_verdict(stages: dict[str, Any], cells: list[tuple[str, int]]) -> str:
     """RL's gain over SFT and over the equal-time SFT control, on the RL target cells."""
-    parts = {s: rl_target_accuracy(stages[s], cells) for s in ("sft", "sft_control", "rl") if s in stages}
+    parts = {s: rl_target_accuracy(stages[s], cells) for s in ("base", "sft", "sft_control", "rl") if s in stages}
+    greedy = {s: rl_target_accuracy(stages[s], cells, "greedy") for s in parts}
     where = ", ".join(f"{t} {lv}" for t, lv in cells)
-    text = f"### RL on its target cells ({where})\n\n"
-    text += "| stage | pass@1 on the RL cells |\n|---|---|\n"
-    text += "".join(f"| {s} | {100 * v:.1f}% |\n" for s, v in parts.items() if v is not None)
+    n = stages["rl"].get("n", 0)
+    text = f"### RL on its target cells ({where}; {n} held-out problems)\n\n"
+    text += "| stage | pass@1 on the RL cells | greedy |\n|---|---|---|\n"
+    text += "".join(f"| {s} | {100 * v:.1f}% | {100 * greedy[s]:.1f}% |\n" for s, v in parts.items() if v is not None)
     if parts.get("rl") is not None and parts.get("sft") is not None:
         text += f"\nRL − SFT: **{100 * (parts['rl'] - parts['sft']):+.1f} points**"
         if parts.get("sft_control") is not None:

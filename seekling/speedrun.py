@@ -46,15 +46,19 @@ class Recipe:
     sft_batch_size: int = 32
     sft_levels: tuple[int, ...] = (1, 2)  # (1,) alone made word-2 collapse 45% -> 8% (docs/log.md)
     sft_per_task_level: int = 4000
+    # families whose traces SFT never sees: RL learns them from the verifier alone (the issue's "point RL at
+    # what the traces do not cover"); word: its base pass@4 (80%) is far above pass@1 (45%) at level 2
+    rl_only_tasks: tuple[str, ...] = ("word",)
     rl_s: float = 180.0
     rl_levels: tuple[int, ...] = (3,)  # preferred RL targets: the level SFT's traces leave out
-    rl_lr: float = 5e-5
+    rl_lr: float = 2e-4  # step-budgeted sweep on runs/speedrun4: 5e-5 +4.5, 2e-4 +13.3, 5e-4 -4 points (docs/log.md)
     rl_eval_every: int = 15
     rl_prompts_per_step: int = 8
     rl_group_size: int = 8
     rl_min_acc: float = 0.1  # RL targets the cells where SFT's pass@1 is in [rl_min_acc, rl_max_acc]
     rl_max_acc: float = 0.75
     rl_val_n: int = 16  # validation problems per task and RL level for keeping the best RL checkpoint (0: last)
+    rl_eval_n: int = 100  # held-out problems per RL cell for the RL verdict (25 alone leave +-10 points of noise)
     r1_zero_s: float = 0.0  # the separate R1-Zero run (RL straight from base); 0 skips it
     eval_n: int = 25  # held-out problems per task and level
     eval_k: int = 4  # samples for pass@1 at T=0.6
@@ -69,7 +73,7 @@ RECIPES: dict[str, Recipe] = {
                                v_head_dim=16, n_routed_experts=4),
                     vocab_size=512, corpus_per_task=600, seq_len=256, batch_size=8, pretrain_s=25, sft_s=10,
                     sft_per_task_level=100, sft_batch_size=8, rl_s=10, rl_prompts_per_step=4, rl_group_size=4,
-                    rl_val_n=0, r1_zero_s=0, eval_n=3, eval_k=2, max_new_tokens=48),
+                    rl_val_n=0, rl_eval_n=4, r1_zero_s=0, eval_n=3, eval_k=2, max_new_tokens=48),
     # <= 30 minutes on 2 CPU cores.
     "default": Recipe(r1_zero_s=0.0),
 }
@@ -109,11 +113,12 @@ def pretrain_documents(n_per_task: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def sft_messages(levels: tuple[int, ...], n_per_task_level: int, seed: int = 1) -> list[list[dict[str, str]]]:
+def sft_messages(levels: tuple[int, ...], n_per_task_level: int, seed: int = 1,
+                 tasks: list[str] | None = None) -> list[list[dict[str, str]]]:
     from seekling.tasks import TASKS, sample_problems
 
     out = []
-    for task in sorted(TASKS):
+    for task in tasks or sorted(TASKS):
         for lv in levels:
             out += [p.messages(with_trace=True) for p in sample_problems(task, n_per_task_level, "train", lv, seed)]
     random.Random(seed).shuffle(out)
@@ -165,6 +170,8 @@ class Speedrun:
         self.stage("sft_control", self.sft_control)
         self.stage("eval_rl", lambda: self.evaluate("rl"))
         self.stage("eval_sft_control", lambda: self.evaluate("sft_control"))
+        if r.rl_eval_n:
+            self.stage("eval_rl_cells", self.evaluate_rl_cells)
         # the main job's time (without R1-Zero), summed over stages so that resumed runs count right
         times = self.results["stage_time_s"]
         self.results["wall_time_s"] = round(sum(v for k, v in times.items() if k != "r1_zero"), 1)
@@ -229,7 +236,8 @@ class Speedrun:
         from seekling.train.trainer import TrainConfig, train
 
         r, tok = self.recipe, self.tokenizer()
-        samples = [tok.encode_sft(m) for m in sft_messages(r.sft_levels, r.sft_per_task_level, seed=seed)]
+        samples = [tok.encode_sft(m) for m in sft_messages(r.sft_levels, r.sft_per_task_level, seed=seed,
+                                                           tasks=self.sft_tasks())]
         data = SFTDataset(samples, r.seq_len, pad_id=tok.pad_token_id)
         loader = BatchLoader(data, r.sft_batch_size, seed=seed)
         model = load_pretrained(src)
@@ -240,6 +248,14 @@ class Speedrun:
         tok.save_pretrained(dst)
         self.results[dst.name] = summary
         return summary
+
+    def sft_tasks(self) -> list[str]:
+        from seekling.tasks import TASKS
+
+        unknown = set(self.recipe.rl_only_tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"rl_only_tasks: unknown task(s) {sorted(unknown)}; choose from {sorted(TASKS)}")
+        return [t for t in sorted(TASKS) if t not in self.recipe.rl_only_tasks]
 
     def rl(self) -> None:
         from seekling.tasks import TASKS
@@ -261,16 +277,17 @@ class Speedrun:
     def rl_cells(self) -> list[tuple[str, int]]:
         """Where RL can learn: the (task, level) cells on which the SFT model's held-out pass@1 lies in
         [rl_min_acc, rl_max_acc] — a group of G samples then usually holds a right and a wrong answer.
-        The harder levels (rl_levels, which SFT's traces leave out) come first; the other levels only
-        when none of those qualifies."""
+        What SFT's traces leave out comes first: the RL-only families, then the harder levels
+        (rl_levels); the cells SFT trained on only when none of those qualifies."""
         r = self.recipe
         sft = self.results["stages"].get("sft", {}).get("by_task", {})
         ok = [(t, int(lv)) for t, v in sorted(sft.items()) for lv, c in v["by_level"].items()
               if r.rl_min_acc <= c.get("pass@1", 0.0) <= r.rl_max_acc]
-        preferred = [c for c in ok if c[1] in r.rl_levels]
+        rl_only = [c for c in ok if c[0] in r.rl_only_tasks]
+        harder = [c for c in ok if c[1] in r.rl_levels]
         from seekling.tasks import TASKS
 
-        return preferred or ok or [(t, lv) for t in sorted(TASKS) for lv in r.rl_levels]
+        return rl_only or harder or ok or [(t, lv) for t in sorted(TASKS) for lv in r.rl_levels]
 
     def validation_fn(self, cells: list[tuple[str, int]], n: int):
         """Greedy accuracy on validation problems for keeping RL's best checkpoint. They come from the
@@ -311,6 +328,24 @@ class Speedrun:
         self.results["stages"][stage] = result
         print(f"{stage}: greedy {result['greedy']:.3f}  pass@1 {result.get('pass@1', 0):.3f}  "
               f"({result['eval_time_s']:.0f}s)")
+
+    def evaluate_rl_cells(self) -> None:
+        """RL's verdict on its own cells, on rl_eval_n held-out problems per cell (the overview's eval_n
+        per cell is too few to see a 10-point change): base, SFT, the equal-time control and RL, same problems."""
+        from seekling.engine import Engine
+        from seekling.eval import evaluate
+        from seekling.tasks import sample_problems
+
+        r = self.recipe
+        cells = [tuple(c) for c in self.results["rl"]["cells"]]
+        problems = [p for t, lv in cells for p in sample_problems(t, r.rl_eval_n, "test", lv, seed=0)]
+        out = {}
+        with one_thread():
+            for stage in ("base", "sft", "sft_control", "rl"):
+                out[stage] = evaluate(Engine(self.out / stage, max_num_seqs=128), problems, k=r.eval_k,
+                                      max_tokens=r.max_new_tokens)
+                print(f"{stage} on the RL cells: greedy {out[stage]['greedy']:.3f}  pass@1 {out[stage]['pass@1']:.3f}")
+        self.results["rl_cells_eval"] = out
 
     def report(self) -> None:
         from seekling.report import write_report
