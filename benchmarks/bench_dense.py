@@ -3,12 +3,15 @@
 A random ~120M-parameter Qwen2 (hidden 768, 12 layers, 12 heads / 2 KV heads, intermediate 2048,
 vocab 32000) is saved with `save_pretrained` and loaded back by both sides. Each variant decodes
 the same prompt greedily; the greedy tokens are compared, the best of a few runs is kept, and the
-ratio to transformers in the same dtype is printed (int8 is compared with transformers fp32).
+ratio to transformers in the same dtype is printed (int8 is compared with transformers fp32). int8 is
+`quantize_int8` (seekling/model/quant.py: 8-bit per-token activations x 7-bit per-channel weights in fbgemm's
+int8 GEMM), what `Engine(..., quantize="int8")` and `seekling serve --quantize int8` run.
 The "engine" variants run the same models through seekling's serving engine (paged per-KV-head cache,
 continuous batching machinery, sampler, one request), so they show its per-step overhead over the
-plain contiguous-cache loop.
+plain contiguous-cache loop; the "xN" rows serve --batch requests at once (total tokens/s).
 
-    PYTHONPATH=. python benchmarks/bench_dense.py [--new-tokens 64] [--repeats 3]   (or pip install -e .)
+    PYTHONPATH=. python benchmarks/bench_dense.py [--new-tokens 64] [--repeats 3] [--threads 1] [--batch 8]
+    (or pip install -e .)
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ def seekling_greedy(model: DenseModel, ids: torch.Tensor, n: int) -> list[int]:
     return torch.cat(out, 1)[0].tolist()
 
 
-def engine_greedy(model: DenseModel, ids: torch.Tensor, n: int) -> list[int]:
+def engine_greedy(model: DenseModel, prompts: list[list[int]], n: int) -> list[int]:
+    """All prompts decode together (one batched step per token); returns the first prompt's tokens."""
     # a fresh engine per run: a reused one would find the prompt in its prefix cache
-    engine = Engine(model, max_num_seqs=1, block_size=16, cache_blocks=-(-(ids.shape[1] + n) // 16))
+    blocks = len(prompts) * -(-(len(prompts[0]) + n) // 16)
+    engine = Engine(model, max_num_seqs=len(prompts), block_size=16, cache_blocks=blocks)
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    return engine.generate([ids[0].tolist()], params)[0].token_ids
+    return engine.generate(prompts, params)[0].token_ids
 
 
 @torch.inference_mode()
@@ -61,6 +66,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--batch", type=int, default=8, help="concurrent requests of the batched engine rows")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,6 +74,9 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     n = args.new_tokens
     ids = torch.randint(0, CONFIG["vocab_size"], (1, args.prompt_tokens))
+    others = torch.randint(0, CONFIG["vocab_size"], (args.batch - 1, args.prompt_tokens),
+                           generator=torch.Generator().manual_seed(1))  # own generator: the weights stay as before
+    batch = [ids[0].tolist()] + others.tolist()
     with tempfile.TemporaryDirectory() as tmp:
         ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**CONFIG))
         with torch.no_grad():  # wider init than 0.02 so greedy paths depend on the weights
@@ -85,7 +94,8 @@ def main() -> None:
                 "int8": quantize_int8(load_dense(tmp, dtype="float32"))}
     runs = {"transformers " + k: (lambda m=m: hf_greedy(m, ids, n)) for k, m in hf.items()}
     runs |= {"seekling " + k: (lambda m=m: seekling_greedy(m, ids, n)) for k, m in ours.items()}
-    runs |= {"engine " + k: (lambda m=ours[k]: engine_greedy(m, ids, n)) for k in ("float32", "int8")}
+    runs |= {"engine " + k: (lambda m=ours[k]: engine_greedy(m, batch[:1], n)) for k in ("float32", "int8")}
+    runs |= {f"engine {k} x{args.batch}": (lambda m=ours[k]: engine_greedy(m, batch, n)) for k in ("float32", "int8")}
     for fn in runs.values():
         fn()  # warm-up (allocator, kernels)
     # round-robin over the variants and keep each one's best run, so load from other processes on a
@@ -102,12 +112,14 @@ def main() -> None:
     base = {k: results["transformers " + k][:2] for k in ("float32", "bfloat16")}
     ref_tokens = results["transformers float32"][2]
     print(f"{'variant':24s} {'tokens/s':>9s} {'ratio':>6s} {'CPU tokens/s':>13s} {'ratio':>6s} "
-          f"{'same greedy tokens':>19s}   (ratio: vs transformers in the same dtype; int8 vs float32)")
+          f"{'same greedy tokens':>19s}   (ratio: vs transformers in the same dtype at batch 1; int8 vs float32;")
+    print(f"{'':78s}xN rows: total tokens/s of N requests, tokens of the first)")
     for name, (wall, cpu, tokens) in results.items():
         base_wall, base_cpu = base.get(name.split()[1], base["float32"])
         same = sum(a == b for a, b in zip(tokens, ref_tokens, strict=True))
-        print(f"{name:24s} {n / wall:9.1f} {base_wall / wall:5.2f}x {n / cpu:13.1f} {base_cpu / cpu:5.2f}x "
-              f"{same:>14d}/{n}")
+        count = n * (args.batch if name.endswith(f"x{args.batch}") else 1)
+        print(f"{name:24s} {count / wall:9.1f} {base_wall / wall * count / n:5.2f}x {count / cpu:13.1f} "
+              f"{base_cpu / cpu * count / n:5.2f}x {same:>14d}/{n}")
 
 if __name__ == "__main__":
     main()

@@ -228,18 +228,82 @@ def test_memory_refusal(llama, tmp_path):
         load_dense(bf16, dtype="float32", max_memory_gb=cap_gb)
 
 
+def _int8_error_bound(q: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """Worst case |q(x) - x @ W^T| per output for fp32 W: W x - Wq xq = Wq (x - xq) + (W - Wq) x, where each
+    weight is off by at most scale/2 and each activation by at most one step of its row's 8-bit range
+    (half a step of rounding, plus up to half a step where fbgemm nudges the zero point to an integer)."""
+    w_deq = q.weight_int8.float() * q.scale[:, None]
+    step = (x.clamp(min=0).amax(-1, keepdim=True) - x.clamp(max=0).amin(-1, keepdim=True)) / 255
+    return step * w_deq.abs().sum(1) + x.abs().sum(-1, keepdim=True) * q.scale / 2 + 1e-5
+
+
 def test_int8_linear_error_bound():
     torch.manual_seed(0)
-    for k in (64, 70):  # 70: not a multiple of 8, takes the dequantised path
-        lin = torch.nn.Linear(k, 48)
+    for k, bias in ((64, True), (70, False), (1000, True)):  # any width works: no multiple-of-8 restriction
+        lin = torch.nn.Linear(k, 48, bias=bias)
         q = Int8Linear(lin)
         deq = q.weight_int8.float() * q.scale[:, None]
+        assert q.weight_int8.abs().max() <= 63  # 7-bit weights: fbgemm's AVX2 int16 pair sums cannot saturate
         assert (deq - lin.weight).abs().max() <= q.scale.max() / 2 + 1e-7
-        for rows in (1, 40):  # fused kernel (decode) and dequantised GEMM (prefill)
-            x = torch.randn(rows, k)
+        for rows in (1, 5, 40):  # one decode row (kernel's own range), several rows (affinely normalised)
+            x = torch.randn(rows, k) + 0.5 * torch.randn(rows, 1)  # rows with different offsets and ranges
             with torch.no_grad():
-                err = (q(x) - lin(x)).abs().max() / lin(x).abs().max()
-            assert err < 0.02
+                y, ref = q(x), lin(x)
+            assert ((y - ref).abs() <= _int8_error_bound(q, x)).all()
+            assert (y - ref).abs().max() < 0.02 * ref.abs().max()  # the bound is loose; typical error ~1%
+
+
+def test_int8_rows_are_batch_invariant():
+    """Several rows are each quantised over their own range, so a row's result does not depend on the
+    other rows in the call (prefill rows = decode rows), and it matches the row alone within the bound."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(256, 96)
+    q = Int8Linear(lin)
+    x = torch.randn(12, 256) * torch.rand(12, 1) * 4 + torch.randn(12, 1)
+    with torch.no_grad():
+        full = q(x)
+        for seed in range(20):  # the row in other company
+            others = torch.randn(7, 256, generator=torch.Generator().manual_seed(seed)) * (seed + 1)
+            assert torch.equal(q(torch.cat([others[:seed % 7], x[3:4], others]))[seed % 7], full[3])
+        alone = torch.cat([q(row[None]) for row in x])
+        assert ((alone - full).abs() <= 2 * _int8_error_bound(q, x)).all()
+        assert q(x[None, :4].expand(2, 4, 256)).shape == (2, 4, 96)  # leading dims are kept
+
+
+def test_int8_outlier_channels_are_not_quantised():
+    """A row whose channel is 300x the rest would quantise every other channel to a few levels; down_proj
+    (guard_outliers) multiplies such channels unquantised, leaving only the weights' own error."""
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(1024, 64)
+    with torch.no_grad():
+        lin.weight[:, 7] /= 100  # a massive channel paired with small weights (so it does not dominate y)
+    x = torch.randn(3, 1024)
+    x[1, 7] = 300.0
+    guarded, plain = Int8Linear(lin, guard_outliers=True), Int8Linear(lin)
+    with torch.no_grad():
+        weight_only = x @ (guarded.weight_int8.float() * guarded.scale[:, None]).T + lin.bias
+        ref = lin(x)
+        for rows in ([0, 1, 2], [1]):  # with other rows, and alone (decode)
+            assert (guarded(x[rows]) - weight_only[rows]).abs().max() < 0.02 * ref.abs().max()
+        assert (plain(x)[1] - ref[1]).abs().max() > 0.2 * ref[1].abs().max()  # what the guard prevents
+        assert torch.equal(guarded(x[[0, 2]]), plain(x[[0, 2]]))  # rows without outliers: the plain path
+        assert guarded(x[:0]).shape == (0, 64)
+
+
+def test_int8_linear_survives_copies():
+    """fbgemm's packed weights are an opaque handle; deepcopy and pickle rebuild it."""
+    import copy
+    import io
+
+    lin = torch.nn.Linear(40, 24)
+    q = Int8Linear(lin)
+    x = torch.randn(3, 40)
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(q), torch.load(buf, weights_only=False)):
+        assert torch.equal(other(x), q(x))
+    assert "packed" not in q.state_dict()
 
 
 def test_int8_model_decode_tracks_fp32(llama):
@@ -250,10 +314,38 @@ def test_int8_model_decode_tracks_fp32(llama):
         full = model(ids)
         quantize_int8(model)
         assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 7 + 1
+        assert [n for n, m in model.named_modules() if getattr(m, "guard_outliers", False)] == [
+            f"model.layers.{i}.mlp.down_proj" for i in range(2)]
         cache = model.new_cache(1, 32)
         steps = [model(ids[:, :16], torch.arange(16)[None], cache)]
         for t in range(16, 24):
             steps.append(model(ids[:, t:t + 1], torch.tensor([[t]]), cache))
+        bf16 = quantize_int8(load_dense(path, dtype="bfloat16"))(ids)  # bf16 activations in, bf16 out
     q = torch.cat(steps, dim=1)
-    assert (q - full).abs().max() <= 0.05 * full.abs().max()
-    assert (q.argmax(-1) == full.argmax(-1)).float().mean() >= 0.8
+    # measured 5.1% / 5.4% (bf16) of the largest logit, 23 of 24 top-1: at width 64 the ~1% per-layer
+    # error of 7-bit weights x 8-bit activations compounds over 2 layers with no averaging over wide rows
+    assert (q - full).abs().max() <= 0.08 * full.abs().max()
+    assert (q.argmax(-1) == full.argmax(-1)).float().mean() >= 0.85
+    assert bf16.dtype == torch.bfloat16 and (bf16.float() - full).abs().max() <= 0.08 * full.abs().max()
+
+
+def test_int8_engine_greedy_tracks_fp32(qwen2):
+    """Through the serving engine (paged cache, prefill then one row per step): the int8 model's greedy
+    tokens, and its teacher-forced top-1 on the fp32 model's greedy continuation."""
+    from seekling.engine import Engine, SamplingParams
+
+    path, _ = qwen2
+    prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 20)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    fp32 = Engine(load_dense(path, dtype="float32"), max_num_seqs=2).generate(prompts, params)
+    int8 = Engine(load_dense(path, dtype="float32"), quantize="int8", max_num_seqs=2)
+    assert all(isinstance(int8.model.get_submodule(n), Int8Linear) for n in ("lm_head", "model.layers.0.mlp.down_proj"))
+    got = int8.generate(prompts, params)
+    seqs = [torch.tensor(o.prompt_token_ids + o.outputs[0].token_ids) for o in fp32]
+    with torch.no_grad():
+        agree = torch.cat([int8.model(s[None])[0, len(p) - 1:-1].argmax(-1) == s[len(p):]
+                           for s, p in zip(seqs, prompts, strict=True)]).float().mean()
+    assert agree >= 0.9  # measured 46/48: at vocab 128 and width 64 near-ties flip
+    # greedy runs on its own: the first tokens agree, then a flipped near-tie makes the paths diverge
+    assert [len(o.outputs[0].token_ids) for o in got] == [24, 24]
+    assert all(g.outputs[0].token_ids[:4] == f.outputs[0].token_ids[:4] for g, f in zip(got, fp32, strict=True))

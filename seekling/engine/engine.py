@@ -105,7 +105,7 @@ class Engine:
                  dtype: str | torch.dtype | None = None, quantize: str | None = None,
                  max_memory_gb: float | None = None):
         """From a directory, `dtype` ("float32", "bfloat16"/"bf16", ...; default: the loader's choice),
-        `quantize="int8"` (dense models: int8 weight-only Linear layers) and `max_memory_gb` (refuse
+        `quantize="int8"` (dense models: int8 Linear layers, seekling.model.quant) and `max_memory_gb` (refuse
         weights that would not fit) apply to the load; the generation defaults of the checkpoint's
         generation_config.json end up in `generation_defaults` (for the server; `generate` does not
         apply them) and its eos ids all stop a sequence."""
