@@ -58,7 +58,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda if available, else cpu
     compile: bool = False
-    peak_flops: float | None = None  # for MFU; None: a measured fp32 matmul on CPU, 312e12 on CUDA (A100 bf16)
+    peak_flops: float | None = None  # for MFU; None: the CPU's fp32 peak (cpu_peak_flops), 312e12 on CUDA (A100 bf16)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd"):
@@ -236,7 +236,7 @@ def train(
         n_params = mcfg.num_parameters(include_mtp=mtp_trained, active=True) - mcfg.vocab_size * mcfg.hidden_size
     else:
         n_params = sum(p.numel() for n, p in raw.named_parameters() if "embed" not in n)
-    peak = cfg.peak_flops or (312e12 if use_cuda else measured_matmul_flops())
+    peak = cfg.peak_flops or (312e12 if use_cuda else cpu_peak_flops())
 
     def evaluate() -> float:
         raw.eval()
@@ -397,20 +397,27 @@ def train(
             "stopped": stop_reason, "history": history}
 
 
-def measured_matmul_flops(sizes: tuple[int, ...] = (384, 512, 1024), tries: int = 3) -> float:
-    """This CPU's fp32 matmul FLOP/s with the current thread count: the MFU denominator, measured
-    (~0.2 s) rather than assumed, since CPUs differ by an order of magnitude. The best of several sizes
-    and tries: one timing on a shared machine, or one size the BLAS handles badly, reads low and
-    would push MFU over 100%."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b  # warm-up
-        for _ in range(tries):
-            t0 = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
+def cpu_peak_flops() -> float:
+    """This CPU's fp32 peak FLOP/s for the threads torch uses: the MFU denominator. From /proc/cpuinfo
+    (clock x FMA width: AVX-512 64, AVX2+FMA 32, else 16 FLOP per cycle per core) where Linux has it;
+    a measured matmul rather would read low on a shared machine and put MFU over 100%. Elsewhere, the
+    best of a few timed matmuls."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        mhz = max(float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz"))
+        flags = set(next(line for line in info.splitlines() if line.startswith("flags")).split(":")[1].split())
+        per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16
+        return torch.get_num_threads() * mhz * 1e6 * per_cycle
+    except (OSError, ValueError, IndexError, StopIteration):
+        best = 0.0
+        for n in (384, 512, 1024):
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            a @ b  # warm-up
+            for _ in range(3):
+                t0 = time.perf_counter()
+                a @ b
+                best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+        return best
 
 
 def _fmt_time(seconds: float) -> str:
