@@ -91,6 +91,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def stop_if_interrupted(summary: dict[str, Any]) -> None:
+    """The trainer answers Ctrl-C / SIGTERM by saving and returning; the speedrun must then stop too,
+    not mark the stage done and go on with a half-trained model."""
+    if summary.get("stopped") == "interrupted":
+        raise SystemExit("[speedrun] interrupted: the stage's state is saved; re-run the same command to resume")
+
+
 def pretrain_documents(n_per_task: int, seed: int = 0) -> list[str]:
     """The pretraining corpus: solved training problems of every family and level, written as
     DeepSeek-R1 chat transcripts, with a share in the R1-Zero plain-text template so that a base
@@ -224,6 +231,7 @@ class Speedrun:
                          log_every=25)
         summary = train(model, loader, tc, self.out / "base", self.out / "train_state" / "base",
                         eval_batches=held, resume=True)
+        stop_if_interrupted(summary)
         tok.save_pretrained(self.out / "base")
         self.results["pretrain"] = {**summary, "params": model.num_parameters()}
 
@@ -245,6 +253,7 @@ class Speedrun:
         tc = TrainConfig(max_steps=100_000, time_budget_s=budget_s, lr=lr, min_lr=lr / 20, warmup_steps=warmup,
                          schedule="cosine", checkpoint_every=200, log_every=25, seed=seed)
         summary = train(model, loader, tc, dst, self.out / "train_state" / dst.name, resume=True)
+        stop_if_interrupted(summary)
         tok.save_pretrained(dst)
         self.results[dst.name] = summary
         return summary

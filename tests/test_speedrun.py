@@ -97,3 +97,15 @@ def test_bad_input_is_a_clear_error(tmp_path):
     bad.write_text('{"text": "fine"}\n{oops\n')
     proc = seekling_cli("tokenizer", "--out", str(tmp_path / "tok"), "--input", str(bad), timeout=120)
     assert proc.returncode == 2 and "bad.jsonl:2" in proc.stderr
+
+
+def test_interrupted_stage_is_not_marked_done(tmp_path):
+    """Ctrl-C makes the trainer save and return; the speedrun must stop, and a re-run redo that stage."""
+    from seekling.speedrun import Speedrun, stop_if_interrupted
+
+    run = Speedrun(tmp_path / "run", "smoke")
+    with pytest.raises(SystemExit, match="re-run the same command"):
+        run.stage("sft", lambda: stop_if_interrupted({"stopped": "interrupted"}))
+    assert "sft" not in run.results.get("done", [])
+    run.stage("sft", lambda: stop_if_interrupted({"stopped": "time_budget"}))
+    assert "sft" in json.loads((tmp_path / "run" / "results.json").read_text())["done"]
