@@ -203,5 +203,7 @@ def _rl_verdict(stages: dict[str, Any], cells: list[tuple[str, int]]) -> str:
         text += f"\nRL − SFT: **{100 * (parts['rl'] - parts['sft']):+.1f} points**"
         if parts.get("sft_control") is not None:
             text += f"; RL − SFT control (same wall time): **{100 * (parts['rl'] - parts['sft_control']):+.1f} points**"
+        if parts.get("base") is not None:  # says whether RL added a skill or restored one SFT had cost
+            text += f"; RL − base: {100 * (parts['rl'] - parts['base']):+.1f} points"
         text += ".\n"
     return text
