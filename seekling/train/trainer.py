@@ -386,6 +386,8 @@ def train(
         if eval_batches is not None and (not cfg.eval_every or step % cfg.eval_every):
             last_eval = evaluate()
         save()
+        if world > 1:  # the others wait for rank 0's save: a rank tearing gloo down mid-save aborted (CI)
+            dist.barrier()
         log(f"{stop_reason} at step {step}: saved the model to {out_dir}, the training state to {state_dir}")
     finally:
         for sig, handler in prev_handlers.items():
