@@ -326,35 +326,33 @@ class Speedrun:
             self.results["r1_zero"] = train_rl(self.out / "base", self.out / "r1_zero",
                                                self.out / "train_state" / "r1_zero", cfg, tasks=sorted(TASKS))
 
-    def evaluate(self, stage: str) -> None:
+    def score(self, stage: str, problems: list, label: str = "") -> dict[str, Any]:
+        """Held-out scores of one stage's model (greedy, and pass@1 over eval_k samples)."""
         from seekling.engine import Engine
-        from seekling.eval import eval_problems, evaluate
+        from seekling.eval import evaluate
 
         r = self.recipe
-        engine = Engine(self.out / stage, max_num_seqs=128)
         with one_thread():
-            result = evaluate(engine, eval_problems(r.eval_n), k=r.eval_k, max_tokens=r.max_new_tokens)
-        self.results["stages"][stage] = result
-        print(f"{stage}: greedy {result['greedy']:.3f}  pass@1 {result.get('pass@1', 0):.3f}  "
+            result = evaluate(Engine(self.out / stage, max_num_seqs=128), problems, k=r.eval_k,
+                              max_tokens=r.max_new_tokens)
+        print(f"{stage}{label}: greedy {result['greedy']:.3f}  pass@1 {result.get('pass@1', 0):.3f}  "
               f"({result['eval_time_s']:.0f}s)")
+        return result
+
+    def evaluate(self, stage: str) -> None:
+        from seekling.eval import eval_problems
+
+        self.results["stages"][stage] = self.score(stage, eval_problems(self.recipe.eval_n))
 
     def evaluate_rl_cells(self) -> None:
         """RL's verdict on its own cells, on rl_eval_n held-out problems per cell (the overview's eval_n
         per cell is too few to see a 10-point change): base, SFT, the equal-time control and RL, same problems."""
-        from seekling.engine import Engine
-        from seekling.eval import evaluate
         from seekling.tasks import sample_problems
 
-        r = self.recipe
         cells = [tuple(c) for c in self.results["rl"]["cells"]]
-        problems = [p for t, lv in cells for p in sample_problems(t, r.rl_eval_n, "test", lv, seed=0)]
-        out = {}
-        with one_thread():
-            for stage in ("base", "sft", "sft_control", "rl"):
-                out[stage] = evaluate(Engine(self.out / stage, max_num_seqs=128), problems, k=r.eval_k,
-                                      max_tokens=r.max_new_tokens)
-                print(f"{stage} on the RL cells: greedy {out[stage]['greedy']:.3f}  pass@1 {out[stage]['pass@1']:.3f}")
-        self.results["rl_cells_eval"] = out
+        problems = [p for t, lv in cells for p in sample_problems(t, self.recipe.rl_eval_n, "test", lv, seed=0)]
+        self.results["rl_cells_eval"] = {stage: self.score(stage, problems, " on the RL cells")
+                                         for stage in ("base", "sft", "sft_control", "rl")}
 
     def report(self) -> None:
         from seekling.report import write_report
