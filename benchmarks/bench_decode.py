@@ -61,8 +61,10 @@ def rates(n: int, *runs: Best) -> str:
 
 
 def hf_generate(hf, prompts: torch.Tensor, new: int) -> tuple[torch.Tensor, object]:
-    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
-                      min_new_tokens=new, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    # No eos for transformers (the engine's ignore_eos): every sequence runs `new` tokens, and eos can still be
+    # chosen (min_new_tokens would forbid it, and the greedy sequences of a trained model would differ).
+    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, do_sample=False,
+                      return_dict_in_generate=True, pad_token_id=0)
     return out.sequences[:, prompts.shape[1]:], out.past_key_values
 
 
@@ -144,6 +146,7 @@ def main() -> None:
         weights = f"trained checkpoint {path}"
     model = seekling.load_pretrained(path).eval()
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
     cfg = model.config
     print(f"# bench_decode  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  cpu: {cpu_model()}  "
           f"threads: {args.threads}  torch {torch.__version__}")
@@ -154,23 +157,33 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, cfg.vocab_size, (args.batch, args.prompt), generator=g)
     engine = Engine(model, max_num_seqs=args.batch)
+    # compile=True: a lone sequence's decode step as one compiled graph (batch 1 only; batches run eager).
+    compiled = Engine(model, max_num_seqs=args.batch, compile=True)
     spec = Engine(model, max_num_seqs=args.batch, speculative=True) if cfg.num_nextn_predict_layers > 0 else None
     tasks = task_prompts(args.batch) if has_tokenizer(path) else None
     with torch.inference_mode():
         engine_generate(engine, prompts[:2, :8], 4)  # warm-up
+        engine_generate(compiled, prompts[:1, :8], 4)  # compiles (once; torch caches it on disk)
         hf_generate(hf, prompts[:2, :8], 4)
         print("# tokens/s of CPU time (wall-clock in brackets); speed-ups on CPU time (wall in brackets)")
         for bs in (1, args.batch):
             p = prompts[:bs]
-            t_hf, t_se = Best(), Best()
-            for _ in range(args.repeat):  # interleaved, so both see the same machine load
+            t_hf, t_se, t_co = Best(), Best(), Best()
+            for _ in range(args.repeat):  # interleaved, so all see the same machine load
                 hf_tokens, past = t_hf.time(hf_generate, hf, p, args.new)
                 se_tokens = t_se.time(engine_generate, engine, p, args.new)
+                if bs == 1:
+                    co_tokens = t_co.time(engine_generate, compiled, p, args.new)
             n = bs * args.new
             same = sum(a == b for a, b in zip(hf_tokens.tolist(), se_tokens, strict=True))
             print(f"batch {bs:3d}: transformers / seekling {rates(n, t_hf, t_se)} tok/s | "
                   f"speed-up x{t_hf.cpu / t_se.cpu:.2f} (x{t_hf.wall / t_se.wall:.2f} wall) | "
                   f"identical greedy sequences {same}/{bs}")
+            if bs == 1:
+                same = sum(a == b for a, b in zip(hf_tokens.tolist(), co_tokens, strict=True))
+                print(f"batch   1: seekling compile=True {rates(n, t_co)} tok/s | speed-up over transformers "
+                      f"x{t_hf.cpu / t_co.cpu:.2f} (x{t_hf.wall / t_co.wall:.2f} wall) | identical greedy "
+                      f"sequences {same}/1")
         if spec is not None:
             text_engine = text_spec = None
             if tasks is not None:  # the same model with its tokenizer, to render the chat prompts

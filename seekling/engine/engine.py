@@ -34,6 +34,7 @@ from seekling.engine.cache import (
 )
 from seekling.engine.dense_runner import DenseRunner
 from seekling.engine.detok import IncrementalDecoder, TextStream, prompt_opens_think
+from seekling.engine.graph import CompiledDecode
 from seekling.engine.runner import Runner, make_batch
 from seekling.engine.sampling import SamplingParams, probs_from_logits, sample, token_logprobs, uniform
 from seekling.engine.scheduler import Scheduler, Sequence
@@ -103,12 +104,14 @@ class Engine:
                  block_size: int = 16, device: str | torch.device | None = None, speculative: bool = False,
                  num_speculative_tokens: int = 1, cache_memory: int = 256 * 2**20,
                  dtype: str | torch.dtype | None = None, quantize: str | None = None,
-                 max_memory_gb: float | None = None):
+                 max_memory_gb: float | None = None, compile: bool = False):
         """From a directory, `dtype` ("float32", "bfloat16"/"bf16", ...; default: the loader's choice),
         `quantize="int8"` (dense models: int8 Linear layers, seekling.model.quant) and `max_memory_gb` (refuse
         weights that would not fit) apply to the load; the generation defaults of the checkpoint's
         generation_config.json end up in `generation_defaults` (for the server; `generate` does not
-        apply them) and its eos ids all stop a sequence."""
+        apply them) and its eos ids all stop a sequence. `compile=True` runs a lone sequence's decode step
+        as one torch.compile'd graph (engine/graph.py: ~1.7x faster at batch 1; the first such step
+        compiles, ~20 s, cached on disk by torch for later processes)."""
         self.generation_defaults: dict[str, Any] = {}
         if quantize not in (None, "int8"):
             raise ValueError(f"unknown quantize={quantize!r}: only 'int8' (or None)")
@@ -174,6 +177,10 @@ class Engine:
         self.blocks = BlockManager(cache_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.runner = DenseRunner(model, self.kv, block_size) if self.dense else Runner(model, self.kv, block_size)
+        if compile and (self.dense or not CompiledDecode.supports(self.runner)):
+            raise ValueError("compile=True is for seekling's DeepSeek-V3 models in float32 without "
+                             "group-limited routing (n_group = 1); run this one with compile=False")
+        self.compiled = CompiledDecode(self.runner) if compile else None
         # Every eos id stops a sequence: the tokenizer's, and the checkpoint's (generation_config.json may
         # list several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>).
         if self.dense:
@@ -340,7 +347,10 @@ class Engine:
             items.append((seq.pending()[:n], seq.num_cached, seq.block_table))
             offsets.append(off)
             off += n
-        hidden = self.runner.forward(make_batch(items, self.block_size, self.device))
+        if self.compiled is not None and len(items) == 1 and len(items[0][0]) == 1:
+            hidden = self.compiled.step(items[0][0][0], items[0][1], items[0][2])  # a lone sequence decoding
+        else:
+            hidden = self.runner.forward(make_batch(items, self.block_size, self.device))
 
         # Rows to sample from: the last fed token of a sequence that reached its end, or, when
         # verifying drafts, the last token and every draft (row j predicts output position j).

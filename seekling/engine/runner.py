@@ -131,7 +131,9 @@ class FFNWeights:
     w2: torch.Tensor  # [h, I]
     moe: MoE | None = None  # routing settings are read from the module
     gate: torch.Tensor | None = None  # the router [E, h], fp32
-    experts13: list[torch.Tensor] | None = None  # per expert [2I, h] (views of one stacked tensor)
+    experts13_all: torch.Tensor | None = None  # the routed experts' [E, 2I, h], stacked
+    experts2_all: torch.Tensor | None = None  # [E, h, I]
+    experts13: list[torch.Tensor] | None = None  # per expert [2I, h] (views of the stacked tensor)
     experts2: list[torch.Tensor] | None = None  # per expert [h, I]
     experts2_t: list[torch.Tensor] | None = None  # per expert [I, h] (transposed views, for addmm)
     bias: list[float] | None = None  # e_score_correction_bias, for routing a few tokens in Python
@@ -182,7 +184,8 @@ def fuse_ffn(mlp: MLP | MoE, post_norm: Norm) -> FFNWeights:
     experts13 = torch.stack([cat(e) for e in mlp.experts])
     experts2 = torch.stack([e.down_proj.weight for e in mlp.experts]).detach()
     return FFNWeights(cat(mlp.shared_experts), mlp.shared_experts.down_proj.weight.detach(), mlp,
-                      fold(mlp.gate.weight.detach().float(), post_norm), list(experts13), list(experts2),
+                      fold(mlp.gate.weight.detach().float(), post_norm), experts13, experts2,
+                      list(experts13), list(experts2),
                       [w.t() for w in experts2], mlp.gate.e_score_correction_bias.tolist())
 
 
