@@ -126,7 +126,7 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--compile", action="store_true",
-                   help="run a lone sequence's decode step as one compiled graph (~1.6x tokens/s; compiles ~20 s once)")
+                   help="decode steps as one compiled graph (1.6x tokens/s alone; compiles ~30 s the first time)")
 
 
 def _engine_and_params(args: argparse.Namespace):
@@ -138,6 +138,8 @@ def _engine_and_params(args: argparse.Namespace):
         gen = json.loads(gen_path.read_text())
     temperature = args.temperature if args.temperature is not None else gen.get("temperature", 0.6)
     top_p = args.top_p if args.top_p is not None else gen.get("top_p", 0.95)
+    if args.compile:
+        print("compiling the decode graph (~30 s the first time; torch caches it on disk)...", file=sys.stderr)
     engine = Engine(args.model, speculative=args.speculative, compile=args.compile)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=args.top_k, max_tokens=args.max_tokens,
                             seed=args.seed)

@@ -1,6 +1,6 @@
-"""Engine(compile=True): a lone sequence's decode step runs as one torch.compile'd graph (engine/graph.py).
-It must produce the eager runner's tokens, write the same latents, survive in-place weight updates without
-recompiling, and refuse the models it does not handle."""
+"""Engine(compile=True): plain decode steps of up to max_batch sequences run as one torch.compile'd graph
+(engine/graph.py). It must produce the eager runner's tokens alone and in batches, write the same latents,
+survive in-place weight updates without recompiling, and refuse the models it does not handle."""
 
 from __future__ import annotations
 
@@ -54,28 +54,29 @@ def greedy(engine: Engine, prompts=PROMPTS) -> list[list[int]]:
     return [o.token_ids for o in engine.generate(prompts, GREEDY)]
 
 
-def test_compiled_step_matches_the_runner_and_writes_the_same_latents(model):
-    eager, compiled = Engine(model, max_num_seqs=1), Engine(model, max_num_seqs=1, compile=True)
-    table = [3, 1, 4]  # non-contiguous blocks
-    prompt = list(range(20, 53))  # 33 tokens: positions 0..32 fill two blocks and start a third
+def test_compiled_steps_match_the_runner_and_write_the_same_latents(model):
+    eager, compiled = Engine(model, max_num_seqs=2), Engine(model, max_num_seqs=2, compile=True)
+    cpu = torch.device("cpu")
+    a, b = [3, 1, 4], [6, 5]  # non-contiguous block tables
     with torch.inference_mode():
-        for e in (eager, compiled):
-            e.runner.forward(make_batch([(prompt, 0, table)], 16, torch.device("cpu")))
-        h_ref = eager.runner.forward(make_batch([([7], 33, table)], 16, torch.device("cpu")))
-        h = compiled.compiled.step(7, 33, table)
-    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
-    slot = 4 * 16 + 33 % 16
-    torch.testing.assert_close(compiled.kv[:, 4, 1], eager.kv[:, 4, 1], atol=1e-5, rtol=1e-5)
-    assert compiled.kv.view(compiled.kv.shape[0], -1, compiled.kv.shape[-1])[:, slot].abs().sum() > 0
+        for e in (eager, compiled):  # prompts of 33 and 20 tokens (three and two blocks)
+            e.runner.forward(make_batch([(list(range(20, 53)), 0, a), (list(range(60, 80)), 0, b)], 16, cpu))
+        for items in ([(7, 33, a)], [(8, 34, a), (9, 20, b)]):  # the batch-1 graph, then the batch graph
+            want = eager.runner.forward(make_batch([([t], p, tb) for t, p, tb in items], 16, cpu))
+            torch.testing.assert_close(compiled.compiled.step(items), want, atol=1e-5, rtol=1e-5)
+    # The latents written (block 0 holds the warm-up's scratch writes, in no sequence's table).
+    torch.testing.assert_close(compiled.kv[:, 1:], eager.kv[:, 1:], atol=1e-5, rtol=1e-5)
+    assert eager.kv[:, 4, 2].abs().sum() > 0 and eager.kv[:, 5, 4].abs().sum() > 0  # positions 34 and 20
 
 
-def test_compiled_greedy_equals_eager_alone_and_mixed_with_batches(model):
+def test_compiled_greedy_equals_eager_alone_and_in_batches(model):
     eager = greedy(Engine(model, max_num_seqs=4))
-    assert greedy(Engine(model, max_num_seqs=1, compile=True)) == eager  # every step alone: compiled
-    # Batched steps run eager; once the other two finish, the middle one decodes alone on the graph.
+    assert greedy(Engine(model, max_num_seqs=1, compile=True)) == eager  # every step alone: batch-1 graph
+    few = Engine(model, max_num_seqs=4, compile=True)
+    few.compiled.max_batch = 2  # three sequences: prefill and the first steps eager, then the batch graph
+    # Staggered lengths: 3 decode together, then 2 (batch graph), then the longest alone (batch-1 graph).
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (10, 40, 20)]
-    engine = Engine(model, max_num_seqs=4, compile=True)
-    outs = [o.token_ids for o in engine.generate(PROMPTS, params)]
+    outs = [o.token_ids for o in few.generate(PROMPTS, params)]
     assert outs == [e[:len(o)] for e, o in zip(eager, outs, strict=True)] and len(outs[1]) == 40
 
 
@@ -98,6 +99,7 @@ def test_compiled_q_lora_and_speculative(model):
     m = tiny(seed=5, q_lora_rank=24)
     want = greedy(Engine(m, max_num_seqs=1))
     assert greedy(Engine(m, max_num_seqs=1, compile=True)) == want
+    assert greedy(Engine(m, max_num_seqs=4, compile=True)) == want  # the batch graph
     # Speculative decoding verifies on the eager runner; steps without a draft may take the graph.
     assert greedy(Engine(m, max_num_seqs=1, compile=True, speculative=True)) == want
 

@@ -109,9 +109,9 @@ class Engine:
         `quantize="int8"` (dense models: int8 Linear layers, seekling.model.quant) and `max_memory_gb` (refuse
         weights that would not fit) apply to the load; the generation defaults of the checkpoint's
         generation_config.json end up in `generation_defaults` (for the server; `generate` does not
-        apply them) and its eos ids all stop a sequence. `compile=True` runs a lone sequence's decode step
-        as one torch.compile'd graph (engine/graph.py: ~1.7x faster at batch 1; the first such step
-        compiles, ~20 s, cached on disk by torch for later processes)."""
+        apply them) and its eos ids all stop a sequence. `compile=True` runs plain decode steps of up to 16
+        sequences as one torch.compile'd graph (engine/graph.py: 1.6x tokens/s at batch 1, ~1.2x at 2-16);
+        it compiles here (~30 s the first time; torch caches the result on disk for later processes)."""
         self.generation_defaults: dict[str, Any] = {}
         if quantize not in (None, "int8"):
             raise ValueError(f"unknown quantize={quantize!r}: only 'int8' (or None)")
@@ -181,6 +181,8 @@ class Engine:
             raise ValueError("compile=True is for seekling's DeepSeek-V3 models in float32 without "
                              "group-limited routing (n_group = 1); run this one with compile=False")
         self.compiled = CompiledDecode(self.runner) if compile else None
+        if self.compiled is not None:
+            self.compiled.warm_up()
         # Every eos id stops a sequence: the tokenizer's, and the checkpoint's (generation_config.json may
         # list several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>).
         if self.dense:
@@ -347,8 +349,8 @@ class Engine:
             items.append((seq.pending()[:n], seq.num_cached, seq.block_table))
             offsets.append(off)
             off += n
-        if self.compiled is not None and len(items) == 1 and len(items[0][0]) == 1:
-            hidden = self.compiled.step(items[0][0][0], items[0][1], items[0][2])  # a lone sequence decoding
+        if self.compiled is not None and len(items) <= self.compiled.max_batch and all(len(i[0]) == 1 for i in items):
+            hidden = self.compiled.step([(new[0], start, table) for new, start, table in items])  # plain decode
         else:
             hidden = self.runner.forward(make_batch(items, self.block_size, self.device))
 

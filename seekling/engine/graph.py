@@ -1,20 +1,26 @@
-"""Single-sequence decode as one compiled graph: `Engine(compile=True)`.
+"""Plain decode steps as one compiled graph: `Engine(compile=True)`.
 
-One sequence decoding one token at a time (a chat, `seekling sample`, a lone API client) is bound by
+A decode step of a few sequences (a chat, `seekling sample`, a handful of API clients) is bound by
 per-operator overhead: the runner's ~250 small ATen ops cost more than reading the weights. This module
-writes that step (all main layers, latent-cache write and read, routing, final norm) as a single
-traceable function of flat tensors and hands it to torch.compile: inductor fuses the element-wise ops
-and norms into a few C++ kernels, and its C++ wrapper calls them and the matmuls with no Python in
-between. The arithmetic is the runner's (same prepared, folded weights), so the outputs match it to
-float rounding; tests compare the two.
+writes that step (all main layers, the latent-cache read, routing, the final norm) as one traceable
+function of tensors and hands it to torch.compile: inductor fuses the element-wise ops and norms into
+a few C++ kernels, and its C++ wrapper calls them and the matmuls with no Python in between. The
+arithmetic is the runner's (the same prepared, folded weights), so the outputs match it to float
+rounding; tests compare the two.
 
-What the trace needs: the weights are arguments (a flat list per layer), never attributes, so an
-optimizer step that rebuilds them (RL) reuses the compiled code instead of recompiling; the routed
-experts are selected by index from the stacked weights (a view, thanks to captured scalar outputs),
-so no expert's weights are copied; RoPE is the real-valued rotation (inductor has no complex kernels);
-the block table is padded to at least two blocks so its length can stay a symbolic size (0/1 are always
-specialised). Everything else (batches, prefill, speculative verification, the MTP module) stays on the
-eager runner.
+What the trace needs:
+- the weights are arguments, never attributes, so an optimizer step that rebuilds them (RL) reuses the
+  compiled code instead of recompiling;
+- the graph reads the cache and returns the new latents; the caller writes them (a graph that mutates
+  its input is functionalised into a copy of the whole cache every step);
+- RoPE is the real-valued rotation (inductor has no complex kernels);
+- the MoE cannot dispatch tokens to experts inside a graph (data-dependent shapes). One token takes its
+  k experts by index (views of the stacked weights, via captured scalar outputs); a batch runs every
+  expert on every token, weighted by the gate (zero for experts not chosen): E/k times the routed
+  FLOPs, a win only while the batch is small, hence `max_batch`;
+- the block table is padded to at least two blocks, so its length stays a symbolic size (sizes 0 and
+  1 are always specialised). Two graphs in all: batch 1, and any batch from 2 to max_batch.
+Prefill, larger batches, speculative verification and the MTP module stay on the eager runner.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from seekling.engine.runner import FFNWeights, Norm, Runner
+from seekling.model.moe import route
 
 
 def _norm(x: torch.Tensor, w: Norm) -> torch.Tensor:
@@ -41,7 +48,11 @@ class CompiledDecode:
         cfg = runner.config
         self.H, self.r, self.dr = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.n_layers = cfg.num_hidden_layers  # the main layers (runner.layers ends with the MTP module's)
+        self.routing = (cfg.num_experts_per_tok, 1, 1, cfg.norm_topk_prob, cfg.routed_scaling_factor)
         self.cos, self.sin = runner.rope.real.contiguous(), runner.rope.imag.contiguous()
+        # Dense experts cost B x E/k the routed FLOPs: measured on the speedrun model, the graph beats the
+        # eager runner by 1.6x at batch 1, 1.15-1.25x at 2-16 and ties at 32 (docs/benchmarks.md).
+        self.max_batch = 16
         self._fn = torch.compile(self._decode, fullgraph=True, dynamic=False,
                                  options={"cpp_wrapper": True})
 
@@ -52,28 +63,44 @@ class CompiledDecode:
         return (all(m.gate.n_group == 1 for m in moe)
                 and runner.kv.dtype == torch.float32 and runner.model.lm_head.weight.dtype == torch.float32)
 
-    def step(self, token: int, position: int, block_table: list[int]) -> torch.Tensor:
-        """Feed one sequence's one new token at `position`; -> its final normed hidden state [1, h]."""
-        runner = self.runner
+    def warm_up(self) -> None:
+        """Compile both graphs now (batch 1 and batch >= 2) rather than stall the first requests. The cache is
+        free at this point: the latents written to block 0 are overwritten before anything reads them."""
+        with torch.inference_mode():
+            self.step([(0, 0, [0])])
+            self.step([(0, 0, [0]), (0, 1, [0])])
+
+    def step(self, items: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+        """Feed each sequence's one new token: items are (token, its position, block table);
+        -> the final normed hidden states [B, h]."""
+        runner, bs = self.runner, self.runner.block_size
         runner.prepare()
-        slot = block_table[position // runner.block_size] * runner.block_size + position % runner.block_size
-        # At least two blocks, so the table length stays a symbolic size (sizes 0 and 1 are specialised).
         dev = runner.kv.device
-        table = torch.tensor(block_table if len(block_table) > 1 else block_table + [0], device=dev)
-        torch._dynamo.maybe_mark_dynamic(table, 0)
+        width = max(2, max(len(t) for _, _, t in items))  # >= 2: the table length stays a symbolic size
+        table = torch.tensor([t + [0] * (width - len(t)) for _, _, t in items], device=dev)
+        ids = torch.tensor([tok for tok, _, _ in items], device=dev)
+        pos = torch.tensor([p for _, p, _ in items], device=dev)
+        slots = torch.tensor([t[p // bs] * bs + p % bs for _, p, t in items], device=dev)
+        torch._dynamo.maybe_mark_dynamic(table, 1)
+        if len(items) > 1:  # one graph for batch 1 (sparse experts), one for every larger batch (dense)
+            for x in (table, ids, pos):
+                torch._dynamo.maybe_mark_dynamic(x, 0)
         kv = runner.kv[:self.n_layers]
-        ids, pos = torch.tensor([token], device=dev), torch.tensor([position], device=dev)
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        torch._dynamo.maybe_mark_dynamic(kv, 1)  # the number of cache blocks: one graph for any engine size
+        # Each model config (and each engine's block count) is a new graph of this one function: allow more
+        # than dynamo's default 8 before it gives up, for processes that build many engines (tests, sweeps).
+        with torch._dynamo.config.patch(capture_scalar_outputs=True, recompile_limit=64):
             h, latents = self._fn(ids, pos, table, kv, self.cos, self.sin, runner.model.model.embed_tokens.weight,
                                   runner.layers[:self.n_layers], runner.final_norm)
         # The cache is written here, not in the graph: a graph that mutates its input is functionalised
         # into a copy of the whole cache every step.
-        kv.view(self.n_layers, -1, kv.shape[-1]).index_copy_(1, torch.tensor([slot], device=dev), latents)
+        kv.view(self.n_layers, -1, kv.shape[-1]).index_copy_(1, slots, latents)
         return h
 
     def _attention(self, w, x, cos, sin, pos, table, kv):
-        """Attention of the one new token over its cached latents (read, not written) and its own."""
-        H, r, dr = self.H, self.r, self.dr
+        """Attention of each sequence's new token over its cached latents (read, not written) and its own;
+        -> the output [B, h] and the new latents [B, r + dr]."""
+        H, r, dr, B = self.H, self.r, self.dr, x.shape[0]
         y = F.linear(x, w.w_x)
         if w.w_q is None:
             pe, q_lat, c_kv = y.split(w.split, dim=-1)[:3]
@@ -82,38 +109,50 @@ class CompiledDecode:
             q_pe, q_lat = F.linear(_norm(q_a, w.q_norm), w.w_q).split([H * dr, H * r], dim=-1)
             pe = torch.cat([q_pe, k_pe], dim=-1)
         # RoPE on interleaved pairs (a, b): (a cos - b sin, a sin + b cos); heads first, shared key last.
-        pe = pe.reshape(1, H + 1, dr // 2, 2)
+        pe = pe.reshape(B, H + 1, dr // 2, 2)
         a, b = pe[..., 0], pe[..., 1]
-        pe = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).view(1, H + 1, dr)
-        latent = torch.cat([_norm(c_kv, w.kv_norm), pe[:, H]], dim=-1)  # [1, r + dr]
-        q = torch.cat([q_lat.view(1, H, r), pe[:, :H]], dim=-1)  # [1, H, r + dr]
-        cached = kv.index_select(0, table).view(-1, r + dr)
-        keys = torch.cat([cached, latent]).unsqueeze(0)  # [1, L + 1, r + dr]: the new token's key last
-        hidden = torch.arange(cached.shape[0] + 1, device=x.device) >= pos  # the cache from pos on is stale
-        hidden[-1] = False
+        pe = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).view(B, H + 1, dr)
+        latent = torch.cat([_norm(c_kv, w.kv_norm), pe[:, H]], dim=-1)  # [B, r + dr]
+        q = torch.cat([q_lat.view(B, H, r), pe[:, :H]], dim=-1)  # [B, H, r + dr]
+        cached = kv.index_select(0, table.view(-1)).view(B, -1, r + dr)
+        keys = torch.cat([cached, latent.unsqueeze(1)], dim=1)  # [B, L + 1, r + dr]: the new token's key last
+        L = cached.shape[1]
+        # Cached positions from the new token's on are stale (or another sequence's padding): masked.
+        hidden = (torch.arange(L + 1, device=x.device) >= pos[:, None]) & (torch.arange(L + 1, device=x.device) < L)
         bias = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill(hidden, float("-inf"))
-        scores = torch.baddbmm(bias.view(1, 1, -1), q, keys.transpose(1, 2), alpha=w.scale)
-        o = torch.bmm(scores.softmax(-1), keys[..., :r]).view(1, H * r)
+        scores = torch.baddbmm(bias.unsqueeze(1), q, keys.transpose(1, 2), alpha=w.scale)  # [B, H, L + 1]
+        o = torch.bmm(scores.softmax(-1), keys[..., :r]).view(B, H * r)
         return F.linear(o, w.w_out), latent
 
     def _moe(self, w: FFNWeights, x: torch.Tensor) -> torch.Tensor:
-        gate = w.moe.gate
-        weights, indices = gate.route(F.linear(x, w.gate).sigmoid())
+        # Routing reads the live balancing bias and this model's settings, never the module (a graph that
+        # touched the module would be guarded on its identity: every new model would recompile).
+        weights, indices = route(F.linear(x, w.gate).sigmoid(), w.route_bias, *self.routing)
         out = F.linear(_swiglu(x, w.w13), w.w2)
-        for j in range(gate.top_k):
-            e = indices[0, j].item()
-            out = out + weights[0, j] * F.linear(_swiglu(x, w.experts13_all[e]), w.experts2_all[e])
-        return out
+        if x.shape[0] == 1:  # one token: its k experts, selected by index (views, no weights copied)
+            for j in range(self.routing[0]):
+                e = indices[0, j].item()
+                out = out + weights[0, j] * F.linear(_swiglu(x, w.experts13_all[e]), w.experts2_all[e])
+            return out
+        # A batch: every expert on every token, weighted by the gate (0 for the experts not chosen). k/E of
+        # this compute is needed, but it is two matmuls instead of a data-dependent dispatch, which a graph
+        # cannot hold; Engine(compile=True) takes this path up to CompiledDecode.max_batch sequences.
+        E, two_i, h = w.experts13_all.shape
+        act = F.linear(x, w.experts13_all.view(E * two_i, h)).view(-1, E, 2, two_i // 2)
+        gates = torch.zeros(x.shape[0], E, dtype=x.dtype, device=x.device).scatter(1, indices, weights.to(x.dtype))
+        act = F.silu(act[:, :, 0]) * act[:, :, 1] * gates.unsqueeze(-1)  # [B, E, I]
+        return out + F.linear(act.flatten(1), w.experts2_cat)
 
     def _decode(self, ids, pos, table, kv, cos, sin, embed, layers, final_norm):
-        """-> the final normed hidden state [1, h] and each layer's new latent [layers, 1, r + dr]."""
+        """-> the final normed hidden states [B, h] and each layer's new latents [layers, B, r + dr]."""
         x = F.embedding(ids, embed)
-        cos, sin = cos[pos].view(1, 1, -1), sin[pos].view(1, 1, -1)
+        cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)  # [B, 1, dr / 2]
         latents = []
         for i, w in enumerate(layers):
             a, latent = self._attention(w.attn, _norm(x, w.input_norm), cos, sin, pos, table, kv[i])
             latents.append(latent)
             x = x + a
             h = _norm(x, w.post_norm)
-            x = x + (self._moe(w.ffn, h) if w.ffn.moe is not None else F.linear(_swiglu(h, w.ffn.w13), w.ffn.w2))
+            routed = w.ffn.experts13_all is not None
+            x = x + (self._moe(w.ffn, h) if routed else F.linear(_swiglu(h, w.ffn.w13), w.ffn.w2))
         return _norm(x, final_norm), torch.stack(latents)

@@ -133,10 +133,12 @@ class FFNWeights:
     gate: torch.Tensor | None = None  # the router [E, h], fp32
     experts13_all: torch.Tensor | None = None  # the routed experts' [E, 2I, h], stacked
     experts2_all: torch.Tensor | None = None  # [E, h, I]
+    experts2_cat: torch.Tensor | None = None  # [h, E * I]: all experts' down projections side by side
     experts13: list[torch.Tensor] | None = None  # per expert [2I, h] (views of the stacked tensor)
     experts2: list[torch.Tensor] | None = None  # per expert [h, I]
     experts2_t: list[torch.Tensor] | None = None  # per expert [I, h] (transposed views, for addmm)
     bias: list[float] | None = None  # e_score_correction_bias, for routing a few tokens in Python
+    route_bias: torch.Tensor | None = None  # the module's live e_score_correction_bias buffer
 
 
 @dataclass
@@ -185,8 +187,9 @@ def fuse_ffn(mlp: MLP | MoE, post_norm: Norm) -> FFNWeights:
     experts2 = torch.stack([e.down_proj.weight for e in mlp.experts]).detach()
     return FFNWeights(cat(mlp.shared_experts), mlp.shared_experts.down_proj.weight.detach(), mlp,
                       fold(mlp.gate.weight.detach().float(), post_norm), experts13, experts2,
-                      list(experts13), list(experts2),
-                      [w.t() for w in experts2], mlp.gate.e_score_correction_bias.tolist())
+                      experts2.permute(1, 0, 2).flatten(1), list(experts13), list(experts2),
+                      [w.t() for w in experts2], mlp.gate.e_score_correction_bias.tolist(),
+                      mlp.gate.e_score_correction_bias)
 
 
 # Up to this many tokens the MoE routes in Python and loops over tokens and their experts (no topk /

@@ -56,19 +56,27 @@ class Gate(nn.Module):
     def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Affinities s [N, E] -> (gate weights [N, k], expert indices [N, k]); the inference engine
         computes s itself (from its prepared weights) and routes with this."""
-        biased = scores.detach() + self.e_score_correction_bias
-        if self.n_group > 1:
-            # Group-limited routing: keep the topk_group groups whose best two experts score highest.
-            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
-            biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = biased.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale, indices
+        return route(scores, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                     self.norm_topk_prob, self.route_scale)
+
+
+def route(scores: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1, topk_group: int = 1,
+          norm_topk_prob: bool = True, route_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's routing: the top-k experts by score + balancing bias (within the best groups),
+    weighted by the unbiased scores. A function of tensors and numbers, so a compiled graph can hold it."""
+    biased = scores.detach() + bias
+    if n_group > 1:
+        # Group-limited routing: keep the topk_group groups whose best two experts score highest.
+        grouped = biased.view(-1, n_group, biased.shape[-1] // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+        biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+    indices = biased.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * route_scale, indices
 
 
 class MoE(nn.Module):
