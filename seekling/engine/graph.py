@@ -67,12 +67,14 @@ class CompiledDecode:
         """Compile both graphs now (batch 1 and batch >= 2) rather than stall the first requests. The cache is
         free at this point: the latents written to block 0 are overwritten before anything reads them."""
         with torch.inference_mode():
-            self.step([(0, 0, [0])])
-            self.step([(0, 0, [0]), (0, 1, [0])])
+            self.step([(0, 0, [0])], mark_dynamic=True)
+            self.step([(0, 0, [0]), (0, 1, [0])], mark_dynamic=True)
 
-    def step(self, items: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+    def step(self, items: list[tuple[int, int, list[int]]], mark_dynamic: bool = False) -> torch.Tensor:
         """Feed each sequence's one new token: items are (token, its position, block table);
-        -> the final normed hidden states [B, h]."""
+        -> the final normed hidden states [B, h]. `mark_dynamic` (warm_up) compiles with symbolic sizes for
+        the batch (beyond 1), the block table's length and the cache's block count: later steps of any such
+        size reuse those graphs (marking costs ~10 us a tensor, so it is done once)."""
         runner, bs = self.runner, self.runner.block_size
         runner.prepare()
         dev = runner.kv.device
@@ -81,17 +83,20 @@ class CompiledDecode:
         ids = torch.tensor([tok for tok, _, _ in items], device=dev)
         pos = torch.tensor([p for _, p, _ in items], device=dev)
         slots = torch.tensor([t[p // bs] * bs + p % bs for _, p, t in items], device=dev)
-        torch._dynamo.maybe_mark_dynamic(table, 1)
-        if len(items) > 1:  # one graph for batch 1 (sparse experts), one for every larger batch (dense)
-            for x in (table, ids, pos):
-                torch._dynamo.maybe_mark_dynamic(x, 0)
         kv = runner.kv[:self.n_layers]
-        torch._dynamo.maybe_mark_dynamic(kv, 1)  # the number of cache blocks: one graph for any engine size
-        # Each model config (and each engine's block count) is a new graph of this one function: allow more
-        # than dynamo's default 8 before it gives up, for processes that build many engines (tests, sweeps).
-        with torch._dynamo.config.patch(capture_scalar_outputs=True, recompile_limit=64):
+        if mark_dynamic:
+            for x, dim in [(table, 1), (kv, 1)] + ([(table, 0), (ids, 0), (pos, 0)] if len(items) > 1 else []):
+                torch._dynamo.maybe_mark_dynamic(x, dim)
+        # .item() inside the graph, and room for more than dynamo's default 8 graphs of this function (one
+        # per model config) in processes that build many engines (tests, sweeps). Set for this call only.
+        config = torch._dynamo.config
+        saved = config.capture_scalar_outputs, config.recompile_limit
+        config.capture_scalar_outputs, config.recompile_limit = True, max(64, saved[1])
+        try:
             h, latents = self._fn(ids, pos, table, kv, self.cos, self.sin, runner.model.model.embed_tokens.weight,
                                   runner.layers[:self.n_layers], runner.final_norm)
+        finally:
+            config.capture_scalar_outputs, config.recompile_limit = saved
         # The cache is written here, not in the graph: a graph that mutates its input is functionalised
         # into a copy of the whole cache every step.
         kv.view(self.n_layers, -1, kv.shape[-1]).index_copy_(1, slots, latents)
