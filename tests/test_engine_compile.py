@@ -114,3 +114,14 @@ def test_compile_refuses_what_it_does_not_handle(model):
                                    max_position_embeddings=64))
     with pytest.raises(ValueError, match="compile"):
         Engine(dense, compile=True)
+
+
+def test_a_failing_compile_says_what_to_do(model, monkeypatch):
+    from seekling.engine.graph import CompiledDecode
+
+    def broken(self):
+        raise OSError("no working C++ compiler")
+
+    monkeypatch.setattr(CompiledDecode, "warm_up", broken)
+    with pytest.raises(RuntimeError, match="run with compile=False"):
+        Engine(model, compile=True)

@@ -182,7 +182,12 @@ class Engine:
                              "group-limited routing (n_group = 1); run this one with compile=False")
         self.compiled = CompiledDecode(self.runner) if compile else None
         if self.compiled is not None:
-            self.compiled.warm_up()
+            try:
+                self.compiled.warm_up()
+            except Exception as e:  # inductor needs a working C++ toolchain; say what to do instead
+                raise RuntimeError(f"compile=True: compiling the decode graph failed ({type(e).__name__}: {e}); "
+                                   "torch.compile needs a C++ compiler on the CPU; run with compile=False "
+                                   "(no --compile)") from e
         # Every eos id stops a sequence: the tokenizer's, and the checkpoint's (generation_config.json may
         # list several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>).
         if self.dense:
