@@ -25,15 +25,6 @@ from seekling.train.trainer import TrainConfig, train
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls on a shared 2-core machine: a second thread only adds contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(vocab: int = VOCAB, seed: int = 0, hidden: int = 32) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(preset(

@@ -17,15 +17,6 @@ from seekling.model import Transformer
 from seekling.tokenizer import train_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: threading only adds contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(vocab_size: int = 300, seed: int = 0, **kw) -> Transformer:
     torch.manual_seed(seed)
     cfg = preset("tiny", vocab_size=vocab_size, num_hidden_layers=2, hidden_size=64, intermediate_size=128,

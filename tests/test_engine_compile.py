@@ -14,14 +14,6 @@ from seekling.model import Transformer
 from seekling.model.dense import DenseConfig, DenseModel
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed: int = 0, **kw) -> Transformer:
     torch.manual_seed(seed)
     cfg = preset("tiny", vocab_size=300, num_hidden_layers=3, hidden_size=64, intermediate_size=128,

@@ -44,14 +44,6 @@ PROMPTS = [  # mixed lengths: chat prompts (ending inside <think>) and plain tex
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine; tiny matmuls gain nothing from threads
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok_files(tmp_path_factory) -> Path:
     """The released tokenizer layout: tokenizer.json + tokenizer_config.json with R1-Distill's template."""
