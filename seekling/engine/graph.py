@@ -28,18 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seekling.engine.runner import FFNWeights, Norm, Runner
+from seekling.engine.runner import FFNWeights, Runner, norm_fp32, swiglu
 from seekling.model.moe import route
-
-
-def _norm(x: torch.Tensor, w: Norm) -> torch.Tensor:
-    y = x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), w.c)
-    return y if w.folded else y * w.scaled
-
-
-def _swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
-    g, u = F.linear(x, w13).chunk(2, dim=-1)
-    return F.silu(g) * u
 
 
 class CompiledDecode:
@@ -111,13 +101,13 @@ class CompiledDecode:
             pe, q_lat, c_kv = y.split(w.split, dim=-1)[:3]
         else:
             k_pe, q_a, c_kv = y.split(w.split, dim=-1)[:3]
-            q_pe, q_lat = F.linear(_norm(q_a, w.q_norm), w.w_q).split([H * dr, H * r], dim=-1)
+            q_pe, q_lat = F.linear(norm_fp32(q_a, w.q_norm), w.w_q).split([H * dr, H * r], dim=-1)
             pe = torch.cat([q_pe, k_pe], dim=-1)
         # RoPE on interleaved pairs (a, b): (a cos - b sin, a sin + b cos); heads first, shared key last.
         pe = pe.reshape(B, H + 1, dr // 2, 2)
         a, b = pe[..., 0], pe[..., 1]
         pe = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).view(B, H + 1, dr)
-        latent = torch.cat([_norm(c_kv, w.kv_norm), pe[:, H]], dim=-1)  # [B, r + dr]
+        latent = torch.cat([norm_fp32(c_kv, w.kv_norm), pe[:, H]], dim=-1)  # [B, r + dr]
         q = torch.cat([q_lat.view(B, H, r), pe[:, :H]], dim=-1)  # [B, H, r + dr]
         cached = kv.index_select(0, table.view(-1)).view(B, -1, r + dr)
         keys = torch.cat([cached, latent.unsqueeze(1)], dim=1)  # [B, L + 1, r + dr]: the new token's key last
@@ -133,11 +123,11 @@ class CompiledDecode:
         # Routing reads the live balancing bias and this model's settings, never the module (a graph that
         # touched the module would be guarded on its identity: every new model would recompile).
         weights, indices = route(F.linear(x, w.gate).sigmoid(), w.route_bias, *self.routing)
-        out = F.linear(_swiglu(x, w.w13), w.w2)
+        out = F.linear(swiglu(x, w.w13), w.w2)
         if x.shape[0] == 1:  # one token: its k experts, selected by index (views, no weights copied)
             for j in range(self.routing[0]):
                 e = indices[0, j].item()
-                out = out + weights[0, j] * F.linear(_swiglu(x, w.experts13_all[e]), w.experts2_all[e])
+                out = out + weights[0, j] * F.linear(swiglu(x, w.experts13_all[e]), w.experts2_all[e])
             return out
         # A batch: every expert on every token, weighted by the gate (0 for the experts not chosen). k/E of
         # this compute is needed, but it is two matmuls instead of a data-dependent dispatch, which a graph
@@ -154,10 +144,10 @@ class CompiledDecode:
         cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)  # [B, 1, dr / 2]
         latents = []
         for i, w in enumerate(layers):
-            a, latent = self._attention(w.attn, _norm(x, w.input_norm), cos, sin, pos, table, kv[i])
+            a, latent = self._attention(w.attn, norm_fp32(x, w.input_norm), cos, sin, pos, table, kv[i])
             latents.append(latent)
             x = x + a
-            h = _norm(x, w.post_norm)
+            h = norm_fp32(x, w.post_norm)
             routed = w.ffn.experts13_all is not None
-            x = x + (self._moe(w.ffn, h) if routed else F.linear(_swiglu(h, w.ffn.w13), w.ffn.w2))
-        return _norm(x, final_norm), torch.stack(latents)
+            x = x + (self._moe(w.ffn, h) if routed else F.linear(swiglu(h, w.ffn.w13), w.ffn.w2))
+        return norm_fp32(x, final_norm), torch.stack(latents)

@@ -109,6 +109,12 @@ def prepare_norm(weight: torch.Tensor, eps: float, folded: bool = False) -> Norm
     return Norm(weight, weight.detach() * d ** 0.5, weight.new_tensor((eps * d) ** 0.5), folded)
 
 
+def norm_fp32(x: torch.Tensor, w: Norm) -> torch.Tensor:
+    """`Norm` on fp32 activations (the engine's other dtypes go through F.rms_norm, see Runner.norm)."""
+    y = torch.div(x, torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), w.c))
+    return y if w.folded else y.mul_(w.scaled)
+
+
 def fold(w: torch.Tensor, norm: Norm) -> torch.Tensor:
     """A linear weight [out, in] that consumes the normalised input without its norm weight."""
     return (w.float() * norm.scaled.float()).to(w.dtype)
@@ -249,8 +255,7 @@ class Runner:
 
     def norm(self, x: torch.Tensor, w: Norm) -> torch.Tensor:
         if x.dtype == torch.float32:
-            y = torch.div(x, torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), w.c))
-            return y if w.folded else y.mul_(w.scaled)
+            return norm_fp32(x, w)
         # Other dtypes: normalise in fp32, as RMSNorm does.
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return y * x.shape[-1] ** 0.5 if w.folded else w.weight * y
