@@ -109,3 +109,13 @@ def test_interrupted_stage_is_not_marked_done(tmp_path):
     assert "sft" not in run.results.get("done", [])
     run.stage("sft", lambda: stop_if_interrupted({"stopped": "time_budget"}))
     assert "sft" in json.loads((tmp_path / "run" / "results.json").read_text())["done"]
+
+
+def test_sample_command_with_compile_prints_the_same_greedy_answer(smoke_run):
+    out, _ = smoke_run
+    args = ["sample", "--model", str(out / "rl"), "--temperature", "0", "--max-tokens", "12",
+            "--prompt", "What is 12 + 30?"]
+    plain, compiled = seekling_cli(*args), seekling_cli(*args, "--compile")
+    assert plain.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    assert compiled.stdout == plain.stdout and "### What is 12 + 30?" in plain.stdout
+    assert "compiling the decode graph" in compiled.stderr
