@@ -96,9 +96,14 @@ def test_compiled_q_lora_and_speculative(model):
     assert greedy(Engine(m, max_num_seqs=1, compile=True, speculative=True)) == want
 
 
+def test_compiled_group_limited_routing():
+    m = tiny(seed=7, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5)
+    want = greedy(Engine(m, max_num_seqs=4))
+    assert greedy(Engine(m, max_num_seqs=1, compile=True)) == want
+    assert greedy(Engine(m, max_num_seqs=4, compile=True)) == want
+
+
 def test_compile_refuses_what_it_does_not_handle(model):
-    with pytest.raises(ValueError, match="n_group"):
-        Engine(tiny(n_routed_experts=8, n_group=2, topk_group=1), compile=True)
     with pytest.raises(ValueError, match="float32"):
         Engine(tiny().to(torch.bfloat16), compile=True)
     dense = DenseModel(DenseConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,

@@ -178,8 +178,8 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.runner = DenseRunner(model, self.kv, block_size) if self.dense else Runner(model, self.kv, block_size)
         if compile and (self.dense or not CompiledDecode.supports(self.runner)):
-            raise ValueError("compile=True is for seekling's DeepSeek-V3 models in float32 without "
-                             "group-limited routing (n_group = 1); run this one with compile=False")
+            raise ValueError("compile=True is for seekling's DeepSeek-V3 models in float32; run this one with "
+                             "compile=False")
         self.compiled = CompiledDecode(self.runner) if compile else None
         if self.compiled is not None:
             try:
