@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from seekling.checkpoint import atomic_write_text, load_pretrained
+from seekling.atomic import write_text
+from seekling.checkpoint import load_pretrained
 from seekling.config import preset
 from seekling.data import BatchLoader, PackedDataset, SFTDataset, write_shards
 from seekling.engine import Engine
@@ -140,7 +141,7 @@ def main() -> None:
         t0 = time.time()
         fn()
         results["time_s"][name] = round(time.time() - t0, 1)
-        atomic_write_text(results_path, json.dumps(results, indent=2))
+        write_text(results_path, json.dumps(results, indent=2))
 
     t0 = time.time()
     teacher, data = make_teacher(out, args)
@@ -169,10 +170,10 @@ def main() -> None:
             evals[name] = evaluate(Engine(path, max_num_seqs=128), problems, k=args.eval_k,
                                    max_tokens=args.max_new_tokens)
             evals[name]["params"] = load_pretrained(path).num_parameters()
-            atomic_write_text(results_path, json.dumps(results, indent=2))
+            write_text(results_path, json.dumps(results, indent=2))
     results["wall_time_s"] = round(results.get("wall_time_s", 0) + time.time() - t0, 1)
     results["table"] = table(evals, results["time_s"])
-    atomic_write_text(results_path, json.dumps(results, indent=2))
+    write_text(results_path, json.dumps(results, indent=2))
     print("\n" + results["table"])
     print(f"wrote {results_path}")
 

@@ -11,35 +11,16 @@ half-written checkpoint behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from seekling.atomic import save_safetensors, write_text
 from seekling.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
 
 
 def _disk_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -72,22 +53,22 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, max_shard_byt
         size += nbytes
     index_path = directory / "model.safetensors.index.json"
     if len(shards) == 1:
-        atomic_save_tensors(shards[0], directory / "model.safetensors")
+        save_safetensors(directory / "model.safetensors", shards[0])
         index_path.unlink(missing_ok=True)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            atomic_save_tensors(shard, directory / fname)
+            save_safetensors(directory / fname, shard)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in sd.values())
-        atomic_write_text(index_path, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+        write_text(index_path, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
         (directory / "model.safetensors").unlink(missing_ok=True)
     cfg.save(directory)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
            "temperature": 0.6, "top_p": 0.95}
-    atomic_write_text(directory / "generation_config.json", json.dumps(gen, indent=2))
+    write_text(directory / "generation_config.json", json.dumps(gen, indent=2))
 
 
 def weight_files(directory: Path) -> dict[str, Path]:

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from seekling.train.trainer import add_train_flags, train_config
+
 
 # --- small commands that have no module of their own ---------------------------------------------------
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -38,33 +40,6 @@ def cmd_data(args: argparse.Namespace) -> None:
     index = write_shards((tok.encode(d) for d in read_documents(args.input)), args.out,
                          eos_id=tok.eos_token_id, vocab_size=tok.vocab_size)
     print(f"{index['num_docs']} documents, {index['num_tokens']:,} tokens -> {args.out}")
-
-
-def train_config(args: argparse.Namespace):
-    from seekling.train.trainer import TrainConfig
-
-    return TrainConfig(max_steps=args.steps, time_budget_s=args.time, lr=args.lr, min_lr=args.lr / 10,
-                       warmup_steps=args.warmup, schedule=args.schedule, optimizer=args.optimizer,
-                       grad_accum=args.grad_accum, checkpoint_every=args.checkpoint_every, compile=args.compile,
-                       eval_every=0, seed=args.seed)
-
-
-def add_train_flags(p: argparse.ArgumentParser, lr: float) -> None:
-    p.add_argument("--out", required=True, help="output model directory (training state goes beside it)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the schedule's length)")
-    p.add_argument("--time", type=float, default=None, help="wall-time budget in seconds (overrides --steps)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine")
-    p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="start over even if a saved training state exists")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:

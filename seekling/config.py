@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seekling.atomic import write_text
+
 
 @dataclass
 class ModelConfig:
@@ -168,9 +170,7 @@ class ModelConfig:
         return cls(**kw)
 
     def save(self, directory: str | Path) -> None:
-        from seekling.checkpoint import atomic_write_text
-
-        atomic_write_text(Path(directory) / "config.json", json.dumps(self.to_hf_dict(), indent=2, sort_keys=True))
+        write_text(Path(directory) / "config.json", json.dumps(self.to_hf_dict(), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, directory: str | Path) -> ModelConfig:

@@ -25,19 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from seekling.atomic import write_bytes
+
 IGNORE_INDEX = -100  # labels the loss skips (prompt tokens, padding), as in Hugging Face
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temporary file + rename, so a crash never leaves a half-written file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --- the user's files -> documents ------------------------------------------------------------------
@@ -149,7 +140,7 @@ def write_shards(
         nonlocal pending, n_pending
         flat = np.concatenate(pending)
         name = f"shard_{len(shards):05d}.bin"
-        atomic_write_bytes(out / name, flat[:n].tobytes())
+        write_bytes(out / name, flat[:n].tobytes())
         shards.append({"file": name, "tokens": int(n)})
         pending, n_pending = [flat[n:]], len(flat) - n
 
@@ -168,7 +159,7 @@ def write_shards(
         raise ValueError("write_shards: no documents")
     index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "eos_id": eos_id, "num_docs": n_docs,
              "num_tokens": sum(s["tokens"] for s in shards), "shards": shards}
-    atomic_write_bytes(out / "index.json", json.dumps(index, indent=1).encode())
+    write_bytes(out / "index.json", json.dumps(index, indent=1).encode())
     return index
 
 

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from seekling.atomic import write_text
 from seekling.tasks import TASKS, Problem, extract_answer, sample_problems
 
 GEN_TEMPERATURE, GEN_TOP_P = 0.6, 0.95  # DeepSeek-R1's recommended sampling settings
@@ -127,9 +128,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate(engine, problems, k=args.k, max_tokens=args.max_tokens, seed=args.seed)
     text = json.dumps(result, indent=2)
     if args.out:
-        from seekling.checkpoint import atomic_write_text
-
-        atomic_write_text(args.out, text)
+        write_text(args.out, text)
         print(format_table({"model": result}))
         print(f"wrote {args.out}")
     else:

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from seekling.atomic import write_text
+
 STAGE_ORDER = ("base", "sft", "sft_control", "rl")
 
 
@@ -171,9 +173,7 @@ def write_report(run: str | Path) -> Path:
             lines.append(_rl_verdict(results.get("rl_cells_eval") or stages, cells))
     lines += ["## Plots", ""] + [f"![{m}](plots/{m})" for m in made] + [""]
     path = run / "report.md"
-    from seekling.checkpoint import atomic_write_text
-
-    atomic_write_text(path, "\n".join(lines))
+    write_text(path, "\n".join(lines))
     print(f"report: {path}")
     return path
 

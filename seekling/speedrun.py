@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from seekling.checkpoint import atomic_write_text
+from seekling.atomic import write_text
 from seekling.config import preset as model_preset
 
 R1_ZERO_SHARE = 0.1  # share of pretraining documents written in the R1-Zero template (see pretrain_documents)
@@ -146,7 +146,7 @@ class Speedrun:
             raise ValueError(f"{self.out} holds a {self.results.get('preset')!r} run; use another --out")
 
     def save_results(self) -> None:
-        atomic_write_text(self.results_path, json.dumps(self.results, indent=2))
+        write_text(self.results_path, json.dumps(self.results, indent=2))
 
     def stage(self, name: str, fn) -> Any:
         """Run a stage once: skipped when results.json says it finished (a re-run resumes)."""

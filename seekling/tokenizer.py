@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
@@ -23,6 +22,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+
+from seekling.atomic import write_text
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -252,19 +253,8 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "chat_template": self.chat_template,
         }
-        _atomic_write(directory / "tokenizer.json", self.tokenizer.to_str())
-        _atomic_write(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        write_text(directory / "tokenizer.json", self.tokenizer.to_str())
+        write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:

@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seekling.data import IGNORE_INDEX, BatchLoader, SFTDataset, atomic_write_bytes
+from seekling.atomic import write_bytes
+from seekling.data import IGNORE_INDEX, BatchLoader, SFTDataset
+from seekling.train.trainer import add_train_flags, train_config
 
 KINDS = ("forward", "reverse", "mix")
 Batch = dict[str, torch.Tensor]
@@ -159,7 +161,7 @@ def teacher_samples(teacher: nn.Module, tok: Any, problems: list[Any], out: str 
             records.append({"id": f"{i}#{j}", "messages": msgs, "reasoning_content": o.reasoning, "content": o.text,
                             "finish_reason": o.finish_reason, "task": p.task, "difficulty": p.difficulty,
                             "answer": p.answer, "score": float(TASKS[p.task].score(p, completion))})
-    atomic_write_bytes(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    write_bytes(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
     return records
 
 
@@ -231,8 +233,6 @@ class OnPolicyBatches:
 
 
 def add_logits_args(parser: argparse.ArgumentParser) -> None:
-    from seekling.cli import add_train_flags  # the same training flags as pretrain / sft
-
     parser.add_argument("--teacher", required=True, help="teacher model directory (with its tokenizer)")
     parser.add_argument("--student", required=True, help="student model directory to start from")
     parser.add_argument("--kind", choices=KINDS, default="forward",
@@ -260,7 +260,6 @@ def add_logits_args(parser: argparse.ArgumentParser) -> None:
 
 def run_logits(args: argparse.Namespace) -> dict:
     from seekling.checkpoint import load_pretrained
-    from seekling.cli import train_config
     from seekling.tasks import TASKS, sample_problems
     from seekling.tokenizer import load_tokenizer
     from seekling.train.collect import load_traces

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seekling.atomic import torch_save
 from seekling.train.rewards import (
     R1_ZERO_TEMPLATE,
     RewardFn,
@@ -316,9 +316,7 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
         state = {"step": step, "cursor": cursor, "elapsed": elapsed, "best": best, "model": policy.state_dict(),
                  "optimizer": opt.state_dict(), "config": dataclasses.asdict(cfg),
                  "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
-        tmp = state_path.with_name(f".{state_path.name}.tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, state_path)
+        torch_save(state_path, state)
 
     def save_model() -> None:
         policy.save_pretrained(out_dir)

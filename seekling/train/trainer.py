@@ -12,6 +12,7 @@ beside it and never inside it. Under torchrun every rank runs this same function
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from seekling.data import atomic_write_bytes
+from seekling.atomic import torch_save, write_bytes
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
@@ -213,7 +214,7 @@ def train(
             train_batches = islice(train_batches, step * cfg.grad_accum, None)
         if master:  # the metrics file restarts from the checkpoint (drops lines logged after it)
             text = "".join(json.dumps(h) + "\n" for h in history)
-            atomic_write_bytes(state_dir / "metrics.jsonl", text.encode())
+            write_bytes(state_dir / "metrics.jsonl", text.encode())
         log(f"resumed from {state_path} at step {step}")
     elif resume:
         log(f"no saved state at {state_path}: starting from scratch")
@@ -270,9 +271,7 @@ def train(
                  "model": raw.state_dict(), "optimizers": [o.state_dict() for o in opts], "rng": rng,
                  "data": train_batches.state_dict() if hasattr(train_batches, "state_dict") else None,
                  "config": dataclasses.asdict(cfg)}
-        tmp = state_path.with_name(f".state.pt.tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, state_path)
+        torch_save(state_path, state)
 
     # Ctrl-C (or SIGTERM from a launcher / scheduler): finish the current step, save, stop. A second
     # Ctrl-C aborts at once, unless it comes within a second (torchrun forwards the terminal's signal).
@@ -425,3 +424,31 @@ def cpu_peak_flops() -> float:
 def _fmt_time(seconds: float) -> str:
     h, rem = divmod(int(seconds), 3600)
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+# --- command-line flags shared by the training commands ------------------------------------------------
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of the flags `add_train_flags` adds (pretrain, sft, distill logits)."""
+    return TrainConfig(max_steps=args.steps, time_budget_s=args.time, lr=args.lr, min_lr=args.lr / 10,
+                       warmup_steps=args.warmup, schedule=args.schedule, optimizer=args.optimizer,
+                       grad_accum=args.grad_accum, checkpoint_every=args.checkpoint_every, compile=args.compile,
+                       eval_every=0, seed=args.seed)
+
+
+def add_train_flags(p: argparse.ArgumentParser, lr: float) -> None:
+    """The training flags shared by `seekling pretrain`, `sft` and `distill logits`."""
+    p.add_argument("--out", required=True, help="output model directory (training state goes beside it)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the schedule's length)")
+    p.add_argument("--time", type=float, default=None, help="wall-time budget in seconds (overrides --steps)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine")
+    p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start over even if a saved training state exists")
