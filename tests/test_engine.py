@@ -127,11 +127,13 @@ def test_prefix_cache_reuses_blocks_of_a_finished_request(model):
     out_a = engine.generate([a], GREEDY)[0]
     out_b = engine.generate([b], GREEDY)[0]
     assert engine.stats()["prefix_cache_hit_tokens"] == 20  # the 5 full blocks of the common prefix
+    assert (out_a.num_cached_tokens, out_b.num_cached_tokens) == (0, 20)  # per request, for `usage`
     assert out_a.token_ids == reference_greedy(model, a, 10)
     assert out_b.token_ids == reference_greedy(model, b, 10)
     again = engine.generate([a], GREEDY)[0]  # the whole prompt is cached but for its last token
     assert again.token_ids == out_a.token_ids
     assert engine.stats()["prefix_cache_hit_tokens"] == 20 + 24
+    assert again.num_cached_tokens == 24
 
 
 def test_request_that_can_never_fit_is_rejected(model):

@@ -51,6 +51,7 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     logprobs: list[dict[int, float]] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's cached_tokens)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class RequestOutput:
     prompt: Prompt
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (the first sample's)
 
     @property
     def finished(self) -> bool:
@@ -532,7 +534,8 @@ class Engine:
         lp = logprobs[:len(new)] if logprobs is not None else None
         if lp is not None:
             seq.logprobs.extend(lp)
-        out = [(seq.request_id, Delta(seq.index, text, reasoning, new, seq.finish_reason, lp))]
+        out = [(seq.request_id, Delta(seq.index, text, reasoning, new, seq.finish_reason, lp,
+                                      seq.num_cached_prompt or 0))]
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
             req = self._requests[seq.request_id]
@@ -568,6 +571,8 @@ class Engine:
                 o.text += d.text
                 o.reasoning += d.reasoning
                 o.token_ids += d.token_ids
+                if d.index == 0:
+                    results[rid].num_cached_tokens = d.num_cached_tokens
                 if d.logprobs is not None:
                     o.logprobs = (o.logprobs or []) + d.logprobs
                 if d.finish_reason is not None:

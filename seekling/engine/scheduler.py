@@ -36,6 +36,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache hashes of its full blocks
     num_cached: int = 0  # positions whose latent is in the cache
+    num_cached_prompt: int | None = None  # prompt tokens found in the prefix cache at first admission
     draft: list[int] = field(default_factory=list)  # MTP draft tokens to verify next step
     draft_probs: torch.Tensor | None = None  # [k, V] the distributions the drafts were sampled from
     logprobs: list[dict[int, float]] = field(default_factory=list)
@@ -110,6 +111,8 @@ class Scheduler:
             if not seq.block_table:  # reuse cached blocks of its prefix; keep one token to compute
                 seq.block_table, seq.block_hashes = self.blocks.match_prefix(seq.tokens, seq.num_tokens - 1)
                 seq.num_cached = len(seq.block_table) * self.blocks.block_size
+                if seq.num_cached_prompt is None:  # what `usage` reports; a recompute after preemption is ours
+                    seq.num_cached_prompt = min(seq.num_cached, len(seq.prompt_ids))
             n = min(seq.num_pending, budget)
             # The forks each want a private copy of the prompt's last block(s); alone, it goes anyway
             # (a fork that finds no free block is recomputed later).
