@@ -45,10 +45,10 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     import torch
 
-    from seekling.checkpoint import load_pretrained
     from seekling.config import preset
     from seekling.data import BatchLoader, PackedDataset
     from seekling.model import Transformer
+    from seekling.model.load import load_pretrained
     from seekling.tokenizer import load_tokenizer
     from seekling.train.trainer import train
 
@@ -67,8 +67,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
-    from seekling.checkpoint import load_pretrained
     from seekling.data import BatchLoader, SFTDataset
+    from seekling.model.load import load_pretrained
     from seekling.tokenizer import load_tokenizer
     from seekling.train.trainer import train
 
@@ -174,7 +174,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import shutil
 
-    from seekling.checkpoint import load_pretrained
+    from seekling.model.load import load_pretrained
 
     model = load_pretrained(args.model, dtype=args.dtype)
     model.save_pretrained(args.out, max_shard_bytes=int(args.shard_gb * 2**30) if args.shard_gb else None)

@@ -239,8 +239,8 @@ class Speedrun:
         self._sft(self.out / "base", self.out / "sft", self.recipe.sft_s, self.recipe.sft_lr, seed=1)
 
     def _sft(self, src: Path, dst: Path, budget_s: float, lr: float, seed: int, warmup: int = 20) -> dict:
-        from seekling.checkpoint import load_pretrained
         from seekling.data import BatchLoader, SFTDataset
+        from seekling.model.load import load_pretrained
         from seekling.train.trainer import TrainConfig, train
 
         r, tok = self.recipe, self.tokenizer()

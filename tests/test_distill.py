@@ -11,11 +11,11 @@ import pytest
 import torch
 from test_serve import LiveServer
 
-from seekling.checkpoint import load_pretrained
 from seekling.config import preset
 from seekling.data import IGNORE_INDEX, BatchLoader, SFTDataset
 from seekling.engine import Engine
 from seekling.model import Transformer
+from seekling.model.load import load_pretrained
 from seekling.tasks import sample_problems
 from seekling.tokenizer import train_tokenizer
 from seekling.train.collect import collect, load_traces, score_task, task_prompts

@@ -416,19 +416,18 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert 0.05 < rate < 0.95  # both branches of the accept test were taken
 
 
-def prepared_runner(model: Transformer):
-    engine = Engine(model, cache_blocks=16, block_size=4, speculative=len(model.mtp_layers) > 0)
-    engine.runner.prepare()
-    return engine.runner
+def prepared(model: Transformer) -> Engine:
+    """An engine whose model is prepared for inference (fused views, stacked experts)."""
+    return Engine(model, cache_blocks=16, block_size=4, speculative=len(model.mtp_layers) > 0)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=False)])
 def test_prepared_moe_equals_the_training_forward(kw):
-    """The engine's MoE (norm weight folded into the experts, stacked weights; Python routing for 1-2
-    tokens, one sort and a loop over experts beyond; group-limited routing) against MoE.forward, also
-    after the balancing bias moved in place (and skewed the routing)."""
+    """The MoE's inference forward (stacked expert weights; one token's k experts by index, one sort and a
+    loop over experts beyond; group-limited routing) against MoE.forward, also after the balancing bias
+    moved in place (and skewed the routing)."""
     model = tiny_model(seed=6, n_routed_experts=8, num_experts_per_tok=2, **kw)
-    runner = prepared_runner(model)
+    prepared(model)
     layer = model.main_layers[1]
     bias = layer.mlp.gate.e_score_correction_bias
     torch.manual_seed(0)
@@ -438,30 +437,32 @@ def test_prepared_moe_equals_the_training_forward(kw):
         for shift in (torch.zeros(8), torch.randn(8) * 0.5, skewed):
             with torch.no_grad():  # a balancing step between rollouts: the routing must follow it
                 bias.add_(shift)
-            runner.prepare()
-            w = runner.layers[1]
             for n in (1, 2, 3, 5, 40, 300):
-                x = torch.randn(n, model.config.hidden_size)
-                ref = layer.mlp(layer.post_attention_layernorm(x))
-                out = runner.moe(w.ffn, runner.norm(x, w.post_norm))
-                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+                x = layer.post_attention_layernorm(torch.randn(n, model.config.hidden_size))
+                torch.testing.assert_close(layer.mlp.infer(x), layer.mlp(x), atol=1e-5, rtol=1e-5)
 
 
-def test_runner_hidden_states_and_mtp_equal_the_model():
-    """Prefill through the engine's runner (absorbed MLA on the latent cache, folded norms, complex RoPE)
-    and the MTP module on a last_only batch, against the model's own forward and mtp_logits."""
-    from seekling.engine.runner import make_batch
+def test_inference_forward_and_mtp_equal_the_training_forward():
+    """Prefill through the model's inference forward (absorbed MLA on the paged latent cache) and the MTP
+    module on a last_only batch, against the model's own (training) forward and mtp_logits."""
+    from seekling.model import make_batch
 
     model = tiny_model(seed=7)
-    runner = prepared_runner(model)
+    engine = prepared(model)
     ids = prompts_of([11], seed=5)[0]
     table = [0, 1, 2]
+    cpu = torch.device("cpu")
     with torch.inference_mode():
-        hidden = runner.forward(make_batch([(ids, 0, table)], 4, torch.device("cpu")))
+        batch = make_batch([(ids, 0, table)], 4, cpu)
+        batch.cache = engine.kv
+        hidden, latents = model.infer(batch)
         ref = model(torch.tensor([ids]))
         torch.testing.assert_close(hidden, ref.hidden_states[0], atol=1e-5, rtol=1e-5)
+        assert latents.shape == (model.config.num_hidden_layers, len(ids), *model.cache_entry_shape())
         # MTP at position i takes h_i and the token at i + 1: feed positions 0..9, draft from the last.
-        h = runner.mtp(make_batch([(ids[1:], 0, table)], 4, torch.device("cpu"), last_only=True), hidden[:-1])
+        mtp = make_batch([(ids[1:], 0, table)], 4, cpu, last_only=True)
+        mtp.cache = engine.kv
+        h, _ = model.infer_mtp(mtp, hidden[:-1])
         logits, _ = model.mtp_logits(ref.hidden_states[:, :-1], torch.tensor([ids[1:]]),
                                      torch.arange(len(ids) - 1)[None])
-        torch.testing.assert_close(runner.logits(h)[0], logits[0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.logits(h)[0], logits[0, -1], atol=1e-4, rtol=1e-4)

@@ -312,7 +312,7 @@ def test_run_rl_on_your_own_prompts_and_reward(base_dir, tmp_path):
 def test_update_masks_truncated_completions(base_dir):
     """With mask_truncated, completions cut at max_new_tokens carry no gradient: a batch of only truncated
     ones leaves the weights unchanged, while the same batch unmasked moves them."""
-    from seekling.checkpoint import load_pretrained
+    from seekling.model.load import load_pretrained
     from seekling.train.grpo import Completion, update_policy
 
     def run(mask_truncated):

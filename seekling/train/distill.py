@@ -259,7 +259,7 @@ def add_logits_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_logits(args: argparse.Namespace) -> dict:
-    from seekling.checkpoint import load_pretrained
+    from seekling.model.load import load_pretrained
     from seekling.tasks import TASKS, sample_problems
     from seekling.tokenizer import load_tokenizer
     from seekling.train.collect import load_traces

@@ -270,7 +270,7 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
     `reward_fn`). The result goes to `out_dir`: the best model by `eval_fn(model, tokenizer)` (higher is
     better, evaluated at the start, every `eval_every` steps and at the end) or, without one, the last.
     `state_dir` holds what a resume needs (rl_state.pt) and the per-step log (rl_log.jsonl)."""
-    from seekling.checkpoint import load_pretrained
+    from seekling.model.load import load_pretrained
     from seekling.tokenizer import load_tokenizer
 
     if (tasks is None) == (prompts is None):

@@ -1,0 +1,215 @@
+// CPU matmul kernels for decoding: they read each weight once, sequentially, at memory bandwidth.
+//
+// A decode step at batch 1 is a chain of matrix-vector products: the time is the bytes of weights read
+// divided by the bandwidth a core gets. torch's fp32 `F.linear` reads ~17 GB/s at one row on the
+// development machine (AMD EPYC, AVX2), against ~48 GB/s that one core can stream (CALIBRATION.md); fbgemm's
+// int8 GEMM needs a second, packed copy of every weight. These kernels stream the weights as they are stored:
+//
+//   f32_linear(x [M, K], w [O, K]) -> x @ w^T               fp32; rows of w in pairs of 4, 8 lanes at a time
+//   int8_linear(x [M, K], q [O, Kp], s [O]) -> x @ (q * s)^T  q: int8 weights, one scale per output row, rows
+//                                                           padded to Kp = K rounded up to 32 with zeros
+//
+// int8_linear quantises each row of x to int8 in blocks of 32 (one scale per block: max|x| / 127, rounded to
+// nearest even, as torch.round) and sums u8 x s8 products with maddubs (|x| times w with x's sign moved onto
+// w, so no operand is ever -128 and no int16 pair sum can saturate: 2 * 127 * 127 < 2^15), then scales each
+// block's int32 sum by its activation scale in fp32 — llama.cpp's Q8_0 dot product, with per-row weight
+// scales. Up to 4 rows of x share each load of a weight block (prefill, batches). Without AVX2 the same
+// loops are written plainly for the compiler to vectorise (NEON on Arm). The results equal the torch
+// reference in seekling/model/quant.py up to the order of the fp32 block sums.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SEEKLING_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t QBLOCK = 32;
+
+// Grain for at::parallel_for: at least ~64 KB of weights per task, so small matrices stay on one thread.
+int64_t grain(int64_t bytes_per_item) { return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, bytes_per_item)); }
+
+#ifdef SEEKLING_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// ------------------------------------------------------------------------------------------------- fp32
+
+// y[m, o] for o in [o0, o0 + R): R rows of w against one row of x.
+template <int R>
+inline void f32_rows(const float* x, const float* w, int64_t K, float* y) {
+  int64_t i = 0;
+#ifdef SEEKLING_AVX2
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (; i + 8 <= K; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + i), xv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) y[r] = hsum(acc[r]);
+#else
+  for (int r = 0; r < R; ++r) y[r] = 0.f;
+#endif
+  for (int r = 0; r < R; ++r) {
+    float tail = 0.f;
+    for (int64_t j = i; j < K; ++j) tail += w[r * K + j] * x[j];
+    y[r] += tail;
+  }
+}
+
+torch::Tensor f32_linear(const torch::Tensor& x_in, const torch::Tensor& w_in) {
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat && w_in.scalar_type() == torch::kFloat, "f32_linear: fp32 only");
+  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1), "f32_linear: x [M, K], w [O, K]");
+  const auto x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), O = w.size(0);
+  auto y = torch::empty({M, O}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (O + 3) / 4, grain(4 * K * 4), [&](int64_t b, int64_t e) {
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t o4 = b; o4 < e; ++o4) {
+        const int64_t o = o4 * 4;
+        float out[4];
+        const int64_t rows = std::min<int64_t>(4, O - o);
+        if (rows == 4) {
+          f32_rows<4>(xp + m * K, wp + o * K, K, out);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) f32_rows<1>(xp + m * K, wp + (o + r) * K, K, out + r);
+        }
+        for (int64_t r = 0; r < rows; ++r) yp[m * O + o + r] = out[r];
+      }
+    }
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------------- int8
+
+// Quantise one row of x (K values) into Kp int8 values (zero beyond K) and Kp / 32 block scales.
+void quantize_row(const float* x, int64_t K, int64_t Kp, int8_t* q, float* s) {
+  for (int64_t b = 0; b < Kp / QBLOCK; ++b) {
+    const int64_t lo = b * QBLOCK, hi = std::min<int64_t>(lo + QBLOCK, K);
+    float amax = 0.f;
+    for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float scale = amax / 127.f;
+    s[b] = scale;
+    for (int64_t i = lo; i < lo + QBLOCK; ++i) {
+      const float v = (i < hi && scale > 0.f) ? std::nearbyint(x[i] / scale) : 0.f;
+      q[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+    }
+  }
+}
+
+// MR rows of quantised x against 2 rows of weights: acc[m][r] = sum_b xs[m, b] * (xq[m, b] . w[r, b]).
+template <int MR>
+inline void int8_block(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* w0, const int8_t* w1,
+                       float out[][2]) {
+  const int64_t nb = Kp / QBLOCK;
+#ifdef SEEKLING_AVX2
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + b * QBLOCK));
+    const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + b * QBLOCK));
+    for (int m = 0; m < MR; ++m) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + b * QBLOCK));
+      const __m256i ax = _mm256_sign_epi8(xv, xv);
+      const __m256 sx = _mm256_set1_ps(xs[m * nb + b]);
+      const __m256i pa = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wa, xv)), ones);
+      const __m256i pb = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wb, xv)), ones);
+      acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), sx, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), sx, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    out[m][0] = hsum(acc[m][0]);
+    out[m][1] = hsum(acc[m][1]);
+  }
+#else
+  for (int m = 0; m < MR; ++m) {
+    float a0 = 0.f, a1 = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t d0 = 0, d1 = 0;
+      const int8_t* xb = xq + m * Kp + b * QBLOCK;
+      for (int64_t i = 0; i < QBLOCK; ++i) {
+        d0 += static_cast<int32_t>(xb[i]) * w0[b * QBLOCK + i];
+        d1 += static_cast<int32_t>(xb[i]) * w1[b * QBLOCK + i];
+      }
+      a0 += static_cast<float>(d0) * xs[m * nb + b];
+      a1 += static_cast<float>(d1) * xs[m * nb + b];
+    }
+    out[m][0] = a0;
+    out[m][1] = a1;
+  }
+#endif
+}
+
+template <int MR>
+void int8_rows(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* wq, const float* ws, int64_t O,
+               int64_t o_begin, int64_t o_end, float* y, int64_t m0) {
+  float out[MR][2];
+  for (int64_t o = o_begin; o < o_end; o += 2) {
+    const int8_t* w0 = wq + o * Kp;
+    const int8_t* w1 = (o + 1 < O) ? w0 + Kp : w0;  // an odd last row pairs with itself
+    int8_block<MR>(xq, xs, Kp, w0, w1, out);
+    for (int m = 0; m < MR; ++m) {
+      y[(m0 + m) * O + o] = out[m][0] * ws[o];
+      if (o + 1 < O) y[(m0 + m) * O + o + 1] = out[m][1] * ws[o + 1];
+    }
+  }
+}
+
+torch::Tensor int8_linear(const torch::Tensor& x_in, const torch::Tensor& wq_in, const torch::Tensor& ws_in) {
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat, "int8_linear: x must be fp32");
+  TORCH_CHECK(wq_in.scalar_type() == torch::kChar && ws_in.scalar_type() == torch::kFloat,
+              "int8_linear: int8 weights with fp32 scales");
+  TORCH_CHECK(x_in.dim() == 2 && wq_in.dim() == 2 && ws_in.dim() == 1 && ws_in.size(0) == wq_in.size(0),
+              "int8_linear: x [M, K], q [O, Kp], s [O]");
+  const auto x = x_in.contiguous(), wq = wq_in.contiguous(), ws = ws_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), O = wq.size(0), Kp = wq.size(1);
+  TORCH_CHECK(Kp % QBLOCK == 0 && Kp >= K && Kp - K < QBLOCK, "int8_linear: weight rows must be K padded to 32");
+  auto y = torch::empty({M, O}, x.options());
+  std::vector<int8_t> xq(M * Kp);
+  std::vector<float> xs(M * (Kp / QBLOCK));
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) quantize_row(xp + m * K, K, Kp, xq.data() + m * Kp, xs.data() + m * (Kp / QBLOCK));
+  });
+  const int8_t* wp = wq.data_ptr<int8_t>();
+  const float* sp = ws.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t nb = Kp / QBLOCK;
+  at::parallel_for(0, (O + 1) / 2, grain(2 * Kp), [&](int64_t b, int64_t e) {
+    const int64_t o_begin = 2 * b, o_end = std::min<int64_t>(2 * e, O);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) int8_rows<4>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, o_begin, o_end, yp, m);
+    for (; m < M; ++m) int8_rows<1>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, o_begin, o_end, yp, m);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(seekling, m) {
+  m.def("f32_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor q, Tensor s) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(seekling, CPU, m) {
+  m.impl("f32_linear", &f32_linear);
+  m.impl("int8_linear", &int8_linear);
+}
