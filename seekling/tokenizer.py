@@ -53,7 +53,9 @@ TOOL_TOKENS = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END,
 # Pieces shared by the three templates below (Jinja source, joined into each). Template variables beyond
 # transformers' own: `thinking` (DeepSeek-V3.1's name) or `enable_thinking` (Qwen3's), default true.
 _PREAMBLE = r"""
-{%- if thinking is not defined -%}{%- set thinking = enable_thinking if enable_thinking is defined else true -%}{%- endif -%}
+{%- if thinking is not defined -%}
+  {%- set thinking = enable_thinking if enable_thinking is defined else true -%}
+{%- endif -%}
 {%- set ns = namespace(system='', last_user=-1, prev='', user_prefix='') -%}
 {%- for message in messages -%}
   {%- if message['role'] == 'system' -%}
@@ -90,7 +92,8 @@ _ARGS = "(call['function']['arguments'] if call['function']['arguments'] is stri
 # small model). With thinking off the generation prompt ends in `<｜Assistant｜></think>`, as DeepSeek-V3.1's.
 CHAT_TEMPLATE = _PREAMBLE + r"""
 {%- if tools -%}
-  {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + '## Tools\nYou have access to the following tools:\n' -%}
+  {%- set ns.system = ns.system + ('\n\n' if ns.system else '')
+      + '## Tools\nYou have access to the following tools:\n' -%}
   {%- for tool in tools -%}
     {%- set f = tool['function'] if tool['function'] is defined else tool -%}
     {%- set ns.system = ns.system + '\n### ' + f['name'] + '\nDescription: ' + (f['description'] | default('', true))
@@ -107,13 +110,16 @@ CHAT_TEMPLATE = _PREAMBLE + r"""
     {{- '<｜User｜>' + message['content'] -}}
   {%- elif message['role'] == 'assistant' -%}""" + _ASSISTANT + r"""
     {{- '<｜Assistant｜>' -}}
-    {%- if keep -%}{{- ('<think>\n' + reasoning.strip('\n') + '\n</think>\n\n') if thinking else '</think>' -}}{%- endif -%}
+    {%- if keep -%}
+      {{- ('<think>\n' + reasoning.strip('\n') + '\n</think>\n\n') if thinking else '</think>' -}}
+    {%- endif -%}
     {{- content.lstrip('\n') -}}
     {%- if calls -%}
       {{- '<｜tool▁calls▁begin｜>' -}}
       {%- for call in calls -%}
         {{- ('\n' if not loop.first else '') + '<｜tool▁call▁begin｜>' + (call['type'] | default('function', true))
-            + '<｜tool▁sep｜>' + call['function']['name'] + '\n```json\n' + """ + _ARGS + r""" + '\n```<｜tool▁call▁end｜>' -}}
+            + '<｜tool▁sep｜>' + call['function']['name'] + '\n```json\n' + """ + _ARGS + r"""
+            + '\n```<｜tool▁call▁end｜>' -}}
       {%- endfor -%}
       {{- '<｜tool▁calls▁end｜>' -}}
     {%- endif -%}
@@ -121,7 +127,9 @@ CHAT_TEMPLATE = _PREAMBLE + r"""
   {%- elif message['role'] == 'tool' -%}
     {{- ('<｜tool▁outputs▁begin｜>' if ns.prev != 'tool' else '\n') + '<｜tool▁output▁begin｜>' + message['content']
         + '<｜tool▁output▁end｜>' -}}
-    {%- if loop.nextitem is not defined or loop.nextitem['role'] != 'tool' -%}{{- '<｜tool▁outputs▁end｜>' -}}{%- endif -%}
+    {%- if loop.nextitem is not defined or loop.nextitem['role'] != 'tool' -%}
+      {{- '<｜tool▁outputs▁end｜>' -}}
+    {%- endif -%}
   {%- elif message['role'] != 'system' -%}
     {{- raise_exception('unsupported chat role: ' + message['role']) -}}
   {%- endif -%}
@@ -157,7 +165,8 @@ _DISTILL_TURNS = r"""
 QWEN_TOOLS_TEMPLATE = _PREAMBLE + r"""
 {%- if tools -%}
   {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + '# Tools\n\nYou may call one or more functions to '
-      + 'assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>' -%}
+      + 'assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML '
+      + 'tags:\n<tools>' -%}
   {%- for tool in tools -%}{%- set ns.system = ns.system + '\n' + (tool | tojson) -%}{%- endfor -%}
   {%- set ns.system = ns.system + '\n</tools>\n\nFor each function call, return a json object with function name and '
       + 'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
@@ -182,7 +191,9 @@ LLAMA_TOOLS_TEMPLATE = _PREAMBLE + r"""
   {%- set ns.user_prefix = 'Given the following functions, please respond with a JSON for a function call with its '
       + 'proper arguments that best answers the given prompt.\n\nRespond in the format {"name": function name, '
       + '"parameters": dictionary of argument name and its value}.Do not use variables.\n\n' -%}
-  {%- for tool in tools -%}{%- set ns.user_prefix = ns.user_prefix + (tool | tojson(indent=4)) + '\n\n' -%}{%- endfor -%}
+  {%- for tool in tools -%}
+    {%- set ns.user_prefix = ns.user_prefix + (tool | tojson(indent=4)) + '\n\n' -%}
+  {%- endfor -%}
 {%- endif -%}
 {%- macro render_turn(content, calls) -%}
   {%- if calls | length > 1 -%}{{- raise_exception('Llama 3.1 tool calling makes one call per turn') -}}{%- endif -%}

@@ -47,7 +47,7 @@ def test_chat_in_browser(tmp_path):
             page.press("#input", "Enter")
             page.wait_for_selector("#stop:not([hidden])")  # streaming: the stop button is up
             page.wait_for_selector(".msg.assistant .actions", timeout=15000)  # finished
-            reasoning, answer = engine.script([{"role": "user", "content": "What is `2 + 2`?"}])
+            reasoning, answer = engine.script(engine.prompts[-1])
             summary = page.inner_text(".msg.assistant details.thinking summary")
             assert summary.startswith("Thought for ") and summary.endswith(" s")
             assert page.text_content(".msg.assistant .reasoning") == "".join(reasoning)
