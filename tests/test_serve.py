@@ -85,6 +85,7 @@ class ScriptedEngine:
         self.requests: dict[str, dict] = {}
         self.aborted: list[str] = []
         self.prompts: list[str] = []  # as the server rendered them
+        self.params: list = []  # their SamplingParams
 
     @staticmethod
     def script(prompt: str) -> tuple[list[str], list[str]]:
@@ -94,6 +95,7 @@ class ScriptedEngine:
     def add_request(self, prompt, params, request_id=None) -> str:
         request_id = request_id or uuid.uuid4().hex
         self.prompts.append(prompt)
+        self.params.append(params)
         reasoning, text = self.script(prompt)
         pieces = [("reasoning", w) for w in reasoning] + [("text", w) for w in text]
         with self.lock:
@@ -164,8 +166,7 @@ def tokenizer():
     return train_tokenizer(CORPUS, vocab_size=300)
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer):
+def tiny_model(tokenizer) -> Transformer:
     """A tiny random seekling model. Its `</think>` logit is boosted so that greedy answers have both a
     (short) reasoning part and an answer part, as a trained R1-style model's do (the seed is one for which
     the test prompts' greedy answers have both)."""
@@ -187,10 +188,12 @@ def model(tokenizer):
     model = Transformer(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight[tokenizer.think_end_id] *= 2
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine: threads only add contention
-    yield model
-    torch.set_num_threads(n)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer)
 
 
 @pytest.fixture

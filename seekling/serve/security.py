@@ -114,9 +114,12 @@ def anthropic_error_body(status: int, message: str) -> dict:
 
 def error_json(path: str, status: int, message: str, type: str, param: str | None = None, code: str | None = None,
                headers: dict[str, str] | None = None) -> JSONResponse:
-    """An error in the shape the route's clients expect: Anthropic's on /v1/messages, OpenAI's elsewhere."""
-    body = anthropic_error_body(status, message) if is_anthropic(path) else error_body(message, type, param, code)
-    return JSONResponse(body, status, headers=headers)
+    """An error in the shape the route's clients expect: Anthropic's on /v1/messages (where a request of the
+    wrong shape is a 400 too), OpenAI's elsewhere."""
+    if not is_anthropic(path):
+        return JSONResponse(error_body(message, type, param, code), status, headers=headers)
+    status = 400 if status == 422 else status
+    return JSONResponse(anthropic_error_body(status, message), status, headers=headers)
 
 
 def error_response(err: APIError, path: str = "") -> JSONResponse:
