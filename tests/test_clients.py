@@ -317,7 +317,8 @@ def test_anthropic_auth_and_error_shape(scripted):
     assert "max_tokens" in resp.json()["error"]["message"]
     resp = httpx.post(url, json={"model": "other", "max_tokens": 5, "messages": ASK}, headers=bearer)
     assert resp.status_code == 404 and resp.json()["error"]["type"] == "not_found_error"
-    resp = httpx.post(url, json={"model": "tiny", "max_tokens": 5, "messages": ASK}, headers={"x-api-key": "client-key-1"})
+    resp = httpx.post(url, json={"model": "tiny", "max_tokens": 5, "messages": ASK},
+                      headers={"x-api-key": "client-key-1"})
     assert resp.status_code == 200 and resp.json()["type"] == "message"
     resp = httpx.post(url, content=b"x" * 1_100_000, headers=bearer)
     assert resp.status_code == 413 and resp.json()["error"]["type"] == "request_too_large"

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
+from test_serve import ScriptedEngine
 from test_tokenizer import R1_DISTILL_TEMPLATE
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoTokenizer
 
+from seekling.serve.pipeline import ChatOptions, Context, prepare_chat
+from seekling.serve.security import Settings
 from seekling.serve.tools import FORMATS, CallArgs, CallStart, Text, tool_call_format, tool_format
 from seekling.tokenizer import (
     CHAT_TEMPLATE,
@@ -157,3 +161,26 @@ def test_older_tokenizers_get_the_tool_template(tmp_path):
     assert older.vocab_size == tok.vocab_size - len(TOOL_TOKENS) and len(older.encode(TOOL_CALLS_BEGIN)) > 5
     text = older.apply_chat_template(CONVERSATION, True, tools=TOOLS)
     assert older.decode(older.encode(text)) == text and TOOL_CALLS_BEGIN in text
+
+
+def test_thinking_off_per_template(tok):
+    """Seekling's template ends the prompt in `<｜Assistant｜></think>` (DeepSeek-V3.1's); the released R1-Distill
+    template opens <think> whatever it is told, so the server closes the block empty, as Qwen3 does."""
+    seekling_ctx = Context(ScriptedEngine(tok), Settings(), None, "m", None)
+    r1 = Tokenizer(tok.tokenizer, R1_DISTILL_TEMPLATE)
+    distill = ScriptedEngine(r1)
+    distill.config = SimpleNamespace(model_type="qwen2")
+    distill_ctx = Context(distill, Settings(), None, "m", None)
+    ask = CONVERSATION[:2]
+    for opts in (ChatOptions(thinking=False), ChatOptions(reasoning_effort="none")):
+        assert prepare_chat(seekling_ctx, ask, opts).prompt.endswith("<｜User｜>Weather in Paris, and the time?"
+                                                                      "<｜Assistant｜></think>")
+        assert prepare_chat(distill_ctx, ask, opts).prompt.endswith("<｜Assistant｜><think>\n\n</think>\n\n")
+    with_tools = prepare_chat(distill_ctx, ask, ChatOptions(tools=TOOLS, thinking=False))
+    assert "<tools>" in with_tools.prompt and with_tools.prompt.endswith("<｜Assistant｜><think>\n\n</think>\n\n")
+    assert with_tools.parser is FORMATS["hermes"] and with_tools.structured is None
+    on = prepare_chat(distill_ctx, ask, ChatOptions(reasoning_effort="high"))
+    assert on.prompt.endswith("<｜Assistant｜><think>\n") and on.prompt == r1.apply_chat_template(ask)
+    required = prepare_chat(distill_ctx, ask, ChatOptions(tools=TOOLS, tool_choice="required"))
+    tag = json.loads(required.structured.structural_tag)["format"]
+    assert tag["elements"][0]["end"] == "</think>"  # the model reasons first, then must call

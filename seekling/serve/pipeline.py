@@ -228,6 +228,8 @@ def openai_messages(messages) -> list[dict]:
         elif m.tool_calls or m.tool_call_id:
             raise bad(f"messages[{i}]: only assistant messages carry tool_calls, only tool messages tool_call_id.",
                       f"messages.{i}")
+        else:  # a user or system message closes the tool loop
+            open_calls = set()
         out.append(msg)
     if out[-1]["role"] == "assistant":
         raise bad("The last message must be from the user, the system or a tool.", "messages")
