@@ -62,6 +62,8 @@ def validation_error(exc: RequestValidationError) -> tuple[int, str, str | None]
     parts, param = [], None
     for e in errors[:5]:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "union_tag_invalid":  # name the field that selects the variant (e.g. `role`)
+            loc.append(str(e.get("ctx", {}).get("discriminator", "")).strip("'"))
         param = param or (".".join(loc) or None)
         parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
     status = 400 if all(e.get("type") in VALUE_ERRORS for e in errors) else 422

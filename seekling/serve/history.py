@@ -5,7 +5,7 @@ Every route is guarded; another owner's conversation is reported exactly like a 
 # builder, from the live annotations)
 from fastapi import APIRouter, Depends
 
-from seekling.serve.schemas import Schemas
+from seekling.serve.schemas import ERROR_RESPONSES, Schemas
 from seekling.serve.security import APIError, Settings
 from seekling.serve.store import Store
 
@@ -17,7 +17,7 @@ def found(conv: dict | None) -> dict:
 
 
 def history_router(store: Store, schemas: Schemas, guard, settings: Settings, model_name: str) -> APIRouter:
-    router = APIRouter(prefix="/api", tags=["history"])
+    router = APIRouter(prefix="/api", tags=["history"], responses=ERROR_RESPONSES)
     ConversationIn, ConversationUpdate = schemas.conversation_in, schemas.conversation_update
 
     @router.get("/conversations")

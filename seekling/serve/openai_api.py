@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from seekling.serve.pipeline import ChatOptions, Context, bad, openai_messages, prepare_chat, usage
-from seekling.serve.schemas import Schemas
+from seekling.serve.schemas import ERROR_RESPONSES, Schemas
 from seekling.serve.security import error_body
 from seekling.serve.streaming import Reasoning, Sample, collect, new_samples, sse, sse_response
 from seekling.serve.tools import CallArgs, CallStart, Text
@@ -154,7 +154,7 @@ def chat_options(body) -> ChatOptions:
 
 
 def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["openai"])
+    router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
     settings = ctx.settings
     ChatCompletionRequest, CompletionRequest = schemas.chat, schemas.completion
 

@@ -22,6 +22,18 @@ MAX_TOOLS = 128
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's and Anthropic's rule for function names
 
 
+# Every error status a route may answer (OpenAI's error shape, Anthropic's on /v1/messages).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "A value out of bounds, a rule across fields, NaN/Infinity, or a body that is not JSON."},
+    401: {"description": "Missing or wrong API key."},
+    404: {"description": "Another model id, or no such conversation."},
+    413: {"description": "The request body is over the server's limit."},
+    422: {"description": "A request of the wrong shape (400 on /v1/messages)."},
+    429: {"description": "Rate limit per key, or the request queue is full."},
+    500: {"description": "The engine failed."},
+}
+
+
 class StreamOptions(BaseModel):
     model_config = LENIENT
     include_usage: bool = False
@@ -142,14 +154,34 @@ def build_schemas(settings: Settings, model_name: str) -> Schemas:
         type: Literal["text"]
         text: text
 
-    class ChatMessage(BaseModel):
+    message_content = text | list[TextPart]
+
+    class SystemMessage(BaseModel):
         model_config = LENIENT
-        role: Literal["system", "developer", "user", "assistant", "tool"]
-        content: text | list[TextPart] | None = None
-        reasoning_content: text | None = None
+        role: Literal["system", "developer"]
+        content: message_content
+
+    class UserMessage(BaseModel):
+        model_config = LENIENT
+        role: Literal["user"]
+        content: message_content
+
+    class AssistantMessage(BaseModel):
+        model_config = LENIENT
+        role: Literal["assistant"]
+        content: message_content | None = None
+        reasoning_content: text | None = Field(None, description="Sent back to the model for a turn that called "
+                                               "tools after the last user message (DeepSeek's rule), else dropped.")
         tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)
-        tool_call_id: str | None = Field(None, max_length=256, description="Required on `tool` messages.")
-        name: str | None = None
+
+    class ToolMessage(BaseModel):
+        model_config = LENIENT
+        role: Literal["tool"]
+        content: message_content
+        tool_call_id: str = Field(max_length=256, description="The id of a call of the assistant message before.")
+
+    chat_message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage,
+                             Field(discriminator="role")]
 
     class SamplingFields(BaseModel):
         model_config = LENIENT
@@ -167,7 +199,9 @@ def build_schemas(settings: Settings, model_name: str) -> Schemas:
         frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
 
     class ChatCompletionRequest(SamplingFields):
-        messages: list[ChatMessage] = Field(min_length=1, max_length=settings.max_messages, description=messages_doc)
+        messages: list[chat_message] = Field(min_length=1, max_length=settings.max_messages, description=(
+            messages_doc + " The last one is not the assistant's; a tool message answers a call of the assistant "
+            "message before it."))
         max_completion_tokens: tokens | None = Field(None, description="Same as max_tokens (give one of them).")
         logprobs: bool = False
         top_logprobs: int | None = Field(None, ge=0, le=20, description="Needs logprobs: true.")
