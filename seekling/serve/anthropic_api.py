@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 
 from seekling.serve.openai_api import count_completion
 from seekling.serve.pipeline import ChatOptions, Context, bad, prepare_chat, text_of
-from seekling.serve.schemas import ERROR_RESPONSES, Schemas
+from seekling.serve.schemas import ERROR_RESPONSES, STREAMED, Schemas
 from seekling.serve.security import anthropic_error_body
 from seekling.serve.streaming import Reasoning, Sample, collect, new_samples, sse, sse_response
 from seekling.serve.tools import CallArgs, CallStart, Text
@@ -163,7 +163,7 @@ def anthropic_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["anthropic"], responses=ERROR_RESPONSES)
     MessagesRequest = schemas.messages
 
-    @router.post("/messages")
+    @router.post("/messages", responses=STREAMED)
     async def messages(body: MessagesRequest, request: Request, owner: str = Depends(guard)):
         ctx.check_model(body.model)
         chat = chat_messages(body)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from seekling.serve.pipeline import ChatOptions, Context, bad, openai_messages, prepare_chat, usage
-from seekling.serve.schemas import ERROR_RESPONSES, Schemas
+from seekling.serve.schemas import ERROR_RESPONSES, STREAMED, Schemas
 from seekling.serve.security import error_body
 from seekling.serve.streaming import Reasoning, Sample, collect, new_samples, sse, sse_response
 from seekling.serve.tools import CallArgs, CallStart, Text
@@ -158,7 +158,7 @@ def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
     settings = ctx.settings
     ChatCompletionRequest, CompletionRequest = schemas.chat, schemas.completion
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", responses=STREAMED)
     async def chat_completions(body: ChatCompletionRequest, request: Request, owner: str = Depends(guard)):
         ctx.check_model(body.model)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -199,7 +199,7 @@ def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
             "usage": usage(prompt_tokens, samples),
         }
 
-    @router.post("/completions")
+    @router.post("/completions", responses=STREAMED)
     async def completions(body: CompletionRequest, request: Request, owner: str = Depends(guard)):
         ctx.check_model(body.model)
         prompt = body.prompt[0] if isinstance(body.prompt, list) else body.prompt

@@ -34,6 +34,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# The answer of a route that can stream: JSON, or server-sent events when `stream` is true.
+STREAMED = {200: {"description": "The answer (JSON), or with `stream: true` server-sent events.",
+                  "content": {"application/json": {}, "text/event-stream": {}}}}
+
+
 class StreamOptions(BaseModel):
     model_config = LENIENT
     include_usage: bool = False
