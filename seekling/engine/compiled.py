@@ -43,7 +43,7 @@ class CompiledDecode:
             for items in ([(0, 0, [0, 0])], [(0, 0, [0, 0]), (0, 1, [0, 0])]):
                 batch = make_batch([([t], p, table) for t, p, table in items], self.kv.shape[2], device)
                 batch.cache = self.kv
-                marks = [(batch.block_tables, 1), (batch.bias, 2), (batch.cache, 1)]
+                marks = [(batch.block_tables, 1), (batch.bias, 4), (batch.cache, 1)]
                 if len(items) > 1:
                     marks += [(batch.input_ids, 0), (batch.positions, 0), (batch.slots, 0), (batch.block_tables, 0),
                               (batch.bias, 0)]
@@ -59,7 +59,7 @@ class CompiledDecode:
             bs = self.kv.shape[2]
             batch.block_tables = torch.nn.functional.pad(batch.block_tables, (0, pad))
             cached, new = batch.bias[..., :-1], batch.bias[..., -1:]
-            batch.bias = torch.cat([cached, cached.new_full((*cached.shape[:2], pad * bs), float("-inf")), new], -1)
+            batch.bias = torch.cat([cached, cached.new_full((*cached.shape[:-1], pad * bs), float("-inf")), new], -1)
         # .item() inside the graph (the MoE's experts of one token), and room for more than dynamo's default
         # 8 graphs of this code (one per model instance) in processes that build many engines (tests, sweeps).
         # Set for this call only.

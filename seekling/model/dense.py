@@ -217,9 +217,11 @@ class DenseBody(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [..., head_dim / 2]: angles in fp32 (as transformers), then the model dtype."""
-        freqs = positions[..., None].float() * self.inv_freq.float()
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+        """cos, sin [..., 1, head_dim / 2] (the 1 broadcasts over heads): angles in fp32 (as transformers), then
+        the model dtype."""
+        freqs = positions[..., None, None].float() * self.inv_freq.float()
+        cos, sin = freqs.cos(), freqs.sin()
+        return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape

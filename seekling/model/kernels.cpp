@@ -17,8 +17,10 @@
 // loops are written plainly for the compiler to vectorise (NEON on Arm). The results equal the torch
 // reference in seekling/model/quant.py up to the order of the fp32 block sums.
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -69,12 +71,12 @@ inline void f32_rows(const float* x, const float* w, int64_t K, float* y) {
   }
 }
 
-torch::Tensor f32_linear(const torch::Tensor& x_in, const torch::Tensor& w_in) {
-  TORCH_CHECK(x_in.scalar_type() == torch::kFloat && w_in.scalar_type() == torch::kFloat, "f32_linear: fp32 only");
+at::Tensor f32_linear(const at::Tensor& x_in, const at::Tensor& w_in) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat, "f32_linear: fp32 only");
   TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1), "f32_linear: x [M, K], w [O, K]");
   const auto x = x_in.contiguous(), w = w_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), O = w.size(0);
-  auto y = torch::empty({M, O}, x.options());
+  auto y = at::empty({M, O}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -173,16 +175,16 @@ void int8_rows(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* wq, 
   }
 }
 
-torch::Tensor int8_linear(const torch::Tensor& x_in, const torch::Tensor& wq_in, const torch::Tensor& ws_in) {
-  TORCH_CHECK(x_in.scalar_type() == torch::kFloat, "int8_linear: x must be fp32");
-  TORCH_CHECK(wq_in.scalar_type() == torch::kChar && ws_in.scalar_type() == torch::kFloat,
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wq_in, const at::Tensor& ws_in) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "int8_linear: x must be fp32");
+  TORCH_CHECK(wq_in.scalar_type() == at::kChar && ws_in.scalar_type() == at::kFloat,
               "int8_linear: int8 weights with fp32 scales");
   TORCH_CHECK(x_in.dim() == 2 && wq_in.dim() == 2 && ws_in.dim() == 1 && ws_in.size(0) == wq_in.size(0),
               "int8_linear: x [M, K], q [O, Kp], s [O]");
   const auto x = x_in.contiguous(), wq = wq_in.contiguous(), ws = ws_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), O = wq.size(0), Kp = wq.size(1);
   TORCH_CHECK(Kp % QBLOCK == 0 && Kp >= K && Kp - K < QBLOCK, "int8_linear: weight rows must be K padded to 32");
-  auto y = torch::empty({M, O}, x.options());
+  auto y = at::empty({M, O}, x.options());
   std::vector<int8_t> xq(M * Kp);
   std::vector<float> xs(M * (Kp / QBLOCK));
   const float* xp = x.data_ptr<float>();

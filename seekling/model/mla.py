@@ -86,8 +86,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [..., T] -> cos, sin [..., T, d/2] (fp32)."""
-        freqs = position_ids[..., None].float() * self.inv_freq
+        """position_ids [..., T] -> cos, sin [..., T, 1, d/2] (fp32; the 1 broadcasts over heads)."""
+        freqs = position_ids[..., None, None].float() * self.inv_freq
+        if self.attention_factor == 1.0:
+            return freqs.cos(), freqs.sin()
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
 
@@ -190,15 +192,15 @@ class MLA(nn.Module):
             q_a, c_kv, k_pe = y.split([self.q_lora_rank, r, dr], dim=-1)
             q = linear(self.q_a_layernorm(q_a), self.w_q_b)
         q_nope, q_pe = q.view(N, H, dn + dr).split([dn, dr], dim=-1)
-        k_pe = apply_rope(k_pe.view(N, 1, dr), cos, sin, interleaved=True)
-        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe[:, 0]], dim=-1)  # what the cache keeps
+        pe = apply_rope(torch.cat([q_pe, k_pe.view(N, 1, dr)], dim=1), cos, sin, interleaved=True)  # one rotation
+        latent = torch.cat([self.kv_a_layernorm(c_kv), pe[:, H]], dim=-1)  # what the cache keeps
         w_kv = self.kv_b_proj.weight.view(H, dn + self.v_head_dim, r)
-        q = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope, w_kv[:, :dn]),  # W_UK^T q_nope
-                       apply_rope(q_pe, cos, sin, interleaved=True)], dim=-1)  # [N, H, r + dr]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_kv[:, :dn]).transpose(0, 1)  # W_UK^T q_nope: [N, H, r]
+        q = torch.cat([q_lat, pe[:, :H]], dim=-1)  # [N, H, r + dr]
         if batch.keep is not None:
             q = q.index_select(0, batch.keep)
         keys = torch.cat([gather_cache(batch, self.layer_idx), per_sequence(latent, batch)], dim=1)
         keys = keys.unsqueeze(2)  # [B, S, 1, r + dr]: the one key head every query head reads
         o = attend(q, keys, keys[..., :r], batch, self.softmax_scale)  # [rows, H, r] in the latent space
-        o = torch.einsum("nhc,hvc->nhv", o, w_kv[:, dn:])  # W_UV: back to per-head values
+        o = torch.bmm(o.transpose(0, 1), w_kv[:, dn:].transpose(1, 2)).transpose(0, 1)  # W_UV: [rows, H, dv]
         return linear(o.flatten(1), self.w_o), latent

@@ -36,7 +36,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, h] -> (weights [N, k] fp32, indices [N, k], scores [N, E] fp32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        scores = F.linear(x if x.dtype == torch.float32 else x.float(), w).sigmoid()  # routing in fp32
         return *self.route(scores), scores
 
     def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +63,7 @@ def route(scores: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1
     weights = scores.gather(1, indices)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * route_scale, indices
+    return (weights if route_scale == 1.0 else weights * route_scale), indices
 
 
 class MoE(nn.Module):
@@ -158,10 +159,13 @@ class MoE(nn.Module):
         weights, indices, _ = self.gate(x)
         out = self.shared_experts.infer(x)
         N = x.shape[0]
-        if N == 1:
-            for j in range(self.top_k):
-                e = indices[0, j].item()
-                out = out + self._expert(x, e, weights[0, j].to(x.dtype))
+        if N == 1:  # its k experts by index; eager reads them as Python numbers (two ops instead of 4k)
+            if torch.compiler.is_compiling():
+                chosen = [(indices[0, j].item(), weights[0, j].to(x.dtype)) for j in range(self.top_k)]
+            else:
+                chosen = zip(indices[0].tolist(), weights[0].tolist(), strict=True)
+            for e, g in chosen:
+                out = out + self._expert(x, e, g)
             return out
         if torch.compiler.is_compiling():
             E = self.n_experts
@@ -182,7 +186,7 @@ class MoE(nn.Module):
         ys = [self._expert(xe, e, we) for e, (xe, we, n) in enumerate(zip(xs, ws, counts, strict=True)) if n]
         return out.index_add_(0, token_of, torch.cat(ys))
 
-    def _expert(self, x: torch.Tensor, e: int, scale: torch.Tensor) -> torch.Tensor:
+    def _expert(self, x: torch.Tensor, e: int, scale: torch.Tensor | float) -> torch.Tensor:
         return linear(silu_mul(linear(x, self.w13[e])) * scale, self.w2[e])
 
     @torch.no_grad()

@@ -132,23 +132,24 @@ def int8_reference(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ w^T (+ bias): the matmul of every inference forward (see the module docstring)."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if isinstance(w, Int8Weight):
-        if x2.is_cpu and _state["loaded"]:
-            y = torch.ops.seekling.int8_linear(x2.float(), w.q, w.scale)
-        else:
-            y = int8_reference(x2, w)
-        y = y.to(x.dtype)
-    elif x2.shape[0] <= SMALL_M and x2.dtype == torch.float32 and w.dtype == torch.float32 and x2.is_cpu \
-            and _state["loaded"] and w.is_contiguous():
-        y = torch.ops.seekling.f32_linear(x2, w)
+    """x [..., in] @ w^T (+ bias): the matmul of every inference forward (see the module docstring). Written
+    for few checks on the way: at batch 1 this wrapper runs ~30 times a step."""
+    if type(w) is not Int8Weight:
+        if (x.shape[0] > SMALL_M or x.dim() != 2 or not _state["loaded"] or x.dtype != torch.float32
+                or w.dtype != torch.float32 or not x.is_cpu):
+            return F.linear(x, w, bias)
+        y = torch.ops.seekling.f32_linear(x, w)
+        return y if bias is None else y + bias
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2.is_cpu and _state["loaded"]:
+        y = torch.ops.seekling.int8_linear(x2 if x2.dtype == torch.float32 else x2.float(), w.q, w.scale)
     else:
-        return F.linear(x, w, bias)
+        y = int8_reference(x2, w)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     if bias is not None:
         y = y + bias
-    return y.view(*shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def embed(ids: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
