@@ -16,6 +16,7 @@ from seekling.config import preset
 from seekling.data import BatchLoader, PackedDataset, SFTDataset, write_shards
 from seekling.model import Transformer
 from seekling.train import TrainConfig, lm_loss, lr_at, make_optimizers, train
+from seekling.train.scaffold import saved_state
 from seekling.train.trainer import newton_schulz
 
 VOCAB = 64
@@ -98,7 +99,7 @@ def test_training_learns_and_writes_checkpoint(tmp_path, shards, optimizer):
     assert summary["step"] == 40 and summary["tokens"] == 40 * 8 * 32 and summary["stopped"] == "max_steps"
 
     # the model directory is a plain HF checkpoint; the training state is a sibling, not inside it
-    assert not (out / "state.pt").exists() and (tmp_path / "run" / "train_state" / "base" / "state.pt").exists()
+    assert not (out / "checkpoints").exists() and saved_state(tmp_path / "run" / "train_state" / "base")["step"] == 40
     loaded = seekling.load_pretrained(out)
     for (n, p), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert n == n2 and torch.equal(p.cpu(), p2), n
@@ -192,7 +193,7 @@ def test_time_budget_sigterm_and_state_dir_guard(tmp_path, shards):
     summary = train(tiny_model(), BatchLoader(ds, 2, rank=0, world_size=1), cfg(), tmp_path / "term",
                     loss_fn=sigterm_at_step_2)
     assert summary["stopped"] == "interrupted" and summary["step"] == 2
-    assert torch.load(tmp_path / "train_state" / "term" / "state.pt", weights_only=False)["step"] == 2
+    assert saved_state(tmp_path / "train_state" / "term")["step"] == 2
     with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
         train(tiny_model(), BatchLoader(ds, 2, rank=0, world_size=1), cfg(), tmp_path / "nan",
               loss_fn=lambda model, batch: (lm_loss(model, batch)[0] * float("nan"), {}))
