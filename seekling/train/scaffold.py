@@ -201,7 +201,7 @@ class Parallelized:
             ignored = set(self.expert_params)
             if not ignored:
                 run_every_expert(self.module)
-            for block in getattr(getattr(self.module, "model", None), "layers", []):
+            for block in _blocks(self.module):
                 fully_shard(block, mesh=d.mesh, ignored_params=ignored & set(block.parameters()) or None)
             fully_shard(self.module, mesh=d.mesh, ignored_params=ignored or None)
         self.sharded = isinstance(self.module, FSDPModule) or bool(self.expert_params)
@@ -288,6 +288,14 @@ class Parallelized:
                 self._view = self.cls(self.config).to(self.d.device)  # its random init must not move our RNG
         self._view.load_state_dict(sd)
         return self._view.eval()
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 shards one by one: the transformer blocks. The MTP modules stay with the root:
+    the model calls their shared_head.norm outside their own forward, where a block's weights are sharded."""
+    if hasattr(model, "main_layers"):
+        return list(model.main_layers)
+    return list(getattr(getattr(model, "model", None), "layers", []))
 
 
 def inference_view(model: nn.Module) -> nn.Module:
