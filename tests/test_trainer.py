@@ -85,13 +85,13 @@ def test_param_groups():
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_training_learns_and_writes_checkpoint(tmp_path, shards, optimizer):
+def test_training_learns_and_writes_checkpoint(tmp_path, shards, optimizer, device):
     ds = PackedDataset(shards, 32)
     eval_batches = [next(BatchLoader(ds, 8, seed=99, rank=0, world_size=1))]
     model = tiny_model()
     out = tmp_path / "run" / "base"
     summary = train(model, BatchLoader(ds, 8, rank=0, world_size=1), cfg(max_steps=40, optimizer=optimizer, lr=3e-2,
-                    eval_every=20, log_every=10), out, eval_batches=eval_batches)
+                    eval_every=20, log_every=10, device=device), out, eval_batches=eval_batches)
     ls = losses(summary["history"])
     assert ls[-1] < 0.6 * ls[0], ls  # counting runs are easy: the loss must fall a lot in 40 steps
     evals = [h["eval_loss"] for h in summary["history"] if "eval_loss" in h]

@@ -154,11 +154,15 @@ def setup(device: str = "auto", ep: int = 1) -> Dist:
     return d
 
 
+def precision(device: torch.device) -> str:
+    """"bf16" (autocast) on a GPU that has bf16, else "fp32" (bf16 is emulated and ~100x slower on CPU)."""
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on a GPU that has bf16, else fp32 (bf16 is emulated and ~100x slower on CPU)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """The forward's precision context: bf16 autocast where `precision` says bf16 (weights, optimizer state
+    and gradient reductions stay fp32), else nothing."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if precision(device) == "bf16" else nullcontext()
 
 
 # --- the model on the mesh ----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from seekling.train.scaffold import (
     fmt_time,
     lr_at,
     peak_flops,
+    precision,
     seed_everything,
     set_lr,
     setup,
@@ -242,8 +243,10 @@ def _train(model: nn.Module, train_batches: Iterable[Batch], cfg: TrainConfig, o
     stop_reason, last_loss, last_eval = "max_steps", float("nan"), None
     window_tokens, window_time = 0, 0.0  # for tokens/s since the last log line
     start_step, start_time = step, train_time  # for the ETA: this session's pace
-    how = f"{cfg.parallel}{f', ep {cfg.ep}' if cfg.ep > 1 else ''}" if d.distributed else "one process"
-    log(f"training {n_params / 1e6:.2f}M active params on {device} x{d.world} ({how}), steps {step}->{cfg.max_steps}")
+    how = f"{cfg.parallel}{f', ep {cfg.ep}' if cfg.ep > 1 else ''} over {dist.get_backend()}" if d.distributed \
+        else "one process"
+    log(f"training {n_params / 1e6:.2f}M active params on {device} x{d.world} ({how}, {precision(device)}), "
+        f"steps {step}->{cfg.max_steps}")
     with GracefulStop(log) as stop_signal:
         while step < cfg.max_steps:
             t0 = time.perf_counter()
