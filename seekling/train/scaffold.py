@@ -185,29 +185,27 @@ class Parallelized:
             raise ValueError(f"parallel must be one of {PARALLEL}, not {parallel!r}")
         self.d, self.parallel, self.cls, self.config = d, parallel, type(model), getattr(model, "config", None)
         self.module = model.to(d.device)
+        self.fwd: nn.Module = self.module
         self.expert_params: list[nn.Parameter] = []
         self._view: nn.Module | None = None
-        self.fwd: nn.Module = self.module
         if d.ep_mesh is not None:
             apply_expert_parallel(self.module, d.ep_mesh.get_group("ep"))
             names = expert_param_names(self.module)
             self.expert_params = [p for n, p in self.module.named_parameters() if n in names]
-        if not d.distributed:
-            pass
-        elif parallel == "ddp":
-            if self.expert_params:  # their gradients are synced along "edp" by optimizer_step
-                DDP._set_params_and_buffers_to_ignore_for_model(self.module, sorted(expert_param_names(self.module)))
+        if d.distributed and parallel == "ddp":
+            if names := sorted(expert_param_names(self.module)):  # synced along "edp" by optimizer_step
+                DDP._set_params_and_buffers_to_ignore_for_model(self.module, names)
             # find_unused_parameters: an expert may get no tokens on one rank, the MTP module no loss in RL;
             # the expert-load buffers are per rank (summed in update_expert_bias), so no buffer broadcast.
             self.fwd = DDP(self.module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                            process_group=d.mesh.get_group(), find_unused_parameters=True, broadcast_buffers=False)
-        else:
-            ignored = set(self.expert_params)
-            if not ignored:
+        elif d.distributed:
+            experts = set(self.expert_params)  # sharded by ep already: FSDP leaves them alone
+            if not experts:
                 run_every_expert(self.module)
             for block in _blocks(self.module):
-                fully_shard(block, mesh=d.mesh, ignored_params=ignored & set(block.parameters()) or None)
-            fully_shard(self.module, mesh=d.mesh, ignored_params=ignored or None)
+                fully_shard(block, mesh=d.mesh, ignored_params=experts & set(block.parameters()) or None)
+            fully_shard(self.module, mesh=d.mesh, ignored_params=experts or None)
         self.sharded = isinstance(self.module, FSDPModule) or bool(self.expert_params)
         model._parallelized = self  # so inference_view(model) finds it
 
@@ -288,7 +286,7 @@ class Parallelized:
             return self.module
         sd = self.full_state_dict(everywhere=True)
         if self._view is None:
-            with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[self.d.device.index] if self.d.device.type == "cuda" else []):
                 self._view = self.cls(self.config).to(self.d.device)  # its random init must not move our RNG
         self._view.load_state_dict(sd)
         return self._view.eval()
