@@ -96,6 +96,18 @@ def assert_weights_close(directory: Path, model: Transformer, tol: float = 1e-5)
     assert worst < tol, worst
 
 
+def test_settings_are_checked_before_anything_runs():
+    from seekling.train.grpo import RLConfig
+    from seekling.train.scaffold import setup
+
+    with pytest.raises(ValueError, match="needs 2 ranks"):
+        setup("cpu", ep=2)  # a plain process has one rank
+    with pytest.raises(ValueError, match="parallel"):
+        TrainConfig(parallel="zero3")
+    with pytest.raises(ValueError, match="parallel"):
+        RLConfig(parallel="tp")
+
+
 # --- FSDP2: parity, kill and resume at 2 and at 1 rank, the HF checkpoint --------------------------------
 def _fsdp_runs(rank: int, tmp: Path, shards: str) -> None:
     shards = Path(shards)

@@ -55,6 +55,11 @@ def test_lr_schedules():
     assert lr_at(c, 50, 0.5) == pytest.approx(0.55) and lr_at(c, 100, 1.0) == pytest.approx(0.1)
     w = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100, schedule="wsd")
     assert [lr_at(w, s, s / 100) for s in (20, 79, 90, 100)] == pytest.approx([1.0, 1.0, 0.55, 0.1])
+    # GRPO's schedule is the same function: cosine from lr down to lr * min_lr_ratio
+    from seekling.train.grpo import RLConfig
+
+    r = RLConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
+    assert [lr_at(r, s, s / 100) for s in (0, 50, 100)] == pytest.approx([0.1, 0.55, 0.1])
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="optimizer"):

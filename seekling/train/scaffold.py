@@ -433,8 +433,7 @@ class Checkpointer:
         self.root, self.d = Path(state_dir) / "checkpoints", d
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        return self.root / pointer.read_text().strip() if pointer.exists() else None
+        return latest_checkpoint(self.root.parent)
 
     def save(self, pm: Parallelized, opts: list[torch.optim.Optimizer], state: dict[str, Any]) -> Path:
         step = state.get("step", 0)
@@ -478,8 +477,8 @@ class Checkpointer:
         set_model_state_dict(pm.module, sd["model"])
         optim.update(sd["optim"])
         set_optimizer_state_dict(pm.module, opts, optim, options=FLAT_OPTIM)
-        stateless = [p for n, p in pm.module.named_parameters() if not any(k.startswith(f"optim.state.{n}.")
-                                                                            for k in keys)]
+        with_state = {k.removeprefix("optim.state.").rsplit(".", 1)[0] for k in keys if k.startswith("optim.state.")}
+        stateless = [p for n, p in pm.module.named_parameters() if n not in with_state]
         for opt in opts:  # ... and those start fresh, as they would have without the interruption
             for p in stateless:
                 opt.state.pop(p, None)
@@ -490,9 +489,15 @@ class Checkpointer:
         return _unblob(sd["state"])
 
 
+def latest_checkpoint(state_dir: str | Path) -> Path | None:
+    """The current checkpoint folder of a run's `state_dir`, or None before its first save."""
+    pointer = Path(state_dir) / "checkpoints" / "latest"
+    return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
+
+
 def saved_state(state_dir: str | Path) -> dict[str, Any] | None:
     """The loop's state of the latest checkpoint in `state_dir` (step, ...) without loading any weights."""
-    path = Checkpointer(state_dir, Dist(0, 1, 0, torch.device("cpu"))).latest()
+    path = latest_checkpoint(state_dir)
     if path is None:
         return None
     sd = {"state": io.BytesIO()}
