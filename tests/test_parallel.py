@@ -5,6 +5,7 @@ parallelism against the single-process MoE, and GRPO on sharded ranks. Each spaw
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -100,7 +101,7 @@ def test_settings_are_checked_before_anything_runs():
     from seekling.train.grpo import RLConfig
     from seekling.train.scaffold import setup
 
-    with pytest.raises(ValueError, match="needs 2 ranks"):
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node 2"):
         setup("cpu", ep=2)  # a plain process has one rank
     with pytest.raises(ValueError, match="parallel"):
         TrainConfig(parallel="zero3")
@@ -253,6 +254,13 @@ def _grpo_runs(rank: int, tmp: Path, base: str) -> None:
                   w_custom=1.0, save_every=1, parallel="fsdp", ep=2)
     prompts = [{"prompt": f"question {i}"} for i in range(8)]
     train_rl(base, tmp / "rl", tmp / "state", rl, prompts=prompts, reward_fn=_digit_share, log=lambda s: None)
+    # DDP, dynamic sampling, and no signal at all on rank 1: it keeps no group, yet must take part in the update
+    rl = dataclasses.replace(rl, steps=1, parallel="ddp", ep=1, dynamic_sampling=True, max_sampling_rounds=2)
+    train_rl(base, tmp / "rl_dyn", tmp / "state_dyn", rl, prompts=prompts, reward_fn=_rank0_only, log=lambda s: None)
+
+
+def _rank0_only(prompt, completion, **kw):
+    return 0.0 if os.environ["RANK"] == "1" else sum(map(ord, completion)) % 7 / 7
 
 
 def test_grpo_on_two_sharded_ranks(tmp_path):
@@ -274,4 +282,10 @@ def test_grpo_on_two_sharded_ranks(tmp_path):
     assert len(by_rank["0"]) == len(by_rank["1"]) == 4 and not by_rank["0"] & by_rank["1"]
     assert saved_state(tmp_path / "state")["step"] == 2
     trained = seekling.load_pretrained(tmp_path / "rl")  # gathered from the shards, experts included
+    assert any((p - q).abs().max() > 0 for p, q in zip(trained.parameters(), model.parameters(), strict=True))
+
+    # rank 1 dropped its 4 zero-variance groups (2 per round): only rank 0's 2 groups trained the policy
+    (row,) = [json.loads(line) for line in (tmp_path / "state_dyn" / "rl_log.jsonl").read_text().splitlines()]
+    assert row["groups_used"] == 2 and row["zero_var_frac"] == pytest.approx(4 / 6) and row["grad_norm"] > 0
+    trained = seekling.load_pretrained(tmp_path / "rl_dyn")
     assert any((p - q).abs().max() > 0 for p, q in zip(trained.parameters(), model.parameters(), strict=True))

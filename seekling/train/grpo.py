@@ -503,7 +503,7 @@ def update_policy(policy: nn.Module, ref: nn.Module | None, opt: torch.optim.Opt
     every rank runs the same number of micro-batches (padding with empty ones), as the collectives need."""
     pm = pm or Parallelized(policy, Dist(0, 1, 0, policy.device))
     d, device = pm.d, pm.d.device
-    rows = [(ids, c, a) for (ids, g, _), a_g in zip(kept, adv.view(len(kept), -1), strict=True)
+    rows = [(ids, c, a) for (ids, g, _), a_g in zip(kept, adv.split([len(g) for _, g, _ in kept]), strict=True)
             for c, a in zip(g, a_g.tolist(), strict=True)]
     rows.sort(key=lambda r: len(r[0]) + len(r[1].token_ids))  # similar lengths share a micro-batch: less padding
     chunks = []

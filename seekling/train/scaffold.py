@@ -137,11 +137,10 @@ def setup(device: str = "auto", ep: int = 1) -> Dist:
         raise ValueError("device cuda requested but torch.cuda.is_available() is False")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu" if device == "auto" else device)
     if ep < 1 or world % ep:
-        raise ValueError(f"--ep {ep} must divide the number of ranks ({world})")
+        hint = f": launch with torchrun --nproc_per_node {ep} (or a multiple)" if world == 1 else ""
+        raise ValueError(f"--ep {ep} must divide the number of ranks ({world}){hint}")
     d = Dist(rank, world, local_rank, dev)
     if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        if ep > 1:
-            raise ValueError(f"--ep {ep} needs {ep} ranks: launch with torchrun --nproc_per_node {ep}")
         return d
     if use_cuda:
         torch.cuda.set_device(dev)
