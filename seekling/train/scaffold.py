@@ -424,9 +424,10 @@ class Checkpointer:
     """Resumable training state in `<state_dir>/checkpoints/step-N/` (a DCP folder: one file per rank plus
     metadata) with `checkpoints/latest` naming the current one. A save writes a new folder and then
     replaces `latest` atomically, so a crash at any point leaves the previous checkpoint current; older
-    folders are removed after. Saved: the model and optimizer state (sharded as in training, keyed by
-    parameter name, so it loads at another world size or parallelism), each rank's RNG (python, numpy,
-    torch, CUDA) and the loop's own state (step, data cursor, ...) from rank 0."""
+    folders are removed after. Saved: the model and the optimizer state tensors (sharded as in training,
+    keyed by parameter name, so they load at another world size or parallelism; the optimizer's
+    hyperparameters are the config's), each rank's RNG (python, numpy, torch, CUDA) and the loop's own
+    state (step, data cursor, ...) from rank 0."""
 
     def __init__(self, state_dir: str | Path, d: Dist):
         self.root, self.d = Path(state_dir) / "checkpoints", d
@@ -442,8 +443,9 @@ class Checkpointer:
             while (self.root / name).exists():  # saved at this step already (the loop's last save): a new folder
                 name, n = f"step-{step:08d}.{n}", n + 1
         path = self.root / self.d.broadcast(name)
+        optim = get_optimizer_state_dict(pm.module, opts, options=FLAT_OPTIM)
         sd: dict[str, Any] = {"model": get_model_state_dict(pm.module),
-                              "optim": get_optimizer_state_dict(pm.module, opts, options=FLAT_OPTIM),
+                              "optim": {k: v for k, v in optim.items() if k.startswith("state.")},
                               f"rng_{self.d.rank}": _blob(rng_state())}
         if self.d.master:
             sd["state"] = _blob(state)
@@ -466,6 +468,7 @@ class Checkpointer:
             keys = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
         optim = get_optimizer_state_dict(pm.module, opts, options=FLAT_OPTIM)  # zero state for every parameter
         # parameters that had no gradient yet when the run saved have no optimizer state: load only what is there
+        # (and the hyperparameters come from this run's config: the schedule sets the lr before each step)
         present = {k: v for k, v in optim.items() if f"optim.{k}" in keys}
         sd: dict[str, Any] = {"model": get_model_state_dict(pm.module), "optim": present, "state": io.BytesIO()}
         rng_key = f"rng_{self.d.rank}"
