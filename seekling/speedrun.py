@@ -92,9 +92,9 @@ def one_thread() -> Iterator[None]:
 
 
 def stop_if_interrupted(summary: dict[str, Any]) -> None:
-    """The trainer answers Ctrl-C / SIGTERM by saving and returning; the speedrun must then stop too,
-    not mark the stage done and go on with a half-trained model."""
-    if summary.get("stopped") == "interrupted":
+    """The trainer and GRPO answer Ctrl-C / SIGTERM by saving and returning; the speedrun must then stop
+    too, not mark the stage done and go on with a half-trained model."""
+    if "interrupted" in (summary.get("stopped"), summary.get("stop_reason")):
         raise SystemExit("[speedrun] interrupted: the stage's state is saved; re-run the same command to resume")
 
 
@@ -280,6 +280,7 @@ class Speedrun:
             summary = train_rl(self.out / "sft", self.out / "rl", self.out / "train_state" / "rl", cfg,
                                tasks=sorted(TASKS), cells=cells,
                                eval_fn=self.validation_fn(cells, r.rl_val_n) if r.rl_val_n else None)
+        stop_if_interrupted(summary)
         self.tokenizer().save_pretrained(self.out / "rl")
         self.results["rl"] = {**summary, "cells": [list(c) for c in cells]}  # the stage time is in stage_time_s
 
@@ -325,6 +326,7 @@ class Speedrun:
         with one_thread():
             self.results["r1_zero"] = train_rl(self.out / "base", self.out / "r1_zero",
                                                self.out / "train_state" / "r1_zero", cfg, tasks=sorted(TASKS))
+        stop_if_interrupted(self.results["r1_zero"])
 
     def score(self, stage: str, problems: list, label: str = "") -> dict[str, Any]:
         """Held-out scores of one stage's model (greedy, and pass@1 over eval_k samples)."""

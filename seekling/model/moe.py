@@ -12,6 +12,8 @@ optimizer step by b_i += γ·sign(mean_load − load_i) (`update_bias`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -81,6 +83,7 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(self.n_experts), persistent=False)
         self.register_buffer("last_load", torch.zeros(self.n_experts), persistent=False)  # for logging
         self.balance_loss: torch.Tensor | None = None
+        self.dispatch_fn: Callable[..., torch.Tensor] | None = None  # replaces dispatch when set (expert parallelism)
         # `infer` reads the routed experts stacked, built by `prepare`: [E, 2I, h] ([gate; up] each) and
         # [E, h, I]; each expert's own w13 / w2 are views of these.
         self.w13: torch.Tensor | Int8Weight | None = None
@@ -90,7 +93,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(flat)
-        out = self.dispatch(flat, weights, indices, out=self.shared_experts(flat))
+        out = (self.dispatch_fn or self.dispatch)(flat, weights, indices, out=self.shared_experts(flat))
         if self.training:
             with torch.no_grad():
                 self.load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(self.load.dtype)
