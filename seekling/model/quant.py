@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import threading
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from seekling.atomic import write_bytes
 
 log = logging.getLogger("seekling.kernels")
 QBLOCK = 32  # activations are quantised per block of this many values (the weight rows are padded to it)
@@ -55,7 +58,15 @@ def load_kernels() -> bool:
             try:
                 from torch.utils.cpp_extension import load
 
-                load(name=f"seekling_kernels_{_cpu_tag()}", sources=[str(_SOURCE)], is_python_module=False,
+                # Named by the CPU and the source's hash, and built from a copy at a fixed place: checkouts of
+                # the same source share one build (torch rebuilds when the source's path changes).
+                source = _SOURCE.read_bytes()
+                name = f"seekling_kernels_{_cpu_tag()}_{hashlib.sha1(source).hexdigest()[:8]}"
+                cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                copy = cache / "seekling" / name / "kernels.cpp"
+                if not copy.exists() or copy.read_bytes() != source:
+                    write_bytes(copy, source)
+                load(name=name, sources=[str(copy)], is_python_module=False,
                      extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"], verbose=False)
                 _register_fakes()
                 _state["loaded"] = True
