@@ -210,16 +210,54 @@ class Grammars:
         _xgrammar().apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
 
 
+# JSON's whitespace, wherever the engine constrains JSON: at most one whitespace character in a row. A weak model
+# otherwise can loop on spaces and newlines until max_tokens; one character still lets it write `{"a": 1}`.
+WHITESPACE = 1
+
+
 def _compile(compiler: Any, c: StructuredOutputsParams) -> Any:
-    """Each field as the contract says. JSON is compact (json.dumps' separators, no free whitespace): a weak
-    model may otherwise loop on whitespace, and it is the text the chat templates render for tool arguments."""
+    """Each field as the contract says."""
     if c.json is not None or c.json_object:
-        schema = json.dumps(c.json) if c.json is not None else '{"type": "object"}'
-        return compiler.compile_json_schema(schema, any_whitespace=False)
+        schema = lengths_as_patterns(c.json) if c.json is not None else {"type": "object"}
+        return compiler.compile_json_schema(json.dumps(schema), max_whitespace_cnt=WHITESPACE)
     if c.regex is not None:
         return compiler.compile_regex(c.regex)
     if c.choice is not None:  # JSON string literals are valid EBNF ones (same escapes)
         return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(s, ensure_ascii=False) for s in c.choice))
     if c.grammar is not None:
         return compiler.compile_grammar(c.grammar)
-    return compiler.compile_grammar(_xgrammar().Grammar.from_structural_tag(c.structural_tag))
+    tag = json.dumps(_tag_schemas(json.loads(c.structural_tag)))
+    return compiler.compile_grammar(_xgrammar().Grammar.from_structural_tag(tag))
+
+
+def _tag_schemas(node: Any) -> Any:
+    """A structural tag whose JSON contents follow the same rules as `json` (`lengths_as_patterns`, WHITESPACE
+    unless the tag sets its own)."""
+    if isinstance(node, list):
+        return [_tag_schemas(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "json_schema":
+        return {"max_whitespace_cnt": WHITESPACE, **node, "json_schema": lengths_as_patterns(node.get("json_schema"))}
+    return {k: _tag_schemas(v) for k, v in node.items()}
+
+
+_VALUES = {"enum", "const", "default", "examples"}  # keywords whose values are data, not schemas
+
+
+def lengths_as_patterns(node: Any) -> Any:
+    """A copy of a JSON Schema with every string's minLength/maxLength written as the equivalent pattern.
+    xgrammar (0.2.9) compiles a length bound to a repetition of a class that excludes only the quote, the
+    backslash, CR and LF: raw control characters get through (a tab in a string is invalid JSON) and no escape
+    can be written (mlc-ai/xgrammar#800). Its `pattern` path is JSON-aware. Drop this once xgrammar fixes the bug."""
+    if isinstance(node, list):
+        return [lengths_as_patterns(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: v if k in _VALUES else lengths_as_patterns(v) for k, v in node.items()}
+    kind = out.get("type")
+    string = kind == "string" or (isinstance(kind, list) and "string" in kind)
+    if string and ("minLength" in out or "maxLength" in out) and "pattern" not in out and "format" not in out:
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^.{{{low},{high}}}$"
+    return out
