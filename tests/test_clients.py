@@ -223,6 +223,12 @@ def test_json_schema_response_validates(live):
                                         "json_schema": {"name": "sum", "schema": schema, "strict": True}})
     assert r.choices[0].finish_reason == "stop"  # the constraint completed (not cut by max_tokens)
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    # A valid JSON Schema that no string satisfies: the engine's grammar compiler refuses it, the server says 400.
+    empty = {"type": "string", "minLength": 5, "maxLength": 2}
+    with pytest.raises(openai.BadRequestError, match="does not compile"):
+        client(server).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": empty}})
 
 
 def test_required_tool_call_validates_on_a_real_model(live):

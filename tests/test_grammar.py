@@ -101,8 +101,12 @@ def test_non_byte_level_tokenizers_and_missing_pieces_are_refused(tok, monkeypat
         raise ImportError(name)
 
     monkeypatch.setattr(grammar_mod.importlib, "import_module", no_module)
-    with pytest.raises(ValueError, match=r"pip install 'seekling\[structured\]'"):
-        Grammars(tok, tok.vocab_size, [1]).compile(S(regex="a"))
+    grammar_mod._xgrammar.cache_clear()  # as in a process where xgrammar was never imported
+    try:
+        with pytest.raises(ValueError, match=r"pip install 'seekling\[structured\]'"):
+            Grammars(tok, tok.vocab_size, [1]).compile(S(regex="a"))
+    finally:
+        grammar_mod._xgrammar.cache_clear()
 
 
 def test_compiled_once_per_constraint_and_errors_keep_xgrammars_message(tok):

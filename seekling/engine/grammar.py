@@ -22,6 +22,7 @@ engine appends. A preempted sequence recomputes tokens it already accepted, so n
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import re
@@ -44,6 +45,7 @@ MISSING = ("constrained decoding (structured_outputs: response_format json, tool
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
+@functools.cache
 def _xgrammar() -> ModuleType:
     """xgrammar, imported on first use (it imports transformers: ~1.5 s an unconstrained engine never pays)."""
     try:
