@@ -32,18 +32,27 @@ SCHEMA = {"type": "array", "minItems": 64, "items": {
 
 
 class Median:
-    """Median timings on two clocks: this process's CPU time (steadier on a shared machine) and wall time."""
+    """Median timings on two clocks: this process's CPU time (steadier on a shared machine) and wall time; and
+    the MTP drafts accepted over all runs (speculative engines)."""
 
     def __init__(self) -> None:
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.drafted = self.accepted = 0
 
-    def time(self, fn, *args):
+    def time(self, fn, engine: Engine, *args):
+        before = engine.stats()
         w, c = time.perf_counter(), time.process_time()
-        out = fn(*args)
+        out = fn(engine, *args)
         self.wall.append(time.perf_counter() - w)
         self.cpu.append(time.process_time() - c)
+        after = engine.stats()
+        self.drafted += after["spec_drafted"] - before["spec_drafted"]
+        self.accepted += after["spec_accepted"] - before["spec_accepted"]
         return out
+
+    def acceptance(self) -> str:
+        return f"{self.accepted / self.drafted:.2f}" if self.drafted else "-"
 
     def rate(self, n: int) -> str:
         return f"{n / statistics.median(self.cpu):7.1f} ({n / statistics.median(self.wall):7.1f} wall)"
@@ -125,7 +134,8 @@ def main() -> None:
                 cost = statistics.median(t_json.cpu) / statistics.median(t_free.cpu) - 1
                 wall = statistics.median(t_json.wall) / statistics.median(t_free.wall) - 1
                 print(f"{label:12s} batch {bs:3d}: none / json_schema {t_free.rate(n)} / {t_json.rate(n)} tok/s | "
-                      f"cost {100 * cost:+5.1f}% ({100 * wall:+5.1f}% wall) | mask {clock.per_row_us():5.0f} us/row")
+                      f"cost {100 * cost:+5.1f}% ({100 * wall:+5.1f}% wall) | mask {clock.per_row_us():4.0f} us/row | "
+                      f"MTP acceptance {t_free.acceptance()} / {t_json.acceptance()}")
 
 
 def _cached(engine: Engine, constraint: StructuredOutputsParams) -> float:

@@ -349,8 +349,8 @@ class Engine:
         logits = self.model.logits(hidden[rows]) if rows else None
         if rows:
             self._constrain(logits, row_of)
-        # Plain greedy rows (the common case in eval and benchmarks) need only the argmax of the raw
-        # logits: one op for the batch instead of the logits processor and the sampler.
+        # Plain greedy rows (the common case in eval and benchmarks) need only the argmax of the raw (for
+        # constrained rows, masked) logits: one op for the batch instead of the logits processor and the sampler.
         chosen: list[int] | dict[int, int] | None = None  # the token of each row not verifying drafts
         probs = None
         if rows and all(s.params.plain_greedy and not s.num_forks for s, _ in row_of):

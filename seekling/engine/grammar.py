@@ -3,10 +3,12 @@ matcher per sequence, which gives the next-token mask the sampler applies.
 
 xgrammar (MLC; the default backend of vLLM and SGLang) compiles JSON Schema, regex, EBNF and structural tags
 against the tokenizer's vocabulary once, then answers each step's mask in microseconds (most tokens are
-classified at compile time). It is an optional dependency (`pip install 'seekling[structured]'`): it pulls in
-transformers and a native extension, and an engine that is never asked for a constraint imports neither
-(the import is deferred to the first constraint; an engine without it refuses constrained requests with a
-clear error).
+classified at compile time). Why xgrammar rather than llguidance: the server's contract for tool calls and
+reasoning-first answers is written in xgrammar's structural-tag format (seekling/serve/tools.py), which it
+compiles as it is; its matchers fork (n > 1) and roll back (speculative drafts). It is an optional dependency
+(`pip install 'seekling[structured]'`): it pulls in transformers and a native extension, and an engine that is
+never asked for a constraint imports neither (the import is deferred to the first constraint; an engine
+without it refuses constrained requests with a clear error).
 
 What a constraint covers is the contract in seekling/engine/sampling.py: the completion text exactly as the
 engine decodes it (special tokens kept), from the first generated token; once the grammar is complete only a
