@@ -380,6 +380,20 @@ def test_speculative_greedy_equals_plain_greedy(model, budget):
     assert st["spec_drafted"] > 0 and 0 <= st["spec_acceptance_rate"] <= 1
 
 
+def chi_square(law: torch.Tensor, counts: torch.Tensor) -> tuple[float, float]:
+    """Pearson's statistic of the counts against the law, and its 99.9% quantile under that law."""
+    N = counts.sum()
+    keep = law * N >= 5  # the usual validity rule; the rare cells are pooled
+    expected, observed = law[keep] * N, counts[keep]
+    if not keep.all():
+        expected = torch.cat([expected, (law[~keep] * N).sum().unsqueeze(0)])
+        observed = torch.cat([observed, counts[~keep].sum().unsqueeze(0)])
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    df = len(expected) - 1
+    # Wilson-Hilferty 99.9% quantile of chi-square(df): df(1 - 2/(9df) + 3.09 sqrt(2/(9df)))^3
+    return chi2, df * (1 - 2 / (9 * df) + 3.09 * (2 / (9 * df)) ** 0.5) ** 3
+
+
 def test_speculative_sampling_keeps_the_target_distribution():
     """Empirical joint law of the first two sampled tokens vs the exact one from the model (chi-square).
     The second token goes through MTP draft + verification; a random MTP module drafts badly, so
@@ -401,16 +415,7 @@ def test_speculative_sampling_keeps_the_target_distribution():
     for out in engine.generate([prompt] * 40, params):
         for o in out.outputs:
             counts[o.token_ids[0] * V + o.token_ids[1]] += 1
-    N = counts.sum()
-    keep = joint * N >= 5  # the usual validity rule; the rare cells are pooled
-    expected, observed = joint[keep] * N, counts[keep]
-    if not keep.all():
-        expected = torch.cat([expected, (joint[~keep] * N).sum().unsqueeze(0)])
-        observed = torch.cat([observed, counts[~keep].sum().unsqueeze(0)])
-    chi2 = float(((observed - expected) ** 2 / expected).sum())
-    df = len(expected) - 1
-    # Wilson-Hilferty 99.9% quantile of chi-square(df): df(1 - 2/(9df) + 3.09 sqrt(2/(9df)))^3
-    limit = df * (1 - 2 / (9 * df) + 3.09 * (2 / (9 * df)) ** 0.5) ** 3
+    chi2, limit = chi_square(joint, counts)
     assert chi2 < limit, (chi2, limit)
     rate = engine.stats()["spec_acceptance_rate"]
     assert 0.05 < rate < 0.95  # both branches of the accept test were taken

@@ -31,6 +31,7 @@ import torch
 from seekling.engine.cache import BlockManager
 from seekling.engine.compiled import CompiledDecode
 from seekling.engine.detok import IncrementalDecoder, TextStream, prompt_opens_think
+from seekling.engine.grammar import Grammars, Matcher
 from seekling.engine.sampling import SamplingParams, probs_from_logits, sample, token_logprobs, uniform
 from seekling.engine.scheduler import Scheduler, Sequence
 from seekling.model.layers import CausalLM, make_batch
@@ -163,6 +164,7 @@ class Engine:
         eos = tokenizer.eos_token_id if tokenizer is not None else (model_eos or [model.config.eos_token_id])[0]
         self.eos_token_id: int | None = eos
         self.eos_token_ids: set[int] = {t for t in [eos, *model_eos] if t is not None}
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, sorted(self.eos_token_ids))  # constraints
         self._lock = threading.Lock()  # guards the inbox and the set of live request ids
         self._step_lock = threading.RLock()  # one step at a time
         self._inbox: list[tuple[str, Prompt, list[int], str, SamplingParams]] = []
@@ -213,6 +215,8 @@ class Engine:
             raise ValueError(f"the request needs up to {longest} cache slots but the cache holds "
                              f"{self.blocks.num_blocks * self.block_size}: it can never fit (lower "
                              "max_tokens or enlarge the cache)")
+        if params.structured_outputs is not None:  # compiled here (cached), so a bad grammar is refused at once
+            self.grammars.compile(params.structured_outputs)
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
             if request_id in self._live:
@@ -250,7 +254,10 @@ class Engine:
         }
 
     def _new_seq(self, request_id: str, index: int, ids: list[int], text: str,
-                 params: SamplingParams) -> Sequence:
+                 params: SamplingParams, matcher: Matcher | None = None) -> Sequence:
+        """A sample of a request; a constrained one gets `matcher` (a fork's copy of its parent's) or a new one."""
+        if matcher is None and params.structured_outputs is not None:
+            matcher = self.grammars.matcher(params.structured_outputs, params.stop_token_ids)
         gen = None
         if params.seed is not None:  # each sample its own stream: seed, seed + 1, ...
             gen = torch.Generator(self.device).manual_seed(params.seed + index)
@@ -259,7 +266,7 @@ class Engine:
         return Sequence(
             seq_id=next(self._seq_ids), request_id=request_id, index=index, prompt_ids=ids, params=params,
             prompt_text=text, generator=gen, decoder=IncrementalDecoder(tok, ids) if text_out else None,
-            stream=TextStream(params.stop_list, prompt_opens_think(text)) if text_out else None)
+            stream=TextStream(params.stop_list, prompt_opens_think(text)) if text_out else None, matcher=matcher)
 
     # --- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[tuple[str, Delta]]:
@@ -340,8 +347,10 @@ class Engine:
                 rows.append(first + j)
                 row_of.append((seq, j))
         logits = self.model.logits(hidden[rows]) if rows else None
-        # Plain greedy rows (the common case in eval and benchmarks) need only the argmax of the raw
-        # logits: one op for the batch instead of the logits processor and the sampler.
+        if rows:
+            self._constrain(logits, row_of)
+        # Plain greedy rows (the common case in eval and benchmarks) need only the argmax of the raw (for
+        # constrained rows, masked) logits: one op for the batch instead of the logits processor and the sampler.
         chosen: list[int] | dict[int, int] | None = None  # the token of each row not verifying drafts
         probs = None
         if rows and all(s.params.plain_greedy and not s.num_forks for s, _ in row_of):
@@ -389,6 +398,19 @@ class Engine:
             self._draft(mtp, hidden)
         return out
 
+    def _constrain(self, logits: torch.Tensor, row_of: list[tuple[Sequence, int]]) -> None:
+        """Mask, in place, the rows of constrained sequences to what their grammar allows: a sequence's row j
+        (verifying drafts) to the state after its first j drafts. Nothing happens for unconstrained batches."""
+        firsts = [i for i, (s, j) in enumerate(row_of) if j == 0 and s.matcher is not None]
+        if not firsts:
+            return
+        bitmask, masked = self.grammars.bitmask(len(row_of)), []
+        for i in firsts:
+            seq = row_of[i][0]
+            seq.matcher.fill(bitmask, i, seq.draft)
+            masked.extend(range(i, i + len(seq.draft) + 1))
+        self.grammars.apply(logits, bitmask, masked)
+
     def _write(self, entries: torch.Tensor, slots: torch.Tensor, first_layer: int) -> None:
         """Write a forward's new cache entries [layers, N, *entry] into their slots (index_copy_: several
         times cheaper than indexing with a tensor on a CPU)."""
@@ -411,7 +433,7 @@ class Engine:
         forked = []
         for index in range(1, parent.num_forks + 1):
             child = self._new_seq(parent.request_id, index, parent.prompt_ids, parent.prompt_text,
-                                  parent.params)
+                                  parent.params, parent.matcher.copy() if parent.matcher is not None else None)
             req.seqs[index] = child
             table = self.blocks.fork(parent.block_table, P, shared, self.kv)
             if table is None:  # no room for its private blocks: recompute it later
@@ -473,6 +495,7 @@ class Engine:
         if not drafting:
             return
         logits = self.model.logits(h[last])
+        self._constrain(logits, [(s, 0) for s in drafting])  # a draft the grammar forbids would be wasted
         if all(s.params.plain_greedy for s in drafting):  # the draft is the MTP head's argmax
             for seq, d in zip(drafting, logits.argmax(-1).tolist(), strict=True):
                 seq.draft = [d]
@@ -492,7 +515,9 @@ class Engine:
             seq.output_ids.append(t)
             new.append(t)
             self.num_generated += 1
-            stop_token = (t in self.eos_token_ids and not p.ignore_eos) or t in (p.stop_token_ids or ())
+            # A completed constraint (its stop token accepted) ends the sequence even with ignore_eos.
+            completed = seq.matcher is not None and seq.matcher.accept(t)
+            stop_token = completed or (t in self.eos_token_ids and not p.ignore_eos) or t in (p.stop_token_ids or ())
             reason = "stop" if stop_token else None
             if reason is None and (len(seq.output_ids) >= (p.max_tokens or self.max_model_len)
                                    or seq.num_tokens >= self.max_model_len):
