@@ -5,7 +5,7 @@
 // development machine (AMD EPYC, AVX2), against ~48 GB/s that one core can stream (CALIBRATION.md); fbgemm's
 // int8 GEMM needs a second, packed copy of every weight. These kernels stream the weights as they are stored:
 //
-//   f32_linear(x [M, K], w [O, K]) -> x @ w^T               fp32; rows of w in pairs of 4, 8 lanes at a time
+//   f32_linear(x [M, K], w [O, K]) -> x @ w^T               fp32; rows of w 4 at a time, 8 lanes, the next 4 prefetched
 //   int8_linear(x [M, K], q [O, Kp], s [O]) -> x @ (q * s)^T  q: int8 weights, one scale per output row, rows
 //                                                           padded to Kp = K rounded up to 32 with zeros
 //
@@ -58,7 +58,10 @@ inline void f32_rows(const float* x, const float* w, int64_t K, float* y) {
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (; i + 8 <= K; i += 8) {
     const __m256 xv = _mm256_loadu_ps(x + i);
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + i), xv, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      if ((i & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + i), _MM_HINT_T0);  // next tile
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + i), xv, acc[r]);
+    }
   }
   for (int r = 0; r < R; ++r) y[r] = hsum(acc[r]);
 #else
@@ -115,63 +118,63 @@ void quantize_row(const float* x, int64_t K, int64_t Kp, int8_t* q, float* s) {
   }
 }
 
-// MR rows of quantised x against 2 rows of weights: acc[m][r] = sum_b xs[m, b] * (xq[m, b] . w[r, b]).
-template <int MR>
-inline void int8_block(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* w0, const int8_t* w1,
-                       float out[][2]) {
+// MR rows of quantised x against R rows of weights w[0..R): out[m][r] = sum_b xs[m, b] * (xq[m, b] . w[r, b]).
+// The next tile's rows are prefetched as these stream: measured 28 GB/s from DRAM and 38 GB/s from L3 on one
+// core of the development machine, against 20 and 33 without.
+template <int MR, int R>
+inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* const* w, float out[][R]) {
   const int64_t nb = Kp / QBLOCK;
 #ifdef SEEKLING_AVX2
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[MR][2];
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  __m256 acc[MR][R];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + b * QBLOCK));
-    const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1 + b * QBLOCK));
+    __m256i wv[R];
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w[r] + R * Kp + b * QBLOCK), _MM_HINT_T0);
+      wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + b * QBLOCK));
+    }
     for (int m = 0; m < MR; ++m) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + b * QBLOCK));
       const __m256i ax = _mm256_sign_epi8(xv, xv);
       const __m256 sx = _mm256_set1_ps(xs[m * nb + b]);
-      const __m256i pa = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wa, xv)), ones);
-      const __m256i pb = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wb, xv)), ones);
-      acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), sx, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), sx, acc[m][1]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[r], xv)), ones);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sx, acc[m][r]);
+      }
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    out[m][0] = hsum(acc[m][0]);
-    out[m][1] = hsum(acc[m][1]);
-  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < R; ++r) out[m][r] = hsum(acc[m][r]);
 #else
   for (int m = 0; m < MR; ++m) {
-    float a0 = 0.f, a1 = 0.f;
-    for (int64_t b = 0; b < nb; ++b) {
-      int32_t d0 = 0, d1 = 0;
-      const int8_t* xb = xq + m * Kp + b * QBLOCK;
-      for (int64_t i = 0; i < QBLOCK; ++i) {
-        d0 += static_cast<int32_t>(xb[i]) * w0[b * QBLOCK + i];
-        d1 += static_cast<int32_t>(xb[i]) * w1[b * QBLOCK + i];
+    for (int r = 0; r < R; ++r) {
+      float a = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t d = 0;
+        const int8_t* xb = xq + m * Kp + b * QBLOCK;
+        for (int64_t i = 0; i < QBLOCK; ++i) d += static_cast<int32_t>(xb[i]) * w[r][b * QBLOCK + i];
+        a += static_cast<float>(d) * xs[m * nb + b];
       }
-      a0 += static_cast<float>(d0) * xs[m * nb + b];
-      a1 += static_cast<float>(d1) * xs[m * nb + b];
+      out[m][r] = a;
     }
-    out[m][0] = a0;
-    out[m][1] = a1;
   }
 #endif
 }
 
-template <int MR>
+// Output rows [o_begin, o_end) of x rows [m0, m0 + MR), R weight rows at a time (a short last tile repeats its
+// last row, whose duplicate result is not stored).
+template <int MR, int R>
 void int8_rows(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* wq, const float* ws, int64_t O,
                int64_t o_begin, int64_t o_end, float* y, int64_t m0) {
-  float out[MR][2];
-  for (int64_t o = o_begin; o < o_end; o += 2) {
-    const int8_t* w0 = wq + o * Kp;
-    const int8_t* w1 = (o + 1 < O) ? w0 + Kp : w0;  // an odd last row pairs with itself
-    int8_block<MR>(xq, xs, Kp, w0, w1, out);
-    for (int m = 0; m < MR; ++m) {
-      y[(m0 + m) * O + o] = out[m][0] * ws[o];
-      if (o + 1 < O) y[(m0 + m) * O + o + 1] = out[m][1] * ws[o + 1];
-    }
+  float out[MR][R];
+  const int8_t* w[R];
+  for (int64_t o = o_begin; o < o_end; o += R) {
+    for (int r = 0; r < R; ++r) w[r] = wq + std::min<int64_t>(o + r, o_end - 1) * Kp;
+    int8_tile<MR, R>(xq, xs, Kp, w, out);
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < R && o + r < o_end; ++r) y[(m0 + m) * O + o + r] = out[m][r] * ws[o + r];
   }
 }
 
@@ -195,11 +198,14 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wq_in, const at
   const float* sp = ws.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t nb = Kp / QBLOCK;
-  at::parallel_for(0, (O + 1) / 2, grain(2 * Kp), [&](int64_t b, int64_t e) {
-    const int64_t o_begin = 2 * b, o_end = std::min<int64_t>(2 * e, O);
+  // Tasks of whole 4-row weight tiles; one x row takes 4 weight rows a tile, four x rows share 2 (registers:
+  // 4 x 2 accumulators). Each x row's result is computed the same way whatever the other rows (batch invariance).
+  at::parallel_for(0, (O + 3) / 4, grain(4 * Kp), [&](int64_t b, int64_t e) {
+    const int64_t o_begin = 4 * b, o_end = std::min<int64_t>(4 * e, O);
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) int8_rows<4>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, o_begin, o_end, yp, m);
-    for (; m < M; ++m) int8_rows<1>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, o_begin, o_end, yp, m);
+    for (; m + 4 <= M; m += 4)
+      int8_rows<4, 2>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, o_begin, o_end, yp, m);
+    for (; m < M; ++m) int8_rows<1, 4>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, o_begin, o_end, yp, m);
   });
   return y;
 }

@@ -7,8 +7,8 @@ own new keys).
 
 The inference forward of every model (`Transformer.infer`, `DenseModel.infer`) reads a `Batch`: the new
 tokens of each scheduled sequence packed into N rows (no padding), their positions, and each sequence's
-block table into the paged cache. The forward only *reads* the cache: each layer deposits its new cache
-entries in `batch.written`, and the engine writes them after the forward (one `index_copy_`). A compiled
+block table into the paged cache. The forward only *reads* the cache: each layer returns its new cache
+entries, and the engine writes them after the forward (one `index_copy_`). A compiled
 graph that wrote into its cache input would be functionalised into a copy of the whole cache per step,
 and a forward without side effects is one that `torch.compile` captures as it is.
 
@@ -20,7 +20,7 @@ last token + drafts) and chunked prefill alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +138,7 @@ class Batch:
     unpad: torch.Tensor | None  # [N] rows of the flattened padded [B * Tq] layout that are real queries
     keep: torch.Tensor | None  # [B] last_only: the packed row of each sequence's last new token
     cache: torch.Tensor | None = None  # [layers, blocks, block_size, *entry] read-only during the forward
-    written: list[torch.Tensor] = field(default_factory=list)  # each layer's new entries [N, *entry], in order
+    scores_bias: tuple[tuple[int, int], torch.Tensor] | None = None  # the mask laid out for `attend`
 
     @property
     def num_seqs(self) -> int:
@@ -216,23 +216,45 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Bat
 
     q [N or B (last_only), H, Dk] packed; keys [B, S, Hkv, Dk], values [B, S, Hkv, Dv] per sequence (S = the
     cached slots + the new tokens); query head h reads key head h // (H / Hkv) (transformers' repeat_kv
-    order). MLA is the case Hkv = 1: every head reads the one latent key. Grouping the heads that share a key
-    head into the rows of one matmul keeps the keys from being copied per head. -> [N or B, H, Dv]."""
+    order). MLA is the case Hkv = 1: every head reads the one latent key. The heads that share a key head are
+    rows of one batched matmul, so keys are never copied per head, and in fp32 the scale and the mask ride in
+    the score matmul (baddbmm). -> [N or B, H, Dv]."""
     B, S, Hkv, Dk = keys.shape
     H = q.shape[1]
     g = H // Hkv
     if batch.keep is None and batch.q_index is not None:
         q = per_sequence(q, batch)  # [B, Tq, H, Dk]
     T = q.numel() // (B * H * Dk)
-    q = q.reshape(B, T, Hkv, g, Dk).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T * g, Dk)
-    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)).view(B, Hkv, T, g, S)
-    # softmax in fp32 (as transformers' eager/SDPA paths do) so bf16 weights keep the same ranking
-    p = (scores.float() * scale + batch.bias).softmax(-1)
-    if p.dtype != values.dtype:
-        p = p.to(values.dtype)
-    o = torch.matmul(p.view(B, Hkv, T * g, S), values.permute(0, 2, 1, 3))  # [B, Hkv, T * g, Dv]
-    o = o.view(B, Hkv, T, g, -1).permute(0, 2, 1, 3, 4).reshape(B * T, H, -1)
+    if Hkv == 1:  # (B, T * H) query rows against each sequence's one key head: views only
+        q, k, v = q.reshape(B, T * H, Dk), keys.view(B, S, Dk).transpose(1, 2), values.view(B, S, -1)
+    else:
+        q = q.reshape(B, T, Hkv, g, Dk).transpose(1, 2).reshape(B * Hkv, T * g, Dk)
+        k = keys.permute(0, 2, 3, 1).reshape(B * Hkv, Dk, S)
+        v = values.transpose(1, 2).reshape(B * Hkv, S, -1)
+    bias = _scores_bias(batch, Hkv, g)  # [B * Hkv, T * g, S]
+    if q.dtype == torch.float32:
+        scores = torch.baddbmm(bias, q, k, alpha=scale)
+    else:  # softmax in fp32 (as transformers' eager/SDPA paths do) so bf16 weights keep the same ranking
+        scores = torch.bmm(q, k).float().mul_(scale).add_(bias)
+    p = scores.softmax(-1)
+    o = torch.bmm(p if p.dtype == v.dtype else p.to(v.dtype), v)  # [B * Hkv, T * g, Dv]
+    if Hkv == 1:
+        o = o.view(B * T, H, -1)
+    else:
+        o = o.view(B, Hkv, T, g, -1).transpose(1, 2).reshape(B * T, H, -1)
     return o if batch.unpad is None else o[batch.unpad]
+
+
+def _scores_bias(batch: Batch, Hkv: int, g: int) -> torch.Tensor:
+    """The mask laid out as the score matmul's addend, [B * Hkv, T * g, S]: built once per batch and head
+    layout (every layer of the step reuses it); a view when nothing needs repeating."""
+    key = (Hkv, g)
+    if batch.scores_bias is None or batch.scores_bias[0] != key:
+        b = batch.bias  # [B, 1, Tq, 1, S]
+        B, _, T, _, S = b.shape
+        laid = b.view(B, T, S) if Hkv == 1 and g == 1 else b.expand(B, Hkv, T, g, S).reshape(B * Hkv, T * g, S)
+        batch.scores_bias = (key, laid)
+    return batch.scores_bias[1]
 
 
 def fuse_parameters(params: list[nn.Parameter], owner: nn.Module | None = None) -> torch.Tensor:
