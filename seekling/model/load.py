@@ -18,6 +18,7 @@ are read with plain file reads (no mmap: resident memory is what the model keeps
 
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,29 @@ from seekling.model.quant import QBLOCK, Int8Weight, quantize
 
 QUANTIZE = ("int8",)
 EMBED_CHUNK_ROWS = 8192  # rows of an embedding / output head read and quantised at a time
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): its allocator returns memory its own way
+        return None
+
+
+def _allocate_big_tensors_apart() -> None:
+    """glibc serves big allocations from mmap until a free raises its threshold (up to 32 MB), after which
+    freed float weights stay in the heap and resident memory grows layer by layer during a quantising load
+    (measured: 1.7 GB held for a 0.5 GB int8 model). A fixed threshold keeps every tensor over 1 MB its own
+    mapping, returned to the system when freed."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def _release_freed_memory() -> None:
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -214,6 +238,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device | None = N
         _drop_missing_mtp(model, stored)
     expected = _expected(model, stored, directory)
     budget = _budget(device, max_memory_gb)
+    _allocate_big_tensors_apart()
     target = _dtype(None if dtype == "auto" else dtype) or _auto_dtype(
         stored, device, _bytes_needed(expected, torch.float32, quantize) <= budget)
     _check_memory(directory, _bytes_needed(expected, target, quantize), budget, target, quantize, max_memory_gb)
@@ -230,6 +255,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device | None = N
         _load_quantized(model, stored, device, target, quantize)
     model.generation_defaults, eos = read_generation_config(directory)
     model.eos_token_ids = eos or model.eos_token_ids
+    _release_freed_memory()
     return model.eval()
 
 
