@@ -25,9 +25,12 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "
         "mscale": 0.707, "mscale_all_dim": 0.707}
 
 
-def llama(path: Path, n_ctx: int = 512) -> "llama_cpp.Llama":
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=1, n_threads_batch=1, logits_all=True,
-                           verbose=False)
+def llama(path: Path, fp32_cache: bool = True) -> "llama_cpp.Llama":
+    """llama.cpp, with an fp32 KV cache unless told otherwise: its default f16 cache alone moves logits by
+    ~1e-3 relative; with fp32 they agree with seekling's to ~1e-5 relative."""
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if fp32_cache else {}
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=1, n_threads_batch=1, logits_all=True,
+                           verbose=False, **kv)
 
 
 def llama_greedy(llm, prompt: list[int], n: int, eos: int) -> list[int]:
@@ -66,7 +69,7 @@ def trained_model(tmp_path_factory, tokenizer_dir) -> Path:
     existing = next((p for p in TRAINED if (p / "config.json").exists() and (p / "tokenizer.json").exists()), None)
     if existing:
         return existing
-    # no speedrun model here: ~20 s of pretraining on the task text gives confident greedy predictions
+    # no speedrun model here: ~15 s of pretraining on the task text gives confident greedy predictions
     tok = load_tokenizer(tokenizer_dir)
     texts = [render_chat(p.messages()) for task in ("addition", "word") for p in sample_problems(task, 400, seed=1)]
     ids = torch.tensor([(tok.encode(t) + [tok.eos_token_id] * 64)[:64] for t in texts])
@@ -75,9 +78,9 @@ def trained_model(tmp_path_factory, tokenizer_dir) -> Path:
                       qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, num_nextn_predict_layers=0)
     torch.manual_seed(0)
     model = Transformer(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(250):
-        batch = ids[torch.randint(0, len(ids), (16,))]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        batch = ids[torch.randint(0, len(ids), (8,))]
         model(batch, labels=batch).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -91,7 +94,7 @@ def trained_model(tmp_path_factory, tokenizer_dir) -> Path:
 def test_trained_deepseek_v3_gives_the_same_greedy_tokens(trained_model, tmp_path):
     export_gguf(trained_model, tmp_path / "m.gguf")
     tok = seekling.load_tokenizer(str(trained_model))
-    llm = llama(tmp_path / "m.gguf")
+    llm = llama(tmp_path / "m.gguf", fp32_cache=False)  # as llama.cpp and Ollama run it by default
     questions = [p.question for task in ("addition", "countdown", "multiplication", "word")
                  for p in sample_problems(task, 2, split="test", seed=3)]
     texts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
@@ -130,7 +133,7 @@ def test_random_deepseek_v3_gives_the_same_logits(variant, tmp_path, tokenizer_d
     export_gguf(tmp_path / "m", tmp_path / "m.gguf")
     ids = torch.randint(7, tok.vocab_size, (100,), generator=torch.Generator().manual_seed(1)).tolist()
     ref, got = seekling_logits(tmp_path / "m", ids), llama_logits(llama(tmp_path / "m.gguf"), ids)
-    assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 3e-5 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
@@ -155,7 +158,7 @@ def test_dense_gives_the_same_greedy_tokens_and_logits(arch, tmp_path, tokenizer
     llm = llama(tmp_path / "m.gguf")
     ids = torch.randint(7, tok.vocab_size, (80,), generator=torch.Generator().manual_seed(1)).tolist()
     ref, got = seekling_logits(tmp_path / "m", ids), llama_logits(llm, ids)
-    assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 3e-5 * np.abs(ref).max()
     prompts = [ids[i:i + 12] for i in range(0, 48, 12)]
     engine = seekling.Engine(str(tmp_path / "m"))
     ours = engine.generate(prompts, seekling.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
