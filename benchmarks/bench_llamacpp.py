@@ -198,6 +198,18 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 # ----------------------------------------------------------------------------- the two sides (worker processes)
 
 
+Clock = tuple[float, float]  # (wall, CPU) seconds: CPU time is the steadier figure on a shared machine
+
+
+def now() -> Clock:
+    return time.perf_counter(), time.process_time()
+
+
+def since(t0: Clock) -> Clock:
+    t1 = now()
+    return t1[0] - t0[0], t1[1] - t0[1]
+
+
 def memory_now() -> dict[str, float]:
     """VmRSS (held) and VmHWM (peak) of this process, in GB."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
@@ -222,19 +234,19 @@ class Seekling:
     def params(self, n: int) -> Any:
         return self.seekling.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
-    def decode1(self, prompt: list[int], n: int) -> tuple[list[int], float]:
+    def decode1(self, prompt: list[int], n: int) -> tuple[list[int], Clock]:
         """Greedy tokens and the decode time after the first token (prefill excluded)."""
-        tokens, first = [], None
+        tokens: list[int] = []
+        first = None
         for delta in self.engine.stream(prompt, self.params(n)):
-            if first is None:
-                first = time.perf_counter()
+            first = first or now()
             tokens += delta.token_ids
-        return tokens, time.perf_counter() - first
+        return tokens, since(first)
 
-    def generate(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
-        t0 = time.perf_counter()
+    def generate(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], Clock]:
+        t0 = now()
         outs = self.engine.generate(prompts, self.params(n))
-        return [o.token_ids for o in outs], time.perf_counter() - t0
+        return [o.token_ids for o in outs], since(t0)
 
 
 class LlamaCpp:
@@ -279,35 +291,35 @@ class LlamaCpp:
         if self.L.llama_decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
 
-    def run(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float, float]:
+    def run(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], Clock, Clock]:
         """Greedy tokens, prefill time (all prompts in one batch) and decode time (n - 1 batched steps)."""
         L = self.L
         total = sum(map(len, prompts))
         ctx = self.context(len(prompts), total)
         batch = L.llama_batch_init(max(total, len(prompts)), 0, 1)
         try:
-            t0 = time.perf_counter()
+            t0 = now()
             entries = [(t, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)]
             self.step(ctx, batch, entries)
             last = [i for i, e in enumerate(entries) if e[3]]
             out = [[L.llama_sampler_sample(self.sampler, ctx, idx)] for idx in last]
-            t1 = time.perf_counter()
+            prefill, t1 = since(t0), now()
             for k in range(n - 1):
                 step = [(o[-1], len(p) + k, s, True) for s, (p, o) in enumerate(zip(prompts, out, strict=True))]
                 self.step(ctx, batch, step)
                 for s, o in enumerate(out):
                     o.append(L.llama_sampler_sample(self.sampler, ctx, s))
-            return out, t1 - t0, time.perf_counter() - t1
+            return out, prefill, since(t1)
         finally:
             L.llama_batch_free(batch)
 
-    def decode1(self, prompt: list[int], n: int) -> tuple[list[int], float]:
+    def decode1(self, prompt: list[int], n: int) -> tuple[list[int], Clock]:
         out, _, decode = self.run([prompt], n)
         return out[0], decode
 
-    def generate(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
+    def generate(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], Clock]:
         out, prefill, decode = self.run(prompts, n)
-        return out, prefill + decode
+        return out, (prefill[0] + decode[0], prefill[1] + decode[1])
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -318,16 +330,21 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         side.decode1(spec["warmup"], 16)
         return memory_now()
     side.generate([spec["warmup"]], 4)  # warm-up: kernels, allocator, thread pool
-    result: dict[str, Any] = {"decode1": [], "batch": [], "prefill": [], "tokens1": [], "tokens_batch": []}
+    result: dict[str, Any] = {"tokens1": [], "tokens_batch": []}
+
+    def rate(key: str, count: int, clock: Clock) -> None:  # tokens/s by wall and by CPU time
+        result.setdefault(key, []).append(count / clock[0])
+        result.setdefault(key + "_cpu", []).append(count / clock[1])
+
     for r in range(spec["repeats"]):
-        tokens, seconds = side.decode1(spec["prompts1"][r], n)
-        result["decode1"].append((n - 1) / seconds)
+        tokens, clock = side.decode1(spec["prompts1"][r], n)
+        rate("decode1", n - 1, clock)
         result["tokens1"].append(tokens)
-        outs, seconds = side.generate(spec["prompts_batch"][r], n)
-        result["batch"].append(len(outs) * n / seconds)
+        outs, clock = side.generate(spec["prompts_batch"][r], n)
+        rate("batch", len(outs) * n, clock)
         result["tokens_batch"].append(outs)
-        _, seconds = side.generate([spec["prompts_prefill"][r]], 1)
-        result["prefill"].append(len(spec["prompts_prefill"][r]) / seconds)
+        _, clock = side.generate([spec["prompts_prefill"][r]], 1)
+        rate("prefill", len(spec["prompts_prefill"][r]), clock)
     return result
 
 
@@ -377,7 +394,7 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path) -> dict
     out = {"name": case["name"], "precision": case["precision"], "threads": case["threads"],
            "tokens": compare(tokens["seekling"], tokens["llama.cpp"], case["eos"])}
     for side, s in speed.items():
-        out[side] = {"decode1": max(s["decode1"]), "batch": max(s["batch"]), "prefill": max(s["prefill"])}
+        out[side] = {k: max(v) for k, v in s.items() if not k.startswith("tokens")}
     if not args.skip_memory:
         for side, extra in sides.items():
             spec = {**common, **extra, "side": side, "mode": "memory", "n_seq": 1}
@@ -425,21 +442,23 @@ def split_prompts(prompts: list[list[int]], prefill: list[list[int]], args: argp
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"\n{'model':27s} {'precision':12s} {'thr':>3s} {'measure':16s} {'seekling':>10s} {'llama.cpp':>10s} "
-          f"{'ratio':>6s}")
+          f"{'ratio':>6s} {'by CPU time':>22s}")
     for r in results:
+        ours, theirs = r["seekling"], r["llama.cpp"]
         rows = [("decode b=1 tok/s", "decode1"), (f"total b={args.batch} tok/s", "batch"),
-                (f"prefill {args.prefill_tokens} tok/s", "prefill")]
-        if "held_gb" in r["seekling"]:
-            rows += [("held GB", "held_gb"), ("peak GB", "peak_gb")]
+                (f"prefill {args.prefill_tokens} tok/s", "prefill"), ("held GB", "held_gb"), ("peak GB", "peak_gb")]
         for label, key in rows:
-            ours, theirs = r["seekling"][key], r["llama.cpp"][key]
-            print(f"{r['name']:27s} {r['precision']:12s} {r['threads']:3d} {label:16s} {ours:10.2f} {theirs:10.2f} "
-                  f"{ours / theirs:5.2f}x")
+            if key not in ours:
+                continue
+            a, b = ours.get(key + "_cpu"), theirs.get(key + "_cpu")
+            cpu = f"{a:8.1f} {b:8.1f} {a / b:4.2f}x" if a else ""
+            print(f"{r['name']:27s} {r['precision']:12s} {r['threads']:3d} {label:16s} {ours[key]:10.2f} "
+                  f"{theirs[key]:10.2f} {ours[key] / theirs[key]:5.2f}x {cpu:>22s}")
         t = r["tokens"]
         print(f"{'':27s} greedy tokens: {t['identical']}/{t['sequences']} sequences identical over {args.new_tokens} "
               f"tokens, {t['identical_through_eos']}/{t['sequences']} through eos, first divergence at "
               f"{t['first_divergence']}")
-    print("(ratio = seekling / llama.cpp: above 1 is faster for tokens/s, but more memory for GB)")
+    print("(ratio = seekling / llama.cpp: above 1 is faster for tokens/s, more memory for GB; best of the repeats)")
 
 
 def machine() -> dict[str, Any]:
