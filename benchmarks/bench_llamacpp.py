@@ -45,6 +45,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -353,10 +354,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_worker(spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    path = work / "spec.json"
-    path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(path)], capture_output=True, text=True,
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=work, delete=False) as f:
+        json.dump(spec, f)
+    proc = subprocess.run([sys.executable, __file__, "--worker", f.name], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
+    Path(f.name).unlink()
     if proc.returncode != 0:
         raise RuntimeError(f"{spec['side']} worker failed on {spec['model']}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
