@@ -2,10 +2,11 @@
 
 llama.cpp runs through llama-cpp-python (the `bench` extra; never at run time of the product), on GGUF files
 made by llama.cpp's own `convert_hf_to_gguf.py` (not by `seekling export`), at the same thread count.
-  - the speedrun model (DeepSeek-V3 MoE, --moe-model): seekling fp32 vs llama.cpp F32;
+  - the speedrun model (DeepSeek-V3 MoE, --moe-model) and
   - a random dense Qwen2 of Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate
     4864, vocab 151,936, tied embeddings), built here with a seed, and a synthetic byte-level BPE tokenizer of
-    that vocabulary size (the converter reads one): fp32 vs F32 and seekling int8 vs Q8_0.
+    that vocabulary size (the converter reads one);
+each at fp32 vs F32 and seekling int8 (`Engine(path, quantize="int8")`) vs Q8_0 (--precisions).
 For each: batch-1 greedy decode, 8 concurrent sequences (seekling's continuous batching via
 `engine.generate([8 prompts])` vs llama.cpp's batched decoding: one llama_batch carrying 8 sequence ids,
 n_seq_max=8), prefill of a --prefill-tokens prompt; the greedy tokens compared sequence by sequence; resident
@@ -417,28 +418,26 @@ def build_cases(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     src = args.llama_cpp_src
     n_prompts = args.repeats * (1 + args.batch)
     cases = []
+    models = []
     if args.moe_model:
         moe = prepare_moe(Path(args.moe_model), work)
-        f32 = convert(src, moe, work / "moe-F32.gguf", "f32")
-        prompts = chat_prompts(moe, n_prompts + 1, seed=args.seed)
         config = json.loads((moe / "config.json").read_text())
+        prompts = chat_prompts(moe, n_prompts + 1, seed=args.seed)
         prefill = random_prompts(args.repeats, args.prefill_tokens, config["vocab_size"], args.seed)
-        for threads in args.threads:
-            cases.append(dict(name="speedrun MoE", precision="fp32 / F32", seekling=moe, gguf=f32, quantize=None,
-                              threads=threads, eos={config["eos_token_id"]}, **split_prompts(prompts, prefill, args)))
+        models.append(("speedrun MoE", "moe", moe, {config["eos_token_id"]}, prompts, prefill))
     if not args.skip_dense:
-        dense = prepare_dense(work, args.seed)
-        ggufs = {"f32": convert(src, dense, work / "dense-F32.gguf", "f32"),
-                 "q8_0": convert(src, dense, work / "dense-Q8_0.gguf", "q8_0")}
         vocab = DENSE_SHAPE["vocab_size"]
         prompts = random_prompts(n_prompts + 1, args.dense_prompt_tokens, vocab, args.seed)
         prefill = random_prompts(args.repeats, args.prefill_tokens, vocab, args.seed + 1)
-        for threads in args.threads:
-            for precision, quantize, gguf_file in (("fp32 / F32", None, ggufs["f32"]),
-                                                   ("int8 / Q8_0", "int8", ggufs["q8_0"])):
-                cases.append(dict(name="Qwen2 0.5B-shape (random)", precision=precision, seekling=dense,
-                                  gguf=gguf_file, quantize=quantize, threads=threads, eos={1},
-                                  **split_prompts(prompts, prefill, args)))
+        models.append(("Qwen2 0.5B-shape (random)", "dense", prepare_dense(work, args.seed), {1}, prompts, prefill))
+    for name, tag, directory, eos, prompts, prefill in models:
+        for precision, quantize, outtype in (("fp32 / F32", None, "f32"), ("int8 / Q8_0", "int8", "q8_0")):
+            if quantize not in args.quantize:
+                continue
+            gguf_file = convert(src, directory, work / f"{tag}-{outtype.upper()}.gguf", outtype)
+            for threads in args.threads:
+                cases.append(dict(name=name, precision=precision, seekling=directory, gguf=gguf_file,
+                                  quantize=quantize, threads=threads, eos=eos, **split_prompts(prompts, prefill, args)))
     return cases
 
 
@@ -503,6 +502,8 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--dense-prompt-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per side")
+    ap.add_argument("--precisions", nargs="+", choices=("fp32", "int8"), default=["fp32", "int8"],
+                    help="seekling fp32 vs llama.cpp F32, seekling int8 (Engine(quantize='int8')) vs Q8_0")
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True)")
     ap.add_argument("--llama-precision", choices=("default", "exact"), default="default",
                     help="llama.cpp's own defaults (f16 KV cache, flash attention), or exact: fp32 cache and no "
@@ -512,6 +513,7 @@ def main() -> None:
                     help="where the built models and GGUF files are kept between runs")
     ap.add_argument("--json", type=Path, help="write every figure here")
     args = ap.parse_args()
+    args.quantize = [None if p == "fp32" else p for p in args.precisions]
     if args.worker:
         print(json.dumps(worker(json.loads(Path(args.worker).read_text()))))
         return

@@ -41,9 +41,10 @@ import numpy as np
 import torch
 
 from seekling.atomic import atomic_path, write_text
-from seekling.checkpoint import load_pretrained
+from seekling.checkpoint import read_generation_config
 from seekling.config import ModelConfig
-from seekling.model.dense import DenseConfig, DenseModel, read_generation_config, rope_inv_freq
+from seekling.model.dense import DenseConfig, DenseModel, rope_inv_freq
+from seekling.model.load import load_pretrained
 from seekling.tokenizer import ASSISTANT, BOS, EOS, SPLIT_PATTERN, USER, Tokenizer, load_tokenizer
 
 Q = gguf.GGMLQuantizationType
