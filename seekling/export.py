@@ -148,16 +148,16 @@ def dense_tensors(model: DenseModel) -> Iterator[tuple[str, torch.Tensor]]:
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         if cfg.model_type == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            t = rotate_half_to_interleaved(t, cfg.num_attention_heads)
+            t = halves_to_pairs(t, cfg.num_attention_heads)
         elif cfg.model_type == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            t = rotate_half_to_interleaved(t, cfg.num_key_value_heads)
+            t = halves_to_pairs(t, cfg.num_key_value_heads)
         yield rename(name, DENSE_NAMES), t
     if cfg.rope_scaling is not None:  # llama3 scaling: llama.cpp divides each frequency by its factor
         plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
         yield "rope_freqs.weight", plain / rope_inv_freq(cfg)
 
 
-def rotate_half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def halves_to_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of each head reordered from (first halves, second halves) to interleaved pairs."""
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
