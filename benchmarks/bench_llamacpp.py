@@ -16,7 +16,7 @@ and Ollama do; --llama-precision exact gives it seekling's arithmetic (fp32 cach
 CPU kernel rounds through f16: logits move by ~0.05 on the 0.5B model, and near-tied greedy tokens of random
 weights flip; exact agrees with seekling to ~1e-5 relative). Every measurement runs in a fresh subprocess
 (`--worker`), so neither side shares a process, a thread pool or an allocator with the other. Runs alternate
-between the sides and the best of --repeats is kept; every repeat uses new prompts, so seekling's prefix cache
+between the sides and the median of --repeats is kept; every repeat uses new prompts, so seekling's prefix cache
 never serves one. Wall and CPU-time rates are both printed: on a shared machine CPU time is the steadier.
 
 seekling is used only through its public API (Engine, SamplingParams, load_pretrained, ModelConfig).
@@ -46,6 +46,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -406,7 +407,7 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path) -> dict
     out = {"name": case["name"], "precision": case["precision"], "threads": case["threads"],
            "tokens": compare(tokens["seekling"], tokens["llama.cpp"], case["eos"])}
     for side, s in speed.items():
-        out[side] = {k: max(v) for k, v in s.items() if not k.startswith("tokens")}
+        out[side] = {k: statistics.median(v) for k, v in s.items() if not k.startswith("tokens")}
     if not args.skip_memory:
         for side, extra in sides.items():
             spec = {**common, **extra, "side": side, "mode": "memory", "n_seq": 1}
@@ -468,7 +469,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(f"{'':27s} greedy tokens: {t['identical']}/{t['sequences']} sequences identical over {args.new_tokens} "
               f"tokens, {t['identical_through_eos']}/{t['sequences']} through eos, first divergence at "
               f"{t['first_divergence']}")
-    print("(ratio = seekling / llama.cpp: above 1 is faster for tokens/s, more memory for GB; best of the repeats)")
+    print("(ratio = seekling / llama.cpp: above 1 is faster for tokens/s, more memory for GB; median of the repeats)")
 
 
 def machine() -> dict[str, Any]:
@@ -501,7 +502,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="concurrent sequences of the batched rows")
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--dense-prompt-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per side")
+    ap.add_argument("--repeats", type=int, default=3, help="the median of this many runs per side")
     ap.add_argument("--precisions", nargs="+", choices=("fp32", "int8"), default=["fp32", "int8"],
                     help="seekling fp32 vs llama.cpp F32, seekling int8 (Engine(quantize='int8')) vs Q8_0")
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True)")
@@ -523,7 +524,7 @@ def main() -> None:
     info = machine()
     print(f"{info['date']}  {info['cpu']} ({info['cores']} cores)  load average {info['load_average'][0]:.2f}  "
           f"torch {info['torch']}  llama-cpp-python {info['llama_cpp_python']}")
-    print(f"greedy, {args.new_tokens} new tokens, best of {args.repeats}; seekling Engine"
+    print(f"greedy, {args.new_tokens} new tokens, median of {args.repeats}; seekling Engine"
           f"{'(compile=True)' if args.compile else ''} vs llama.cpp on GGUFs from its own converter, "
           f"llama.cpp precision: {args.llama_precision}")
     results = [run_case(case, args, args.workdir) for case in build_cases(args, args.workdir)]

@@ -11,7 +11,7 @@ from seekling.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.model import Transformer
 from seekling.model.load import load_pretrained
-from seekling.model.quant import QBLOCK, Int8Weight, int8_reference, linear, load_kernels, quantize
+from seekling.model.quant import QBLOCK, TILE, Int8Weight, concat, int8_reference, linear, load_kernels, quantize
 
 SHAPES = [(1, 48, 64), (1, 37, 70), (3, 50, 24), (4, 64, 96), (5, 64, 1000), (9, 33, 96)]  # (M, O, K)
 
@@ -28,7 +28,8 @@ def test_kernels_equal_the_torch_reference(M, O, K):
     w, x = torch.randn(O, K), torch.randn(M, K) * torch.rand(M, 1) * 3
     torch.testing.assert_close(torch.ops.seekling.f32_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-5)
     q = quantize(w)
-    assert q.q.shape == (O, -(-K // QBLOCK) * QBLOCK) and q.q.dtype == torch.int8
+    assert q.q.shape == (-(-O // TILE), -(-K // QBLOCK), TILE, QBLOCK) and q.q.dtype == torch.int8
+    assert torch.equal(q.unpacked().float() * q.scale[:, None], q.dequantize()) and q.shape == (O, K)
     ref = int8_reference(x, q)
     # the same integer products; only the order of the fp32 block sums differs
     torch.testing.assert_close(torch.ops.seekling.int8_linear(x, q.q, q.scale), ref, atol=1e-4, rtol=1e-4)
@@ -69,15 +70,17 @@ def test_int8_rows_are_batch_invariant():
     assert linear(x[None, :4].expand(2, 4, 256), q).shape == (2, 4, 96)  # leading dims are kept
 
 
-def test_embedding_rows_and_stacked_views():
+def test_embedding_rows_stacked_views_and_chunks():
     torch.manual_seed(2)
-    w = torch.randn(6, 40, 24)  # six stacked experts
-    q = quantize(w.view(-1, 24))
-    stacked = Int8Weight(q.q.view(6, 40, -1), q.scale.view(6, 40), 24)
-    assert torch.equal(stacked[4].dequantize(), q.dequantize()[160:200])
-    assert stacked[4].q.data_ptr() == q.q[160].data_ptr()  # a view, not a copy
-    ids = torch.tensor([[3, 0], [7, 3]])
-    torch.testing.assert_close(q.rows(ids), q.dequantize()[ids])
+    w = torch.randn(6, 38, 24)  # six stacked experts, 38 rows: the last tile of each is padded
+    stacked = quantize(w)
+    flat = [quantize(w[e]) for e in range(6)]
+    assert torch.equal(stacked[4].dequantize(), flat[4].dequantize())
+    assert stacked[4].q.data_ptr() == stacked.q[4].data_ptr()  # a view, not a copy
+    ids = torch.tensor([[3, 0], [37, 3]])
+    torch.testing.assert_close(flat[2].rows(ids), flat[2].dequantize()[ids])
+    whole = quantize(w[0, :36])  # quantised in chunks of whole tiles (the streaming loader's embedding)
+    assert torch.equal(concat([quantize(w[0, :16]), quantize(w[0, 16:36])]).q, whole.q)
 
 
 def tiny_moe(seed: int = 0) -> Transformer:

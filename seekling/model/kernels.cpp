@@ -6,14 +6,15 @@
 // int8 GEMM needs a second, packed copy of every weight. These kernels stream the weights as they are stored:
 //
 //   f32_linear(x [M, K], w [O, K]) -> x @ w^T               fp32; rows of w 4 at a time, 8 lanes, the next 4 prefetched
-//   int8_linear(x [M, K], q [O, Kp], s [O]) -> x @ (q * s)^T  q: int8 weights, one scale per output row, rows
-//                                                           padded to Kp = K rounded up to 32 with zeros
+//   int8_linear(x [M, K], q, s [O]) -> x @ (q * s)^T         q: int8 weights, one scale per output row, rows
+//                                                           padded to Kp = K rounded up to 32 with zeros, in
+//                                                           tiles of 4 rows [O / 4, Kp / 32, 4, 32] (below)
 //
 // int8_linear quantises each row of x to int8 in blocks of 32 (one scale per block: max|x| / 127, rounded to
 // nearest even, as torch.round) and sums u8 x s8 products with maddubs (|x| times w with x's sign moved onto
 // w, so no operand is ever -128 and no int16 pair sum can saturate: 2 * 127 * 127 < 2^15), then scales each
 // block's int32 sum by its activation scale in fp32 — llama.cpp's Q8_0 dot product, with per-row weight
-// scales. Up to 4 rows of x share each load of a weight block (prefill, batches). Without AVX2 the same
+// scales. Two rows of x share each load of a weight tile (prefill, batches). Without AVX2 the same
 // loops are written plainly for the compiler to vectorise (NEON on Arm). The results equal the torch
 // reference in seekling/model/quant.py up to the order of the fp32 block sums.
 
@@ -118,43 +119,48 @@ void quantize_row(const float* x, int64_t K, int64_t Kp, int8_t* q, float* s) {
   }
 }
 
-// MR rows of quantised x against R rows of weights w[0..R): out[m][r] = sum_b xs[m, b] * (xq[m, b] . w[r, b]).
-// The next tile's rows are prefetched as these stream: measured 28 GB/s from DRAM and 38 GB/s from L3 on one
-// core of the development machine, against 20 and 33 without.
-template <int MR, int R>
-inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* const* w, float out[][R]) {
+// The weights are stored in tiles of 4 output rows with their blocks interleaved, q[tile][block][row][32]: a
+// tile is one sequential stream (4 rows of a short matrix read side by side would be 4 short streams, which
+// the hardware prefetcher follows badly: 11 vs 22 GB/s from DRAM at 896-wide rows on one core), prefetched
+// PREFETCH bytes ahead.
+constexpr int64_t TILE = 4, PREFETCH = 1024;
+
+// MR rows of quantised x against one tile: out[m][r] = sum_b xs[m, b] * (xq[m, b] . w[r, b]).
+template <int MR>
+inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* tile, float out[][TILE]) {
   const int64_t nb = Kp / QBLOCK;
 #ifdef SEEKLING_AVX2
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[MR][R];
+  __m256 acc[MR][TILE];
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+    for (int r = 0; r < TILE; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i wv[R];
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[r] + R * Kp + b * QBLOCK), _MM_HINT_T0);
-      wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + b * QBLOCK));
-    }
+    const int8_t* wb = tile + b * TILE * QBLOCK;
+    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
+    __m256i wv[TILE];
+    for (int r = 0; r < TILE; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + r * QBLOCK));
     for (int m = 0; m < MR; ++m) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + b * QBLOCK));
       const __m256i ax = _mm256_sign_epi8(xv, xv);
       const __m256 sx = _mm256_set1_ps(xs[m * nb + b]);
-      for (int r = 0; r < R; ++r) {
+      for (int r = 0; r < TILE; ++r) {
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[r], xv)), ones);
         acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sx, acc[m][r]);
       }
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < R; ++r) out[m][r] = hsum(acc[m][r]);
+    for (int r = 0; r < TILE; ++r) out[m][r] = hsum(acc[m][r]);
 #else
   for (int m = 0; m < MR; ++m) {
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < TILE; ++r) {
       float a = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
         int32_t d = 0;
         const int8_t* xb = xq + m * Kp + b * QBLOCK;
-        for (int64_t i = 0; i < QBLOCK; ++i) d += static_cast<int32_t>(xb[i]) * w[r][b * QBLOCK + i];
+        const int8_t* wb = tile + (b * TILE + r) * QBLOCK;
+        for (int64_t i = 0; i < QBLOCK; ++i) d += static_cast<int32_t>(xb[i]) * wb[i];
         a += static_cast<float>(d) * xs[m * nb + b];
       }
       out[m][r] = a;
@@ -163,18 +169,16 @@ inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_
 #endif
 }
 
-// Output rows [o_begin, o_end) of x rows [m0, m0 + MR), R weight rows at a time (a short last tile repeats its
-// last row, whose duplicate result is not stored).
-template <int MR, int R>
+// Tiles [t_begin, t_end) against x rows [m0, m0 + MR); rows past O (the last tile's padding) are not stored.
+template <int MR>
 void int8_rows(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* wq, const float* ws, int64_t O,
-               int64_t o_begin, int64_t o_end, float* y, int64_t m0) {
-  float out[MR][R];
-  const int8_t* w[R];
-  for (int64_t o = o_begin; o < o_end; o += R) {
-    for (int r = 0; r < R; ++r) w[r] = wq + std::min<int64_t>(o + r, o_end - 1) * Kp;
-    int8_tile<MR, R>(xq, xs, Kp, w, out);
+               int64_t t_begin, int64_t t_end, float* y, int64_t m0) {
+  float out[MR][TILE];
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    int8_tile<MR>(xq, xs, Kp, wq + t * TILE * Kp, out);
     for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < R && o + r < o_end; ++r) y[(m0 + m) * O + o + r] = out[m][r] * ws[o + r];
+      for (int64_t r = 0; r < TILE && t * TILE + r < O; ++r)
+        y[(m0 + m) * O + t * TILE + r] = out[m][r] * ws[t * TILE + r];
   }
 }
 
@@ -182,11 +186,12 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wq_in, const at
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "int8_linear: x must be fp32");
   TORCH_CHECK(wq_in.scalar_type() == at::kChar && ws_in.scalar_type() == at::kFloat,
               "int8_linear: int8 weights with fp32 scales");
-  TORCH_CHECK(x_in.dim() == 2 && wq_in.dim() == 2 && ws_in.dim() == 1 && ws_in.size(0) == wq_in.size(0),
-              "int8_linear: x [M, K], q [O, Kp], s [O]");
+  TORCH_CHECK(x_in.dim() == 2 && wq_in.dim() == 4 && wq_in.size(2) == TILE && wq_in.size(3) == QBLOCK &&
+              ws_in.dim() == 1 && (ws_in.size(0) + TILE - 1) / TILE == wq_in.size(0),
+              "int8_linear: x [M, K], q [tiles, blocks, 4, 32], s [O]");
   const auto x = x_in.contiguous(), wq = wq_in.contiguous(), ws = ws_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), O = wq.size(0), Kp = wq.size(1);
-  TORCH_CHECK(Kp % QBLOCK == 0 && Kp >= K && Kp - K < QBLOCK, "int8_linear: weight rows must be K padded to 32");
+  const int64_t M = x.size(0), K = x.size(1), O = ws.size(0), tiles = wq.size(0), Kp = wq.size(1) * QBLOCK;
+  TORCH_CHECK(Kp >= K && Kp - K < QBLOCK, "int8_linear: weight rows must be K padded to 32");
   auto y = at::empty({M, O}, x.options());
   std::vector<int8_t> xq(M * Kp);
   std::vector<float> xs(M * (Kp / QBLOCK));
@@ -198,14 +203,12 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wq_in, const at
   const float* sp = ws.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t nb = Kp / QBLOCK;
-  // Tasks of whole 4-row weight tiles; one x row takes 4 weight rows a tile, four x rows share 2 (registers:
-  // 4 x 2 accumulators). Each x row's result is computed the same way whatever the other rows (batch invariance).
-  at::parallel_for(0, (O + 3) / 4, grain(4 * Kp), [&](int64_t b, int64_t e) {
-    const int64_t o_begin = 4 * b, o_end = std::min<int64_t>(4 * e, O);
+  // Two x rows share each tile's loads (2 x 4 accumulators); an odd last row goes alone. Every x row's result
+  // is computed the same way whatever the other rows (batch invariance).
+  at::parallel_for(0, tiles, grain(TILE * Kp), [&](int64_t b, int64_t e) {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      int8_rows<4, 2>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, o_begin, o_end, yp, m);
-    for (; m < M; ++m) int8_rows<1, 4>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, o_begin, o_end, yp, m);
+    for (; m + 2 <= M; m += 2) int8_rows<2>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, b, e, yp, m);
+    for (; m < M; ++m) int8_rows<1>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, b, e, yp, m);
   });
   return y;
 }

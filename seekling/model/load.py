@@ -32,7 +32,7 @@ from seekling.model.dense import SUPPORTED_MODEL_TYPES, DenseConfig, DenseModel,
 from seekling.model.layers import CausalLM, free_parameters
 from seekling.model.mla import rope_inv_freq as mla_rope_inv_freq
 from seekling.model.model import Transformer
-from seekling.model.quant import QBLOCK, Int8Weight, quantize
+from seekling.model.quant import QBLOCK, TILE, Int8Weight, concat, quantize
 
 QUANTIZE = ("int8",)
 EMBED_CHUNK_ROWS = 8192  # rows of an embedding / output head read and quantised at a time
@@ -137,7 +137,7 @@ def _quantized_bytes(name: str, t: torch.Tensor, itemsize: int) -> int:
     if float_kept:
         return t.numel() * itemsize
     rows = t.numel() // t.shape[-1]
-    return rows * (-(-t.shape[-1] // QBLOCK) * QBLOCK + 4)
+    return -(-rows // TILE) * TILE * -(-t.shape[-1] // QBLOCK) * QBLOCK + 4 * rows
 
 
 def _bytes_needed(expected: dict[str, torch.Tensor], dtype: torch.dtype, quantize_to: str | None) -> int:
@@ -194,9 +194,9 @@ def _read_into(names: list[str], expected: dict[str, torch.Tensor], stored: dict
 
 def _quantize_streamed(t: StoredTensor) -> Int8Weight:
     """An embedding / output head quantised in row chunks as it is read (never whole in float)."""
-    rows, cols = t.shape
-    parts = [quantize(t.read(slice(a, min(a + EMBED_CHUNK_ROWS, rows)))) for a in range(0, rows, EMBED_CHUNK_ROWS)]
-    return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), cols)
+    rows = t.shape[0]
+    chunks = [slice(a, min(a + EMBED_CHUNK_ROWS, rows)) for a in range(0, rows, EMBED_CHUNK_ROWS)]
+    return concat([quantize(t.read(part)) for part in chunks])
 
 
 def _reset_buffers(model: CausalLM, device: torch.device) -> None:

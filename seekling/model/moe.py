@@ -139,16 +139,14 @@ class MoE(nn.Module):
         E = self.n_experts
         pairs = [w for e in self.experts for w in (e.gate_proj.weight, e.up_proj.weight)]
         downs = [e.down_proj.weight for e in self.experts]
-        if quantize_to is None:
-            w13, w2 = fuse_parameters(pairs, self), fuse_parameters(downs, self)
-        else:
-            w13, w2 = quantize(torch.cat([p.detach() for p in pairs])), quantize(torch.cat([p.detach() for p in downs]))
         two_i, h = self.experts[0].gate_proj.weight.shape[0] * 2, self.experts[0].gate_proj.weight.shape[1]
-        if isinstance(w13, Int8Weight):
-            self.w13 = Int8Weight(w13.q.view(E, two_i, -1), w13.scale.view(E, two_i), h)
-            self.w2 = Int8Weight(w2.q.view(E, h, -1), w2.scale.view(E, h), two_i // 2)
-        else:
-            self.w13, self.w2 = w13.view(E, two_i, h), w2.view(E, h, two_i // 2)
+        if quantize_to is None:
+            self.w13 = fuse_parameters(pairs, self).view(E, two_i, h)
+            self.w2 = fuse_parameters(downs, self).view(E, h, two_i // 2)
+        else:  # [E, out, in] quantised per expert: each expert whole tiles of its own
+            self.w13 = quantize(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
+                                             for e in self.experts]))
+            self.w2 = quantize(torch.stack([e.down_proj.weight for e in self.experts]))
         for e, expert in enumerate(self.experts):
             expert.w13, expert.w2 = self.w13[e], self.w2[e]
         replaced = self.shared_experts.prepare(quantize_to)

@@ -5,10 +5,11 @@ stored and how the kernel reads it. `linear(x, w)` is the one matmul of every in
   - w a float tensor [out, in]: at one to a few rows of x (decode) on the CPU, seekling's fp32 kernel
     (kernels.cpp), which streams the weight at ~2.5x torch's `F.linear` bandwidth at one row; otherwise
     F.linear (MKL for prefill-sized batches; any dtype; any device).
-  - w an `Int8Weight`: int8 values [out, in padded to 32] with one fp32 scale per output row (symmetric,
-    max|w| / 127), 1 byte per weight and nothing else: the same tensor serves the matmul and, for embeddings,
-    the row lookup (a tied lm_head is one tensor). x is quantised to int8 per block of 32 inside the kernel
-    (llama.cpp's Q8_0 activations), so the product runs in integer SIMD (AVX2 maddubs) at memory bandwidth.
+  - w an `Int8Weight`: int8 values with one fp32 scale per output row (symmetric, max|w| / 127), 1 byte per
+    weight and nothing else, laid out in tiles of 4 rows that the kernel reads as one stream: the same tensor
+    serves the matmul and, for embeddings, the row lookup (a tied lm_head is one tensor). x is quantised to
+    int8 per block of 32 inside the kernel (llama.cpp's Q8_0 activations), so the product runs in integer
+    SIMD (AVX2 maddubs) at memory bandwidth.
 The C++ kernels are compiled on first use with torch's cpp_extension (a C++ compiler is needed, as for
 torch.compile; ~1 minute once, cached under ~/.cache/torch_extensions). Without a compiler, or off the CPU,
 the torch reference below computes the same quantised product (slowly: it dequantises per call).
@@ -34,6 +35,7 @@ from seekling.atomic import write_bytes
 
 log = logging.getLogger("seekling.kernels")
 QBLOCK = 32  # activations are quantised per block of this many values (the weight rows are padded to it)
+TILE = 4  # output rows per tile of the int8 layout (kernels.cpp)
 QMAX = 127  # symmetric int8 range, -127..127 (never -128: see kernels.cpp)
 SMALL_M = 4  # up to this many rows, fp32 matmuls take seekling's kernel; beyond, MKL's GEMM wins
 _SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -77,19 +79,17 @@ def load_kernels() -> bool:
         return bool(_state["loaded"])
 
 
-def _fake_linear(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[0])
-
-
 def _register_fakes() -> None:
-    """Shapes for torch.compile's tracing (the ops exist once the library is loaded)."""
-    for name in ("seekling::f32_linear", "seekling::int8_linear"):
-        torch.library.register_fake(name)(_fake_linear)
+    """Output shapes for torch.compile's tracing (the ops exist once the library is loaded)."""
+    torch.library.register_fake("seekling::f32_linear")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("seekling::int8_linear")(lambda x, q, s: x.new_empty(x.shape[0], s.shape[0]))
 
 
 @dataclass
 class Int8Weight:
-    """W ~= q * scale[:, None]: int8 q [out, in rounded up to 32] (zero padded), fp32 scale [out]."""
+    """W ~= q * scale[:, None] for a weight [out, in]: int8 q in the kernel's layout, tiles of TILE output rows
+    with their blocks of QBLOCK interleaved, [..., out / TILE, in / QBLOCK, TILE, QBLOCK] (rows and columns
+    zero-padded to whole tiles and blocks), and fp32 scale [..., out]. Leading dims stack experts."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -97,35 +97,49 @@ class Int8Weight:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size([self.q.shape[0], self.in_features])
+        return torch.Size([self.scale.shape[-1], self.in_features])
 
     @property
     def nbytes(self) -> int:
         return self.q.numel() + self.scale.numel() * 4
 
-    def __getitem__(self, rows: int | slice) -> Int8Weight:
-        """The weight of a stacked expert (q [E, out, in]): a view, no copy."""
-        return Int8Weight(self.q[rows], self.scale[rows], self.in_features)
+    def __getitem__(self, index: int) -> Int8Weight:
+        """A stacked expert's weight (q [E, ...]): a view, no copy."""
+        return Int8Weight(self.q[index], self.scale[index], self.in_features)
+
+    def unpacked(self) -> torch.Tensor:
+        """q back in row-major order, [..., out, in] (int8)."""
+        *lead, tiles, blocks, tile, block = self.q.shape
+        rows = self.q.transpose(-3, -2).reshape(*lead, tiles * tile, blocks * block)
+        return rows[..., :self.scale.shape[-1], :self.in_features]
 
     def dequantize(self) -> torch.Tensor:
-        return self.q[..., :self.in_features].float() * self.scale[..., None]
+        return self.unpacked().float() * self.scale[..., None]
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embedding lookup: the dequantised rows `ids` -> [*ids.shape, in] fp32."""
+        """Embedding lookup: the dequantised rows `ids` -> [*ids.shape, in] fp32 (row i lies in tile i // TILE)."""
         flat = ids.reshape(-1)
-        out = self.q.index_select(0, flat)[:, :self.in_features].float() * self.scale.index_select(0, flat)[:, None]
-        return out.view(*ids.shape, self.in_features)
+        q = self.q[flat // TILE, :, flat % TILE].flatten(1)[:, :self.in_features]
+        return (q.float() * self.scale[flat][:, None]).view(*ids.shape, self.in_features)
 
 
 def quantize(w: torch.Tensor) -> Int8Weight:
-    """Symmetric int8 per output row (max|w| / 127) of a weight [..., out, in], rows padded to QBLOCK."""
+    """Symmetric int8 per output row (max|w| / 127) of a weight [..., out, in], laid out for the kernel."""
     w = w.detach().float()
     scale = w.abs().amax(dim=-1).clamp(min=1e-30) / QMAX
     q = torch.round(w / scale[..., None]).clamp_(-QMAX, QMAX).to(torch.int8)
-    pad = -w.shape[-1] % QBLOCK
-    if pad:
-        q = F.pad(q, (0, pad))
-    return Int8Weight(q.contiguous(), scale.contiguous(), w.shape[-1])
+    *lead, out, k = q.shape
+    q = F.pad(q, (0, -k % QBLOCK, 0, -out % TILE))
+    tiles, blocks = q.shape[-2] // TILE, q.shape[-1] // QBLOCK
+    q = q.view(*lead, tiles, TILE, blocks, QBLOCK).transpose(-3, -2).contiguous()
+    return Int8Weight(q, scale.contiguous(), k)
+
+
+def concat(parts: list[Int8Weight]) -> Int8Weight:
+    """Int8 weights stacked along their output rows (every part but the last a whole number of tiles)."""
+    assert all(p.scale.shape[-1] % TILE == 0 for p in parts[:-1]), "parts must be whole tiles"
+    return Int8Weight(torch.cat([p.q for p in parts], dim=-4), torch.cat([p.scale for p in parts], dim=-1),
+                      parts[0].in_features)
 
 
 def quantize_activations(x: torch.Tensor, padded: int) -> torch.Tensor:
@@ -138,8 +152,8 @@ def quantize_activations(x: torch.Tensor, padded: int) -> torch.Tensor:
 
 def int8_reference(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """The quantised product in torch ops (the kernels' reference; the path off the CPU or without them)."""
-    xq = quantize_activations(x, w.q.shape[-1])
-    return (xq @ w.q.float().T) * w.scale
+    xq = quantize_activations(x, -(-w.in_features // QBLOCK) * QBLOCK)[:, :w.in_features]
+    return xq @ w.dequantize().T
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
