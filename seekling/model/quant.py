@@ -160,7 +160,10 @@ def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, bias: torch.Tensor | N
     """x [..., in] @ w^T (+ bias): the matmul of every inference forward (see the module docstring). Written
     for few checks on the way: at batch 1 this wrapper runs ~30 times a step."""
     if type(w) is not Int8Weight:
-        if (x.shape[0] > SMALL_M or x.dim() != 2 or not _state["loaded"] or x.dtype != torch.float32
+        # Inside a compiled graph only the batch-1 graph takes the kernel: a branch on a symbolic batch size
+        # would split the batch graph in two (and recompile at serving time).
+        few = x.shape[0] == 1 if torch.compiler.is_compiling() else x.shape[0] <= SMALL_M
+        if (not few or x.dim() != 2 or not _state["loaded"] or x.dtype != torch.float32
                 or w.dtype != torch.float32 or not x.is_cpu):
             return F.linear(x, w, bias)
         y = torch.ops.seekling.f32_linear(x, w)
