@@ -39,6 +39,8 @@ TILE = 4  # output rows per tile of the int8 layout (kernels.cpp)
 QMAX = 127  # symmetric int8 range, -127..127 (never -128: see kernels.cpp)
 SMALL_M = 4  # up to this many rows, fp32 matmuls take seekling's kernel; beyond, MKL's GEMM wins
 _SOURCE = Path(__file__).with_name("kernels.cpp")
+# -fopenmp: at::parallel_for is OpenMP pragmas, ignored (one thread) without it
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
 _state = {"loaded": None}  # None: not tried; True / False: the kernels are (not) available
 _lock = threading.Lock()
 
@@ -63,13 +65,14 @@ def load_kernels() -> bool:
                 # Named by the CPU and the source's hash, and built from a copy at a fixed place: checkouts of
                 # the same source share one build (torch rebuilds when the source's path changes).
                 source = _SOURCE.read_bytes()
-                name = f"seekling_kernels_{_cpu_tag()}_{hashlib.sha1(source).hexdigest()[:8]}"
+                key = source + " ".join(_CFLAGS).encode()
+                name = f"seekling_kernels_{_cpu_tag()}_{hashlib.sha1(key).hexdigest()[:8]}"
                 cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                 copy = cache / "seekling" / name / "kernels.cpp"
                 if not copy.exists() or copy.read_bytes() != source:
                     write_bytes(copy, source)
-                load(name=name, sources=[str(copy)], is_python_module=False,
-                     extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"], verbose=False)
+                load(name=name, sources=[str(copy)], is_python_module=False, verbose=False, extra_cflags=_CFLAGS,
+                     extra_ldflags=["-fopenmp"])
                 _register_fakes()
                 _state["loaded"] = True
             except Exception as e:  # no compiler, an unsupported platform: the torch reference still works
