@@ -72,6 +72,7 @@ class Recipe:
     threads: int = 0  # torch threads (0: leave torch's default)
     # Step budgets: 0 lets the time budgets above decide (for seed 0), > 0 fixes the step count (a loaded
     # machine then makes the stage slower, not different). Replicate seeds train seed 0's counts.
+    pretrain_steps: int = 0
     sft_steps: int = 0
     rl_steps: int = 0
     control_steps: int = 0
@@ -268,9 +269,9 @@ class Speedrun:
         data = PackedDataset(self.out / "data" / "pretrain", r.seq_len)
         loader = BatchLoader(data, r.batch_size, seed=0)
         held = [data.collate([data[len(data) - 1 - i] for i in range(b * 4, b * 4 + 4)]) for b in range(4)]
-        tc = TrainConfig(max_steps=100_000, time_budget_s=r.pretrain_s, lr=r.pretrain_lr, min_lr=r.pretrain_lr / 10,
-                         warmup_steps=30, schedule="wsd", eval_every=200, eval_batches=4, checkpoint_every=200,
-                         log_every=25)
+        tc = TrainConfig(max_steps=r.pretrain_steps or 100_000, lr=r.pretrain_lr, min_lr=r.pretrain_lr / 10,
+                         time_budget_s=None if r.pretrain_steps else r.pretrain_s, warmup_steps=30, schedule="wsd",
+                         eval_every=200, eval_batches=4, checkpoint_every=200, log_every=25)
         summary = train(model, loader, tc, self.out / "base", self.out / "train_state" / "base",
                         eval_batches=held, resume=True)
         stop_if_interrupted(summary)
