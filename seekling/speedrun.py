@@ -33,6 +33,7 @@ import torch
 
 from seekling.atomic import write_text
 from seekling.config import preset as model_preset
+from seekling.report import run_intervals, write_report
 
 R1_ZERO_SHARE = 0.1  # share of pretraining documents written in the R1-Zero template (see pretrain_documents)
 
@@ -209,7 +210,7 @@ class Speedrun:
         # the main job's time (without R1-Zero), summed over stages so that resumed runs count right
         times = self.results["stage_time_s"]
         self.results["wall_time_s"] = round(sum(v for k, v in times.items() if not k.endswith("r1_zero")), 1)
-        self.results["intervals"] = run_intervals(self.results)
+        self.results["intervals"] = run_intervals(self.results)  # results.json carries them (the contract)
         self.save_results()
         if r.r1_zero_s > 0 or r.r1_zero_steps:
             for seed in range(r.seeds):
@@ -415,52 +416,7 @@ class Speedrun:
         self.seed_results(seed)["rl_cells_eval"] = evals
 
     def report(self) -> None:
-        from seekling.report import write_report
-
         write_report(self.out)
-
-
-def run_intervals(results: dict[str, Any]) -> dict[str, Any]:
-    """Means with 95% intervals over the seeds that finished and the held-out problems (seekling.stats):
-    per stage (greedy, pass@1) and per task/level cell, and on the RL cells per stage, per cell and for
-    RL's differences to SFT, the equal-time control and the base (paired by problem and seed)."""
-    from seekling.eval import score_table
-    from seekling.stats import interval
-
-    seeds = [results] + [results["replicates"][k] for k in sorted(results.get("replicates", {}), key=int)]
-    seeds = [s for s in seeds if "rl_cells_eval" in s or "sft_control" in s.get("stages", {})]
-
-    def tables(key: str, stage: str, metric: str, cells: set[str] | None = None):
-        evals = [s[key][stage] for s in seeds if stage in s.get(key, {})]
-        if stage == "base" and key == "stages":
-            evals = [results["stages"]["base"]]  # one base for all seeds
-        if not evals or any("scores" not in e for e in evals):
-            return None
-        return score_table(evals, metric, cells)
-
-    out: dict[str, Any] = {"seeds": len(seeds), "stages": {}, "rl_cells": {}}
-    for stage in ("base", "sft", "sft_control", "rl"):
-        if tables("stages", stage, "pass@1") is None:
-            continue
-        metrics = [m for m in results["stages"][stage]["scores"] if m != "cell"]  # greedy, pass@1, maj@k, pass@k
-        entry = out["stages"][stage] = {m: interval(tables("stages", stage, m)) for m in metrics}
-        cells = sorted(set(results["stages"][stage]["scores"]["cell"]))
-        entry["by_cell"] = {c: {m: interval(tables("stages", stage, m, {c})) for m in ("greedy", "pass@1")}
-                            for c in cells}
-    rl_seeds = [s for s in seeds if "rl_cells_eval" in s]
-    if rl_seeds and "scores" in rl_seeds[0]["rl_cells_eval"]["rl"]:
-        evals = {stage: [s["rl_cells_eval"][stage] for s in rl_seeds] for stage in ("base", "sft", "sft_control", "rl")}
-        evals["base"] = evals["base"][:1]  # the shared base: one row, broadcast against the seeds
-        cells = sorted(set(evals["rl"][0]["scores"]["cell"]))
-        rl_out = out["rl_cells"]
-        for metric in ("pass@1", "greedy"):
-            t = {stage: score_table(e, metric) for stage, e in evals.items()}
-            rl_out[metric] = {stage: interval(v) for stage, v in t.items()}
-            rl_out[metric].update({f"rl-{other}": interval(t["rl"] - t[other]) for other in ("sft", "sft_control",
-                                                                                              "base")})
-        rl_out["by_cell"] = {c: {stage: interval(score_table(e, "pass@1", {c})) for stage, e in evals.items()}
-                             for c in cells}
-    return out
 
 
 def add_speedrun_args(p: argparse.ArgumentParser) -> None:

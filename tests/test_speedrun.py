@@ -11,8 +11,7 @@ import sys
 import pytest
 
 import seekling
-from seekling.report import rl_target_accuracy
-from seekling.speedrun import run_intervals
+from seekling.report import rl_target_accuracy, run_intervals
 
 COMMANDS = ["speedrun", "tokenizer", "data", "pretrain", "sft", "rl", "distill", "eval", "sample", "chat", "serve",
             "export", "report"]
