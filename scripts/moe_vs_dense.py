@@ -29,8 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity
-from torch.profiler import profile as torch_profile
 
 from seekling.atomic import write_text
 from seekling.checkpoint import load_pretrained
@@ -247,7 +245,8 @@ def main() -> None:
     p.add_argument("--shape", default="moe", choices=sorted(MOE_SHAPES), help="the MoE (with its dense partners)")
     p.add_argument("--eval-n", type=int, default=25, help="held-out problems per task and level (levels 1-2)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--profile", action="store_true", help="only the MoE layer's time split and the shapes' speeds")
+    p.add_argument("--profile", action="store_true", help="only the MoE layer's time split, expert utilisation "
+                   "(with --model) and the shapes' step costs")
     p.add_argument("--model", default=None, help="with --profile: a trained MoE whose expert utilisation to show")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -283,30 +282,47 @@ def main() -> None:
 
 
 # --- --profile: where the MoE layer's time goes, and how fast each shape trains ----------------------------
-CATEGORIES = {  # profiler op name -> category of the MoE layer's time
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
-    "routing": ("aten::sigmoid", "aten::topk", "aten::gather", "aten::sum", "aten::div", "aten::add",
-                "aten::scatter", "aten::sigmoid_backward"),
-    "dispatch": ("aten::argsort", "aten::sort", "aten::bincount", "aten::index_select", "aten::index_add",
-                 "aten::split", "aten::split_with_sizes", "aten::cat", "aten::item", "aten::_local_scalar_dense",
-                 "aten::index_select_backward", "aten::index_add_", "aten::zeros", "aten::new_zeros"),
-    "activation": ("aten::silu", "aten::mul", "aten::silu_backward"),
-}
-
-
-def layer_split(module: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> dict[str, float]:
-    """Self CPU ms per forward+backward of a layer, by category of op (torch.profiler)."""
-    for _ in range(2):
-        module(x).sum().backward()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+def cpu_ms(fn, reps: int = 5, rounds: int = 4) -> float:
+    """Median over rounds of the mean CPU ms of fn() (forward + backward of a layer part)."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        c0 = time.process_time()
         for _ in range(reps):
-            module(x).sum().backward()
-    split: dict[str, float] = {}
-    for ev in prof.key_averages():
-        cat = next((c for c, ops in CATEGORIES.items() if ev.key in ops), "other")
-        split[cat] = split.get(cat, 0.0) + ev.self_cpu_time_total / 1e3 / reps
-    split["total"] = sum(split.values())
-    return split
+            fn()
+        times.append((time.process_time() - c0) / reps * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def layer_split(cfg: ModelConfig, tokens: int) -> dict[str, float]:
+    """CPU ms of one MoE layer's forward + backward and of its parts run alone: the router, the shared
+    expert on every token, the routed experts on their (pre-gathered) tokens; what is left is dispatch
+    (sort, gather, split, weighting, scatter-add, the host sync for the split sizes). Beside it, a dense
+    SwiGLU FFN of the same active FLOPs on the same tokens. (torch.profiler's per-op times were tried first
+    and disagreed with plain timing by 40%: its per-op overhead falls unevenly on many small ops.)"""
+    torch.manual_seed(0)
+    moe = MoE(cfg).train()
+    x = torch.randn(tokens, cfg.hidden_size, requires_grad=True)
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x)
+    order = indices.flatten().argsort(stable=True)
+    counts = torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts).tolist()
+    chunks = [c.detach().requires_grad_() for c in x.detach().index_select(0, order // cfg.num_experts_per_tok)
+              .split(counts)]
+    w_chunks = weights.flatten().index_select(0, order).unsqueeze(-1).split(counts)
+    dense = MLP(cfg.hidden_size, cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts))
+    parts = {
+        "MoE layer": lambda: moe(x).sum().backward(),
+        "router": lambda: moe.gate(x)[0].sum().backward(),
+        "shared expert": lambda: moe.shared_experts(x).sum().backward(),
+        "routed experts' matmuls": lambda: sum(e(c, w).sum() for e, c, w in zip(moe.experts, chunks, w_chunks,
+                                                                                strict=True)).backward(),
+        "dense FFN, same active FLOPs": lambda: dense(x).sum().backward(),
+    }
+    out = {name: cpu_ms(fn) for name, fn in parts.items()}
+    parts_ms = out["router"] + out["shared expert"] + out["routed experts' matmuls"]
+    out["dispatch (the rest)"] = out["MoE layer"] - parts_ms
+    return out
 
 
 def expert_counts(model: Transformer, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -331,54 +347,51 @@ def routing(model_dir: Path, tok, val: Windows) -> None:
     ids = val.collate([val[i] for i in range(len(val))])["input_ids"]
     layers = expert_counts(model, ids)
     print(f"routing of {model_dir} on {ids.numel():,} held-out tokens (share of routed slots per expert):")
+    layers = [c for c in layers if c.sum() > 0]  # an MTP layer that was never trained routes nothing here
     for i, c in enumerate(layers):
         share = c / c.sum()
         print(f"  MoE layer {i + 1}: " + " ".join(f"{100 * v:.0f}%" for v in share.tolist())
               + f" | max/mean {float(c.max() / c.mean()):.2f}")
-    by_task = {}
+    by_task, halves = {}, {}
     for task in sorted(TASKS):
         texts = [render_chat(p.messages(), add_generation_prompt=False)
                  for p in sample_problems(task, 64, "test", None, seed=3)]
         rows = [tok.encode(t)[:SEQ_LEN] for t in texts]
-        width = min(len(r) for r in rows)
-        by_task[task] = expert_counts(model, torch.tensor([r[:width] for r in rows]))
+        ids = torch.tensor([r[:min(len(r) for r in rows)] for r in rows])
+        by_task[task] = expert_counts(model, ids)
+        halves[task] = (expert_counts(model, ids[:32]), expert_counts(model, ids[32:]))
+    tv = lambda a, b: float((a / a.sum() - b / b.sum()).abs().sum() / 2)
     for i in range(len(layers)):
-        shares = {t: c[i] / c[i].sum() for t, c in by_task.items()}
-        mean = torch.stack(list(shares.values())).mean(0)
-        tv = {t: float((v - mean).abs().sum() / 2) for t, v in shares.items()}
-        print(f"  MoE layer {i + 1}, task families' distance from the mean routing (TV): "
-              + ", ".join(f"{t} {v:.2f}" for t, v in tv.items()))
+        mean = torch.stack([c[i] / c[i].sum() for c in by_task.values()]).mean(0)
+        noise = sum(tv(a[i], b[i]) for a, b in halves.values()) / len(halves)
+        print(f"  MoE layer {i + 1}, each family's routing vs the mean (total variation distance): "
+              + ", ".join(f"{t} {tv(c[i], mean):.2f}" for t, c in by_task.items())
+              + f" (two halves of one family: {noise:.2f})")
 
 
 def profile(args: argparse.Namespace) -> None:
     """The MoE layer's time split against a dense FFN of the same active FLOPs, then the whole model's step
     time of every shape beside its active-matched dense partner (the equal-wall-time handicap), at the
     speedrun's batch and at twice its tokens."""
-    torch.manual_seed(0)
-    cfg = preset("tiny")
-    x = torch.randn(BATCH * SEQ_LEN, cfg.hidden_size, requires_grad=True)
-    moe = MoE(cfg).train()
-    dense = MLP(cfg.hidden_size, cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts))
-    print(f"one FFN layer, {x.shape[0]} tokens, forward + backward, {torch.get_num_threads()} thread(s), "
-          f"load {os.getloadavg()[0]:.1f}; self CPU ms by op category:")
-    for name, module in (("MoE 8 experts top-2 + 1 shared", moe), ("dense, same active FLOPs", dense)):
-        split = layer_split(module, x)
-        print(f"  {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(split.items(), key=lambda kv: -kv[1])))
+    print(f"one FFN layer of the speedrun's MoE, {BATCH * SEQ_LEN} tokens, forward + backward, "
+          f"{torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.1f}; CPU ms:")
+    for name, ms in layer_split(preset("tiny"), BATCH * SEQ_LEN).items():
+        print(f"  {name}: {ms:.1f}")
     tok = load_tokenizer(Path(args.data) / "tokenizer")
     data = PackedDataset(Path(args.data) / "data" / "pretrain", SEQ_LEN)
     if args.model:
         routing(Path(args.model), tok, Windows(data, len(data) - VAL_WINDOWS, len(data)))
-    print("whole-model training step, CPU ms (wall ms, load):")
-    for batch_size in (BATCH, 2 * BATCH):
+    print("whole-model training step, CPU ms (median of 3 interleaved rounds; wall ms, load):")
+    for batch_size, names in ((BATCH, list(MOE_SHAPES)), (2 * BATCH, ["moe"])):
         batch = data.collate([data[i] for i in range(batch_size)])
-        for shape in MOE_SHAPES:
-            moe_name, dense_name = family(shape)[:2]
-            costs = [step_cost(model_config(n, tok), batch) for n in (moe_name, dense_name)]
-            print(f"  batch {batch_size} x {SEQ_LEN}, {shape}: MoE {costs[0]['cpu_s'] * 1e3:.0f} "
-                  f"({costs[0]['wall_s'] * 1e3:.0f}, {costs[0]['load']:.1f}), dense_active "
-                  f"{costs[1]['cpu_s'] * 1e3:.0f} ({costs[1]['wall_s'] * 1e3:.0f}, {costs[1]['load']:.1f}): "
-                  f"MoE / dense {costs[0]['cpu_s'] / costs[1]['cpu_s']:.2f}", flush=True)
-
+        for shape in names:
+            pair = family(shape)[:2]  # the MoE and its active-matched dense partner
+            rounds = [[step_cost(model_config(n, tok), batch) for n in pair] for _ in range(3)]
+            moe_c, dense_c = (sorted((r[i] for r in rounds), key=lambda c: c["cpu_s"])[1] for i in range(2))
+            print(f"  batch {batch_size} x {SEQ_LEN}, {shape}: MoE {moe_c['cpu_s'] * 1e3:.0f} "
+                  f"({moe_c['wall_s'] * 1e3:.0f}, {moe_c['load']:.1f}), dense_active {dense_c['cpu_s'] * 1e3:.0f} "
+                  f"({dense_c['wall_s'] * 1e3:.0f}, {dense_c['load']:.1f}): MoE / dense "
+                  f"{moe_c['cpu_s'] / dense_c['cpu_s']:.2f}", flush=True)
 
 if __name__ == "__main__":
     main()
