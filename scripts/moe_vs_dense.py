@@ -194,6 +194,8 @@ def train_run(name: str, steps: int, seed: int, tok, train_set: Windows, val: Wi
                      log_every=50, seed=seed)
     t0, c0 = time.perf_counter(), time.process_time()
     summary = train(model, BatchLoader(train_set, BATCH, seed=seed), tc, out, resume=True)
+    if summary["stopped"] == "interrupted":  # the trainer saved its state: a re-run resumes this run
+        raise SystemExit("[moe_vs_dense] interrupted; re-run the same command to resume")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     tok.save_pretrained(out)
     problems = eval_problems(eval_n, levels=[1, 2])
