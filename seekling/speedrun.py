@@ -91,6 +91,9 @@ RECIPES: dict[str, Recipe] = {
                     rl_val_n=0, rl_eval_n=4, r1_zero_s=0, eval_n=3, eval_k=2, max_new_tokens=48),
     # <= 30 minutes on 2 CPU cores.
     "default": Recipe(r1_zero_s=0.0),
+    # the default recipe at the step counts a quiet default run reaches (runs/speedrun7-8), so that a loaded
+    # or slower machine gives the same models, only later: for replicates and experiments (docs/science.md)
+    "default-steps": Recipe(pretrain_steps=1731, sft_steps=336, rl_steps=125, control_steps=428),
 }
 
 
@@ -421,7 +424,8 @@ class Speedrun:
 
 def add_speedrun_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(RECIPES), default="default",
-                   help="smoke: ~2 minutes, every stage on a small model (tests, CI); default: <= 30 minutes")
+                   help="smoke: ~2 minutes, every stage on a small model (tests, CI); default: <= 30 minutes; "
+                        "default-steps: the default at a quiet run's step counts (same models on a loaded machine)")
     p.add_argument("--out", default="runs/speedrun", help="run directory (re-running resumes it)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--r1-zero", type=float, default=None, metavar="SECONDS",
