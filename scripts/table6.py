@@ -74,8 +74,9 @@ def pretrain_student(teacher: Path, data: Path, dst: Path, args: argparse.Namesp
                                eos_token_id=tok.eos_token_id, **STUDENT))
     print(f"student: {model.num_parameters() / 1e6:.2f}M parameters")
     loader = BatchLoader(PackedDataset(data, 256), 16, seed=0)
-    cfg = TrainConfig(max_steps=100_000, time_budget_s=args.student_pretrain_s, lr=3e-3, min_lr=3e-4,
-                      warmup_steps=30, schedule="wsd", checkpoint_every=200, log_every=25)
+    steps = args.student_pretrain_steps
+    cfg = TrainConfig(max_steps=steps or 100_000, time_budget_s=None if steps else args.student_pretrain_s, lr=3e-3,
+                      min_lr=3e-4, warmup_steps=30, schedule="wsd", checkpoint_every=200, log_every=25)
     train(model, loader, cfg, dst, resume=True)
     tok.save_pretrained(dst)
 
@@ -136,6 +137,7 @@ def main() -> None:
     p.add_argument("--teacher-sft-s", type=float, default=120)
     p.add_argument("--corpus-per-task", type=int, default=8000)
     p.add_argument("--student-pretrain-s", type=float, default=120)
+    p.add_argument("--student-pretrain-steps", type=int, default=0, help="instead of --student-pretrain-s")
     p.add_argument("--budget-s", type=float, default=120, help="training time of each student (distil, RL)")
     p.add_argument("--rl-steps", type=int, default=0, help="RL steps instead of --budget-s (0: the budget decides)")
     p.add_argument("--student-steps", type=int, default=0, help="SFT/KD steps instead of --budget-s")
