@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -40,23 +41,32 @@ def cpu_model() -> str:
         return platform.processor()
 
 
-class Best:
-    """Best-of-N timings on two clocks: wall time, and this process's CPU time. The dev machine is shared
-    (other jobs keep both cores busy), so a run is often preempted: CPU time leaves that out and is the
-    steadier figure for single-threaded contenders; wall time is what a user waits."""
+class Median:
+    """The median of N timings on two clocks: wall time, and this process's CPU time. The dev machine is
+    shared (other jobs keep both cores busy), so a run is often preempted: CPU time leaves that out and is
+    the steadier figure for single-threaded contenders; wall time is what a user waits."""
 
     def __init__(self) -> None:
-        self.wall = self.cpu = float("inf")
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(self.walls)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.cpus)
 
     def time(self, fn, *args, **kw):
         w, c = time.perf_counter(), time.process_time()
         out = fn(*args, **kw)
-        self.wall = min(self.wall, time.perf_counter() - w)
-        self.cpu = min(self.cpu, time.process_time() - c)
+        self.walls.append(time.perf_counter() - w)
+        self.cpus.append(time.process_time() - c)
         return out
 
 
-def rates(n: int, *runs: Best) -> str:
+def rates(n: int, *runs: Median) -> str:
     return " / ".join(f"{n / r.cpu:7.1f} ({n / r.wall:7.1f} wall)" for r in runs)
 
 
@@ -89,8 +99,8 @@ def task_prompts(n: int) -> list[list[dict[str, str]]]:
 
 def speculative_rows(plain: Engine, spec: Engine, label: str, prompts: list, new: int, repeat: int,
                      ignore_eos: bool) -> None:
-    """Plain vs MTP speculative greedy decoding of the same prompts (interleaved, best of `repeat`)."""
-    t_pl, t_sp = Best(), Best()
+    """Plain vs MTP speculative greedy decoding of the same prompts (interleaved, median of `repeat`)."""
+    t_pl, t_sp = Median(), Median()
     before = spec.stats()
     for _ in range(repeat):
         pl_tokens = t_pl.time(engine_generate, plain, prompts, new, ignore_eos)
@@ -127,7 +137,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
     ap.add_argument("--new", type=int, default=64, help="tokens generated per sequence")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine is shared)")
-    ap.add_argument("--repeat", type=int, default=5, help="best of N timings, alternating the contenders")
+    ap.add_argument("--repeat", type=int, default=5, help="median of N timings, alternating the contenders")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -152,7 +162,7 @@ def main() -> None:
           f"threads: {args.threads}  torch {torch.__version__}")
     print(f"# model: {weights}; {model.num_parameters(include_mtp=False) / 1e6:.2f}M params, "
           f"{cfg.num_hidden_layers} layers, kv_lora_rank {cfg.kv_lora_rank}, vocab {cfg.vocab_size}")
-    print(f"# greedy, prompt {args.prompt} tokens, {args.new} new tokens per sequence, best of {args.repeat}")
+    print(f"# greedy, prompt {args.prompt} tokens, {args.new} new tokens per sequence, median of {args.repeat}")
 
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, cfg.vocab_size, (args.batch, args.prompt), generator=g)
@@ -168,7 +178,7 @@ def main() -> None:
         print("# tokens/s of CPU time (wall-clock in brackets); speed-ups on CPU time (wall in brackets)")
         for bs in (1, args.batch):
             p = prompts[:bs]
-            t_hf, t_se, t_co = Best(), Best(), Best()
+            t_hf, t_se, t_co = Median(), Median(), Median()
             for _ in range(args.repeat):  # interleaved, so all see the same machine load
                 hf_tokens, past = t_hf.time(hf_generate, hf, p, args.new)
                 se_tokens = t_se.time(engine_generate, engine, p, args.new)

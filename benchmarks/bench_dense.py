@@ -2,13 +2,13 @@
 
 A random ~120M-parameter Qwen2 (hidden 768, 12 layers, 12 heads / 2 KV heads, intermediate 2048,
 vocab 32000) is saved with `save_pretrained` and loaded back by both sides. Each variant decodes
-the same prompt greedily; the greedy tokens are compared, the best of a few runs is kept, and the
-ratio to transformers in the same dtype is printed (int8 is compared with transformers fp32). int8 is
-`quantize_int8` (seekling/model/quant.py: 8-bit per-token activations x 7-bit per-channel weights in fbgemm's
-int8 GEMM), what `Engine(..., quantize="int8")` and `seekling serve --quantize int8` run.
-The "engine" variants run the same models through seekling's serving engine (paged per-KV-head cache,
-continuous batching machinery, sampler, one request), so they show its per-step overhead over the
-plain contiguous-cache loop; the "xN" rows serve --batch requests at once (total tokens/s).
+the same prompt greedily; the greedy tokens are compared, the median of a few runs (round robin over
+the variants) is kept, and the ratio to transformers in the same dtype is printed (int8 is compared with
+transformers fp32). seekling runs through its serving engine (paged per-KV-head cache, continuous
+batching, sampler): int8 is `Engine(path, quantize="int8")` (seekling/model/quant.py: int8 weights with
+per-row scales, activations quantised per 32 in the kernel), what `seekling serve --quantize int8` runs;
+the "xN" rows serve --batch requests at once (total tokens/s). The outside benchmark against llama.cpp is
+benchmarks/bench_llamacpp.py.
 
     PYTHONPATH=. python benchmarks/bench_dense.py [--new-tokens 64] [--repeats 3] [--threads 1] [--batch 8]
     (or pip install -e .)
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -25,27 +26,14 @@ import torch
 import transformers
 
 from seekling.engine import Engine, SamplingParams
-from seekling.model.dense import DenseModel, load_dense
-from seekling.model.quant import quantize_int8
+from seekling.model import CausalLM
 
 CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=2,
               intermediate_size=2048, vocab_size=32000, max_position_embeddings=4096,
               tie_word_embeddings=False)
 
 
-@torch.inference_mode()
-def seekling_greedy(model: DenseModel, ids: torch.Tensor, n: int) -> list[int]:
-    T = ids.shape[1]
-    cache = model.new_cache(1, T + n)
-    tok = model(ids, torch.arange(T)[None], cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
-    out = [tok]
-    for i in range(n - 1):
-        tok = model(tok, torch.tensor([[T + i]]), cache)[:, -1].argmax(-1, keepdim=True)
-        out.append(tok)
-    return torch.cat(out, 1)[0].tolist()
-
-
-def engine_greedy(model: DenseModel, prompts: list[list[int]], n: int) -> list[int]:
+def engine_greedy(model: CausalLM, prompts: list[list[int]], n: int) -> list[int]:
     """All prompts decode together (one batched step per token); returns the first prompt's tokens."""
     # a fresh engine per run: a reused one would find the prompt in its prefix cache
     blocks = len(prompts) * -(-(len(prompts[0]) + n) // 16)
@@ -64,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--batch", type=int, default=8, help="concurrent requests of the batched engine rows")
     args = ap.parse_args()
@@ -87,28 +75,29 @@ def main() -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
               f"transformers {transformers.__version__}, threads {torch.get_num_threads()}")
         print(f"Qwen2 {params / 1e6:.0f}M params, prompt {args.prompt_tokens}, {n} new tokens, "
-              f"best of {args.repeats}")
+              f"median of {args.repeats}")
         hf = {"float32": ref.eval(),
               "bfloat16": transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()}
-        ours = {"float32": load_dense(tmp, dtype="float32"), "bfloat16": load_dense(tmp, dtype="bfloat16"),
-                "int8": quantize_int8(load_dense(tmp, dtype="float32"))}
+        ours = {k: Engine(tmp, **kw).model for k, kw in (("float32", dict(dtype="float32")),
+                                                          ("bfloat16", dict(dtype="bfloat16")),
+                                                          ("int8", dict(quantize="int8")))}
     runs = {"transformers " + k: (lambda m=m: hf_greedy(m, ids, n)) for k, m in hf.items()}
-    runs |= {"seekling " + k: (lambda m=m: seekling_greedy(m, ids, n)) for k, m in ours.items()}
-    runs |= {"engine " + k: (lambda m=ours[k]: engine_greedy(m, batch[:1], n)) for k in ("float32", "int8")}
+    runs |= {"engine " + k: (lambda m=m: engine_greedy(m, batch[:1], n)) for k, m in ours.items()}
     runs |= {f"engine {k} x{args.batch}": (lambda m=ours[k]: engine_greedy(m, batch, n)) for k in ("float32", "int8")}
     for fn in runs.values():
         fn()  # warm-up (allocator, kernels)
-    # round-robin over the variants and keep each one's best run, so load from other processes on a
+    # round-robin over the variants and keep each one's median run, so load from other processes on a
     # shared machine is spread over all variants instead of hitting one. CPU time is printed beside wall
     # time: on a busy machine it is the steadier of the two (with 1 thread it is the work done).
-    results: dict[str, tuple[float, float, list[int]]] = {}
+    timings: dict[str, tuple[list[float], list[float], list[int]]] = {name: ([], [], []) for name in runs}
     for _ in range(args.repeats):
         for name, fn in runs.items():
             wall, cpu = time.perf_counter(), time.process_time()
             tokens = fn()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            best = results.get(name, (wall, cpu, tokens))
-            results[name] = (min(wall, best[0]), min(cpu, best[1]), tokens)
+            timings[name][0].append(time.perf_counter() - wall)
+            timings[name][1].append(time.process_time() - cpu)
+            timings[name][2][:] = tokens
+    results = {name: (statistics.median(w), statistics.median(c), t) for name, (w, c, t) in timings.items()}
     base = {k: results["transformers " + k][:2] for k in ("float32", "bfloat16")}
     ref_tokens = results["transformers float32"][2]
     print(f"{'variant':24s} {'tokens/s':>9s} {'ratio':>6s} {'CPU tokens/s':>13s} {'ratio':>6s} "

@@ -9,25 +9,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from seekling.checkpoint import load_pretrained
 from seekling.config import ModelConfig, preset
+from seekling.engine import Engine, SamplingParams
+from seekling.model.load import load_pretrained
+from seekling.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["Engine", "ModelConfig", "SamplingParams", "load_pretrained", "load_tokenizer", "preset"]
-
-
-def load_tokenizer(directory: str) -> Any:
-    from seekling.tokenizer import load_tokenizer as _load
-
-    return _load(directory)
-
-
-def __getattr__(name: str) -> Any:
-    # The engine pulls in more than a training script needs; import it on first use.
-    if name in ("Engine", "SamplingParams"):
-        from seekling import engine
-
-        return getattr(engine, name)
-    raise AttributeError(f"module 'seekling' has no attribute {name!r}")

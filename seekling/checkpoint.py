@@ -5,16 +5,20 @@ names. On disk we add what DeepSeek-V3's own checkpoints carry for each MTP modu
 shared embedding and output head (`model.layers.{N+k}.embed_tokens`, `.shared_head.head`) — and
 drop them again on load, since in memory those are shared with the main model.
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
-half-written checkpoint behind.
+half-written checkpoint behind. Reading: `checkpoint_tensors` lists what a directory holds from the
+safetensors headers alone; seekling/model/load.py builds the models from it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from seekling.atomic import save_safetensors, write_text
 from seekling.config import ModelConfig
@@ -71,125 +75,96 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, max_shard_byt
     write_text(directory / "generation_config.json", json.dumps(gen, indent=2))
 
 
-def weight_files(directory: Path) -> dict[str, Path]:
-    """Tensor name -> file, from the index when sharded."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {}
-        for name, fname in weight_map.items():
-            path = directory / fname
-            if not path.exists():
-                raise FileNotFoundError(f"{path} is listed in {index.name} but missing")
-            files[name] = path
-        return files
-    single = directory / "model.safetensors"
-    if not single.exists():
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-    with safe_open(str(single), "pt") as f:
-        return dict.fromkeys(f.keys(), single)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# generation_config.json keys that map onto SamplingParams (vLLM names), as vLLM reads them
+GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
-def load_pretrained(directory: str | Path, device: str | torch.device | None = None,
-                    dtype: str | torch.dtype | None = None, max_memory_gb: float | None = None) -> torch.nn.Module:
-    """Load a DeepSeek-V3-format checkpoint (ours, transformers', or DeepSeek's unquantised layout), or a
-    dense Qwen2/Llama one (the DeepSeek-R1-Distill releases: model_type qwen2/llama) as a DenseModel via
-    `load_dense` (dtype None = its "auto" choice). Loads that would not fit in the available memory, or in
-    `max_memory_gb`, are refused before any tensor is read."""
-    from seekling.model import Transformer
-    from seekling.model.dense import SUPPORTED_MODEL_TYPES, available_memory_bytes, format_bytes, load_dense
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor lies in a safetensors file: read it (or some of its rows) without mapping the file."""
 
+    file: Path
+    dtype: str  # safetensors' name: "F32", "BF16", ...
+    shape: tuple[int, ...]
+    offset: int  # of its first byte in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.startswith(("F", "BF"))
+
+    def read(self, rows: slice | None = None) -> torch.Tensor:
+        """The tensor (or rows [start, stop) of its first dimension) as stored. Plain reads, no mmap: a
+        loader's resident memory is then what it keeps, not every page of the file it touched."""
+        start, stop = (0, self.shape[0]) if rows is None else (rows.start, rows.stop)
+        row_bytes = self.nbytes // max(1, self.shape[0]) if self.shape else self.nbytes
+        count = (stop - start) * row_bytes if self.shape else self.nbytes
+        buf = bytearray(count)
+        with open(self.file, "rb", buffering=0) as f:
+            f.seek(self.offset + start * row_bytes)
+            view, done = memoryview(buf), 0
+            while done < count:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise OSError(f"{self.file}: truncated tensor data (wanted {count} bytes)")
+                done += n
+        shape = ((stop - start), *self.shape[1:]) if self.shape else ()
+        if count == 0:
+            return torch.empty(shape, dtype=SAFETENSORS_DTYPES[self.dtype])
+        return torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[self.dtype]).view(shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """A safetensors file's JSON header ({name: {"dtype", "shape", "data_offsets"}}) and where its data begins."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def checkpoint_tensors(directory: str | Path) -> dict[str, StoredTensor]:
+    """Every tensor of a model directory, single file or sharded (by the index), from the headers alone."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
-    raw = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else None
-    if raw is None:
-        raise FileNotFoundError(f"{directory}/config.json not found: not a model directory")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if raw.get("model_type") in SUPPORTED_MODEL_TYPES:
-        return load_dense(directory, dtype=dtype or "auto", device=device or "cpu", max_memory_gb=max_memory_gb)
-    if raw.get("quantization_config"):
-        method = raw["quantization_config"].get("quant_method")
-        raise ValueError(f"{directory} holds a quantized checkpoint ({method}); convert it to bf16/fp32 first")
-    cfg = ModelConfig.from_hf_dict(raw)
-    files = weight_files(directory)
-    # transformers' DeepseekV3ForCausalLM has no MTP modules and saves none while its config still
-    # says num_nextn_predict_layers=1: keep only the MTP layers the checkpoint really holds.
-    n = cfg.num_hidden_layers
-    present = [k for k in range(cfg.num_nextn_predict_layers)
-               if f"model.layers.{n + k}.eh_proj.weight" in files]
-    if len(present) != cfg.num_nextn_predict_layers:
-        cfg.extra["num_nextn_predict_layers_in_config"] = cfg.num_nextn_predict_layers
-        cfg.num_nextn_predict_layers = len(present)
-    device = torch.device(device or "cpu")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    # Loading peaks at the model in fp32 (to_empty) before any dtype conversion.
-    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    budget = available_memory_bytes(device)
-    if max_memory_gb is not None:
-        budget = min(budget, int(max_memory_gb * 1e9))
-    if needed > budget:
-        cap = f" (capped by max_memory_gb={max_memory_gb:g})" if max_memory_gb is not None else ""
-        raise MemoryError(f"{directory.name} needs {format_bytes(needed)} to load, {format_bytes(budget)} "
-                          f"available{cap}")
-    model = model.to_empty(device=device)
-    expected = model.state_dict()
-    d = cfg.num_nextn_predict_layers
-    shared_copies = {f"model.layers.{n + k}.{s}" for k in range(d)
-                     for s in ("embed_tokens.weight", "shared_head.head.weight")}
-    ignorable = ("rotary_emb.inv_freq",)
-    unexpected = [k for k in files if k not in expected and k not in shared_copies and not k.endswith(ignorable)
-                  and not _beyond(k, n + d)]
-    if unexpected:
-        raise ValueError(f"{directory}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    missing = [k for k in expected if k not in files and k not in optional]
-    if missing:
-        raise ValueError(f"{directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    by_file: dict[Path, list[str]] = {}
-    for name in expected:
-        if name in files:
-            by_file.setdefault(files[name], []).append(name)
-    with torch.no_grad():
-        for path, names in by_file.items():
-            with safe_open(str(path), "pt", device="cpu") as f:
-                for name in names:
-                    t = f.get_tensor(name)
-                    target = expected[name]
-                    if tuple(t.shape) != tuple(target.shape):
-                        raise ValueError(f"{path.name}: tensor {name} has shape {tuple(t.shape)}, "
-                                         f"the config implies {tuple(target.shape)}")
-                    target.copy_(t.to(target.dtype))
-    # Buffers that are not stored (RoPE frequencies, load counters) are recomputed.
-    _reset_buffers(model)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    if dtype is not None:
-        model = model.to(dtype)
-        for moe in model.moe_layers():  # routing bias and counters stay fp32
-            moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
-            moe.load.data = moe.load.data.float()
-            moe.last_load.data = moe.last_load.data.float()
-    return model.eval()
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif single.exists():
+        files = [single.name]
+    else:
+        others = sorted(p.name for p in directory.glob("*.bin"))
+        hint = f" (found {others}: convert them to safetensors first)" if others else ""
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}{hint}")
+    tensors = {}
+    for name in files:
+        file = directory / name
+        if not file.exists():
+            raise FileNotFoundError(f"{file} is listed in {index.name} but missing")
+        header, data_start = read_header(file)
+        for key, e in header.items():
+            begin, end = e["data_offsets"]
+            tensors[key] = StoredTensor(file, e["dtype"], tuple(e["shape"]), data_start + begin, end - begin)
+    return tensors
 
 
-def _reset_buffers(model: torch.nn.Module) -> None:
-    from seekling.model.mla import rope_inv_freq
-
-    inv_freq, factor = rope_inv_freq(model.config)
-    rotary = model.model.rotary_emb
-    rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
-    rotary.attention_factor = factor
-    for moe in model.moe_layers():
-        moe.load.zero_()
-        moe.last_load.zero_()
-
-
-def _beyond(name: str, n_layers: int) -> bool:
-    """True for tensors of layers we do not build (MTP modules left out, as transformers does)."""
-    parts = name.split(".")
-    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= n_layers
+def read_generation_config(directory: str | Path) -> tuple[dict[str, Any], list[int]]:
+    """(SamplingParams defaults, eos token ids) from generation_config.json, as vLLM reads it."""
+    directory = Path(directory)
+    file = directory / "generation_config.json"
+    gen = json.loads(file.read_text()) if file.exists() else {}
+    defaults = {ours: gen[theirs] for theirs, ours in GENERATION_KEYS.items() if gen.get(theirs) is not None}
+    if gen.get("do_sample") is False:
+        defaults["temperature"] = 0.0  # the checkpoint asks for greedy decoding
+    eos = gen.get("eos_token_id")
+    if eos is None and (directory / "config.json").exists():
+        eos = json.loads((directory / "config.json").read_text()).get("eos_token_id")
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return defaults, eos_ids

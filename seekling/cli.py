@@ -45,10 +45,10 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     import torch
 
-    from seekling.checkpoint import load_pretrained
     from seekling.config import preset
     from seekling.data import BatchLoader, PackedDataset
     from seekling.model import Transformer
+    from seekling.model.load import load_pretrained
     from seekling.tokenizer import load_tokenizer
     from seekling.train.trainer import train
 
@@ -67,8 +67,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
-    from seekling.checkpoint import load_pretrained
     from seekling.data import BatchLoader, SFTDataset
+    from seekling.model.load import load_pretrained
     from seekling.tokenizer import load_tokenizer
     from seekling.train.trainer import train
 
@@ -174,8 +174,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import shutil
 
-    from seekling.checkpoint import load_pretrained
+    from seekling.model.load import load_pretrained
 
+    if args.format == "gguf":
+        from seekling.export import export_gguf
+
+        if args.dtype or args.shard_gb:
+            raise ValueError("--dtype and --shard-gb are for --format hf; a GGUF takes --outtype")
+        modelfile = export_gguf(args.model, args.out, outtype=args.outtype, tokenizer_dir=args.tokenizer)
+        print(f"exported {args.model} -> {args.out} ({args.outtype}); Ollama: ollama create NAME -f {modelfile}")
+        return
     model = load_pretrained(args.model, dtype=args.dtype)
     model.save_pretrained(args.out, max_shard_bytes=int(args.shard_gb * 2**30) if args.shard_gb else None)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -273,9 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(p)
     p.set_defaults(fn=run_serve)
 
-    p = sub.add_parser("export", help="re-save a model in the Hugging Face layout (optionally bf16 / sharded)")
+    p = sub.add_parser("export", help="re-save a model in the Hugging Face layout (optionally bf16 / sharded), "
+                                      "or as a GGUF for llama.cpp / Ollama (with a Modelfile beside it)")
     p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a directory (hf) or a .gguf file (gguf)")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf")
+    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f32", help="GGUF tensor type")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory for the GGUF (default: --model)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--shard-gb", type=float, default=None, help="shard size in GiB (default: one file)")
     p.set_defaults(fn=cmd_export)

@@ -16,6 +16,17 @@ from typing import Any
 
 from seekling.atomic import write_text
 
+# Fields of DeepSeek-V3's own config.json that transformers' DeepseekV3Config does not define but inference
+# engines read, with the values that describe seekling's model (sigmoid affinities, top-k on scores plus the
+# e_score_correction_bias, every layer past first_k_dense_replace an MoE one). Without them:
+# - llama.cpp's convert_hf_to_gguf.py takes expert_gating_func from scoring_func and builds softmax routing;
+# - vLLM defaults scoring_func to "softmax" and only loads the correction bias when topk_method is "noaux_tc";
+# - SGLang reads config.topk_method and config.moe_layer_freq as attributes and fails without them;
+# - DeepSeek's own modeling code (trust_remote_code) reads ep_size, seq_aux and aux_loss_alpha.
+# aux_loss_alpha is DeepSeek's name for the sequence-wise balance loss weight (our seq_aux_alpha).
+RELEASE_FIELDS: dict[str, Any] = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1,
+                                  "ep_size": 1, "seq_aux": True}
+
 
 @dataclass
 class ModelConfig:
@@ -127,6 +138,8 @@ class ModelConfig:
             rope_interleave=True,
             attention_bias=False,
             dtype="float32",
+            aux_loss_alpha=self.seq_aux_alpha,
+            **RELEASE_FIELDS,
         )
         # transformers >= 5 reads `rope_parameters`; older readers and DeepSeek's own files use
         # `rope_theta` + `rope_scaling`. Write both so every reader sees the same RoPE.
@@ -148,14 +161,25 @@ class ModelConfig:
             raise ValueError("attention_bias=True is not supported")
         if d.get("rope_interleave") is False:
             raise ValueError("rope_interleave=False is not supported (DeepSeek checkpoints interleave)")
+        # Configs written before these fields existed (ours, transformers') lack them: the defaults are
+        # what seekling always computed.
         if d.get("scoring_func", "sigmoid") != "sigmoid":
             raise ValueError(f"scoring_func {d['scoring_func']!r} is not supported (DeepSeek-V3 uses sigmoid)")
+        if d.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise ValueError(f"topk_method {d['topk_method']!r} is not supported (DeepSeek-V3 uses noaux_tc: "
+                             "top-k on the scores plus e_score_correction_bias)")
+        if d.get("moe_layer_freq", 1) != 1:
+            raise ValueError(f"moe_layer_freq {d['moe_layer_freq']!r} is not supported (every layer after "
+                             "first_k_dense_replace is an MoE layer)")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kw = {k: v for k, v in d.items() if k in names}
+        if "seq_aux_alpha" not in d and d.get("seq_aux", True) and d.get("aux_loss_alpha") is not None:
+            kw["seq_aux_alpha"] = float(d["aux_loss_alpha"])  # DeepSeek's release names it aux_loss_alpha
         rp = d.get("rope_parameters")
         if rp:
             kw["rope_theta"] = rp.get("rope_theta", kw.get("rope_theta", 10000.0))
-            if rp.get("rope_type", rp.get("type", "default")) != "default":
+            # rope_scaling, when a file has both, is the one written as the user gave it (a round trip keeps it)
+            if rp.get("rope_type", rp.get("type", "default")) != "default" and not d.get("rope_scaling"):
                 kw["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
         if kw.get("n_group") is None:
             kw["n_group"] = 1
@@ -165,7 +189,7 @@ class ModelConfig:
             kw["eos_token_id"] = kw["eos_token_id"][0]
         skip = names | {"rope_parameters", "model_type", "architectures", "num_key_value_heads", "hidden_act",
                         "rope_interleave", "attention_bias", "dtype", "torch_dtype", "transformers_version",
-                        "head_dim", "qk_head_dim"}
+                        "head_dim", "qk_head_dim", "aux_loss_alpha", *RELEASE_FIELDS}
         kw["extra"] = {k: v for k, v in d.items() if k not in skip}
         return cls(**kw)
 

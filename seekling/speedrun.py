@@ -110,9 +110,9 @@ def one_thread() -> Iterator[None]:
 
 
 def stop_if_interrupted(summary: dict[str, Any]) -> None:
-    """The trainer answers Ctrl-C / SIGTERM by saving and returning; the speedrun must then stop too,
-    not mark the stage done and go on with a half-trained model."""
-    if summary.get("stopped") == "interrupted":
+    """The trainer and GRPO answer Ctrl-C / SIGTERM by saving and returning; the speedrun must then stop
+    too, not mark the stage done and go on with a half-trained model."""
+    if "interrupted" in (summary.get("stopped"), summary.get("stop_reason")):
         raise SystemExit("[speedrun] interrupted: the stage's state is saved; re-run the same command to resume")
 
 
@@ -290,8 +290,8 @@ class Speedrun:
     def _sft(self, src: Path, name: str, budget_s: float, steps: int, lr: float, seed: int, data_seed: int,
              warmup: int = 20) -> dict:
         """SFT on the traces, `steps` steps (or, with steps 0, for budget_s seconds), into seed_dir/name."""
-        from seekling.checkpoint import load_pretrained
         from seekling.data import BatchLoader, SFTDataset
+        from seekling.model.load import load_pretrained
         from seekling.train.trainer import TrainConfig, train
 
         r, tok = self.recipe, self.tokenizer()
@@ -339,6 +339,7 @@ class Speedrun:
         with one_thread():
             summary = train_rl(d / "sft", d / "rl", d / "train_state" / "rl", cfg, tasks=sorted(TASKS), cells=cells,
                                eval_fn=self.validation_fn(cells, r.rl_val_n) if r.rl_val_n else None)
+        stop_if_interrupted(summary)
         self.tokenizer().save_pretrained(d / "rl")
         self.seed_results(seed)["rl"] = {**summary, "cells": [list(c) for c in cells]}  # time is in stage_time_s
 
@@ -384,6 +385,7 @@ class Speedrun:
         with one_thread():
             self.seed_results(seed)["r1_zero"] = train_rl(self.out / "base", d / "r1_zero",
                                                           d / "train_state" / "r1_zero", cfg, tasks=sorted(TASKS))
+        stop_if_interrupted(self.seed_results(seed)["r1_zero"])
 
     def score(self, model_dir: Path, problems: list, label: str = "") -> dict[str, Any]:
         """Held-out scores of one model (greedy, and pass@1 over eval_k samples)."""

@@ -9,6 +9,7 @@ so `AutoTokenizer.from_pretrained(dir).apply_chat_template(...)` and ours give t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -39,43 +40,176 @@ SPLIT_PATTERN = (
     r"|\s+(?!\S)|\s+"
 )
 
-# DeepSeek-R1's format. System prompts are joined and put right after bos; earlier assistant turns lose
-# their reasoning (R1 strips everything up to </think>); the final message, when it is an assistant's,
-# is a training sample and gets its reasoning (`reasoning_content`, or the think block inside `content`).
-CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system='') -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + message['content'] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{{- bos_token + ns.system -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- '<｜User｜>' + message['content'] -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{%- set content = message['content'] | default('', true) -%}"
-    "{%- set reasoning = message['reasoning_content'] | default('', true) -%}"
-    "{%- if '</think>' in content -%}"
-    "{%- if not reasoning -%}"
-    "{%- set reasoning = content.split('</think>')[0].replace('<think>', '') -%}"
-    "{%- endif -%}"
-    "{%- set content = content.split('</think>')[-1] -%}"
-    "{%- endif -%}"
-    "{%- if loop.last -%}"
-    "{{- '<｜Assistant｜><think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n')"
-    " + eos_token -}}"
-    "{%- else -%}"
-    "{{- '<｜Assistant｜>' + content.lstrip('\\n') + eos_token -}}"
-    "{%- endif -%}"
-    "{%- elif message['role'] != 'system' -%}"
-    "{{- raise_exception('unsupported chat role: ' + message['role']) -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<｜Assistant｜><think>\\n' -}}"
-    "{%- endif -%}"
-)
+# DeepSeek-V3/R1's tool tokens. Newly trained tokenizers have them as special tokens; in older ones (the
+# 619-token speedrun tokenizers) they are plain text that BPE splits, and every template and parser here
+# works on the text either way.
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOL_TOKENS = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP, TOOL_OUTPUTS_BEGIN,
+               TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END]
+
+# Pieces shared by the three templates below (Jinja source, joined into each). Template variables beyond
+# transformers' own: `thinking` (DeepSeek-V3.1's name) or `enable_thinking` (Qwen3's), default true.
+_PREAMBLE = r"""
+{%- if thinking is not defined -%}
+  {%- set thinking = enable_thinking if enable_thinking is defined else true -%}
+{%- endif -%}
+{%- set ns = namespace(system='', last_user=-1, prev='', user_prefix='') -%}
+{%- for message in messages -%}
+  {%- if message['role'] == 'system' -%}
+    {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + message['content'] -%}
+  {%- elif message['role'] == 'user' -%}
+    {%- set ns.last_user = loop.index0 -%}
+  {%- endif -%}
+{%- endfor -%}
+"""
+# An assistant turn's content and reasoning (`reasoning_content`, or a think block inside `content`), and
+# whether its think block is rendered: for the final message (a training sample), and, DeepSeek's rule for
+# tool loops, for a turn that called tools after the last user message. Earlier reasoning is dropped.
+_ASSISTANT = r"""
+    {%- set content = message['content'] | default('', true) -%}
+    {%- set reasoning = message['reasoning_content'] | default('', true) -%}
+    {%- if '</think>' in content -%}
+      {%- if not reasoning -%}{%- set reasoning = content.split('</think>')[0].replace('<think>', '') -%}{%- endif -%}
+      {%- set content = content.split('</think>')[-1] -%}
+    {%- endif -%}
+    {%- set calls = message['tool_calls'] | default([], true) -%}
+    {%- set keep = loop.last or (calls and loop.index0 > ns.last_user) -%}
+"""
+_TOOL_ORDER = r"""
+  {%- if message['role'] == 'tool' and ns.prev not in ('calls', 'tool') -%}
+    {{- raise_exception('a tool message must follow an assistant message with tool_calls') -}}
+  {%- endif -%}
+"""
+_ARGS = "(call['function']['arguments'] if call['function']['arguments'] is string else " \
+        "call['function']['arguments'] | tojson)"
+
+# seekling's template: DeepSeek-R1's chat format with DeepSeek-V3/R1's tool-call and tool-output tokens.
+# System prompts are joined and put right after bos, followed by the tool list when tools are given.
+# Every assistant turn starts with <｜Assistant｜> (R1's omits it after tool outputs: one rule is easier for a
+# small model). With thinking off the generation prompt ends in `<｜Assistant｜></think>`, as DeepSeek-V3.1's.
+CHAT_TEMPLATE = _PREAMBLE + r"""
+{%- if tools -%}
+  {%- set ns.system = ns.system + ('\n\n' if ns.system else '')
+      + '## Tools\nYou have access to the following tools:\n' -%}
+  {%- for tool in tools -%}
+    {%- set f = tool['function'] if tool['function'] is defined else tool -%}
+    {%- set ns.system = ns.system + '\n### ' + f['name'] + '\nDescription: ' + (f['description'] | default('', true))
+        + '\n\nParameters: ' + (f['parameters'] | default({}, true) | tojson) + '\n' -%}
+  {%- endfor -%}
+  {%- set ns.system = ns.system + '\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n'
+      + '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>tool_name\n```json\narguments\n```'
+      + '<｜tool▁call▁end｜><｜tool▁calls▁end｜>\n\nwhere tool_name is one of the tools above and arguments is a '
+      + 'JSON object valid for its Parameters schema. Several calls go one after another, separated by a newline.' -%}
+{%- endif -%}
+{{- bos_token + ns.system -}}
+{%- for message in messages -%}""" + _TOOL_ORDER + r"""
+  {%- if message['role'] == 'user' -%}
+    {{- '<｜User｜>' + message['content'] -}}
+  {%- elif message['role'] == 'assistant' -%}""" + _ASSISTANT + r"""
+    {{- '<｜Assistant｜>' -}}
+    {%- if keep -%}
+      {{- ('<think>\n' + reasoning.strip('\n') + '\n</think>\n\n') if thinking else '</think>' -}}
+    {%- endif -%}
+    {{- content.lstrip('\n') -}}
+    {%- if calls -%}
+      {{- '<｜tool▁calls▁begin｜>' -}}
+      {%- for call in calls -%}
+        {{- ('\n' if not loop.first else '') + '<｜tool▁call▁begin｜>' + (call['type'] | default('function', true))
+            + '<｜tool▁sep｜>' + call['function']['name'] + '\n```json\n' + """ + _ARGS + r"""
+            + '\n```<｜tool▁call▁end｜>' -}}
+      {%- endfor -%}
+      {{- '<｜tool▁calls▁end｜>' -}}
+    {%- endif -%}
+    {{- eos_token -}}
+  {%- elif message['role'] == 'tool' -%}
+    {{- ('<｜tool▁outputs▁begin｜>' if ns.prev != 'tool' else '\n') + '<｜tool▁output▁begin｜>' + message['content']
+        + '<｜tool▁output▁end｜>' -}}
+    {%- if loop.nextitem is not defined or loop.nextitem['role'] != 'tool' -%}
+      {{- '<｜tool▁outputs▁end｜>' -}}
+    {%- endif -%}
+  {%- elif message['role'] != 'system' -%}
+    {{- raise_exception('unsupported chat role: ' + message['role']) -}}
+  {%- endif -%}
+  {%- set ns.prev = 'calls' if (message['role'] == 'assistant' and calls) else message['role'] -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<｜Assistant｜>' + ('<think>\n' if thinking else '</think>') -}}{%- endif -%}
+"""
+
+# The R1-Distill layout (the released checkpoints' template: bos, system, <｜User｜>, <｜Assistant｜>, a generation
+# prompt that opens <think>) with the base model family's tool format, used when a Qwen2 or Llama checkpoint's
+# own template does not render `tools`. With thinking off the think block is closed empty, as Qwen3 does.
+_DISTILL_TURNS = r"""
+{{- bos_token + ns.system -}}
+{%- for message in messages -%}""" + _TOOL_ORDER + r"""
+  {%- if message['role'] == 'user' -%}
+    {{- '<｜User｜>' + ns.user_prefix + message['content'] -}}
+    {%- set ns.user_prefix = '' -%}
+  {%- elif message['role'] == 'assistant' -%}""" + _ASSISTANT + r"""
+    {{- '<｜Assistant｜>' + (('<think>\n' + reasoning.strip('\n') + '\n</think>\n\n') if keep else '') -}}
+    {{- render_turn(content.lstrip('\n'), calls) + eos_token -}}
+  {%- elif message['role'] == 'tool' -%}{{- render_output(message['content'], ns.prev != 'tool') -}}
+  {%- elif message['role'] != 'system' -%}
+    {{- raise_exception('unsupported chat role: ' + message['role']) -}}
+  {%- endif -%}
+  {%- set ns.prev = 'calls' if (message['role'] == 'assistant' and calls) else message['role'] -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<｜Assistant｜><think>\n' + ('' if thinking else '\n</think>\n\n') -}}{%- endif -%}
+"""
+
+# Qwen2.5's tool format (its template's words): tools listed in the system prompt inside <tools></tools>,
+# each call a `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, results as <tool_response> in a
+# user turn.
+QWEN_TOOLS_TEMPLATE = _PREAMBLE + r"""
+{%- if tools -%}
+  {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + '# Tools\n\nYou may call one or more functions to '
+      + 'assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML '
+      + 'tags:\n<tools>' -%}
+  {%- for tool in tools -%}{%- set ns.system = ns.system + '\n' + (tool | tojson) -%}{%- endfor -%}
+  {%- set ns.system = ns.system + '\n</tools>\n\nFor each function call, return a json object with function name and '
+      + 'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+      + '<args-json-object>}\n</tool_call>' -%}
+{%- endif -%}
+{%- macro render_turn(content, calls) -%}
+  {{- content -}}
+  {%- for call in calls -%}
+    {{- ('\n' if content or not loop.first else '') + '<tool_call>\n{"name": "' + call['function']['name']
+        + '", "arguments": ' + """ + _ARGS + r""" + '}\n</tool_call>' -}}
+  {%- endfor -%}
+{%- endmacro -%}
+{%- macro render_output(text, first) -%}
+  {{- ('<｜User｜>' if first else '\n') + '<tool_response>\n' + text + '\n</tool_response>' -}}
+{%- endmacro -%}
+""" + _DISTILL_TURNS
+
+# Llama 3.1's JSON tool calling (its template's words; tools in the first user message): a call is the whole
+# answer, `{"name": ..., "parameters": {...}}`, one call per turn; a result comes back as the next user turn.
+LLAMA_TOOLS_TEMPLATE = _PREAMBLE + r"""
+{%- if tools -%}
+  {%- set ns.user_prefix = 'Given the following functions, please respond with a JSON for a function call with its '
+      + 'proper arguments that best answers the given prompt.\n\nRespond in the format {"name": function name, '
+      + '"parameters": dictionary of argument name and its value}.Do not use variables.\n\n' -%}
+  {%- for tool in tools -%}
+    {%- set ns.user_prefix = ns.user_prefix + (tool | tojson(indent=4)) + '\n\n' -%}
+  {%- endfor -%}
+{%- endif -%}
+{%- macro render_turn(content, calls) -%}
+  {%- if calls | length > 1 -%}{{- raise_exception('Llama 3.1 tool calling makes one call per turn') -}}{%- endif -%}
+  {%- for call in calls -%}
+    {{- '{"name": "' + call['function']['name'] + '", "parameters": ' + """ + _ARGS + r""" + '}' -}}
+  {%- else -%}{{- content -}}
+  {%- endfor -%}
+{%- endmacro -%}
+{%- macro render_output(text, first) -%}
+  {{- '<｜User｜>' + text -}}
+{%- endmacro -%}
+""" + _DISTILL_TURNS
+
+# sha256 of earlier versions of CHAT_TEMPLATE that checkpoints carry in tokenizer_config.json: loading one
+# upgrades it to the current template, which renders every conversation they could render the same way.
+_LEGACY_TEMPLATES = {"bfb65ead43ecece776c6ce6a5d0e8e10a3fc31552415c34909d3fd6f3245d410"}
 
 # Names a message's reasoning may come under; transformers copies them all to `reasoning_content`.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -128,15 +262,18 @@ def _clean_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_chat(messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                template: str = CHAT_TEMPLATE, **special_tokens: str) -> str:
-    """Render chat messages with a Jinja chat template, as transformers does. `special_tokens` are the
-    template variables transformers passes from the tokenizer (bos_token, eos_token, pad_token...);
-    they default to DeepSeek-R1's, so the corpus can be rendered before any tokenizer exists."""
+                template: str = CHAT_TEMPLATE, tools: list[dict[str, Any]] | None = None,
+                **variables: Any) -> str:
+    """Render chat messages with a Jinja chat template, as transformers does. `tools` are OpenAI tool
+    definitions; `variables` are the other template variables: the special tokens transformers passes from
+    the tokenizer (bos_token, eos_token, pad_token...; they default to DeepSeek-R1's, so the corpus can be
+    rendered before any tokenizer exists) and template switches such as `thinking` (transformers passes
+    extra keyword arguments of apply_chat_template the same way)."""
     if not messages:
         raise ValueError("cannot apply a chat template to an empty conversation")
-    variables = {"bos_token": BOS, "eos_token": EOS, **special_tokens}
+    variables = {"bos_token": BOS, "eos_token": EOS, "documents": None, **variables}
     return _compile_template(template).render(
-        messages=_clean_messages(messages), tools=None, documents=None,
+        messages=_clean_messages(messages), tools=tools or None,
         add_generation_prompt=add_generation_prompt, **variables,
     )
 
@@ -213,12 +350,16 @@ class Tokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tokenize: bool = False) -> str | list[int]:
-        if self.chat_template is None:
+                            tokenize: bool = False, *, tools: list[dict[str, Any]] | None = None,
+                            chat_template: str | None = None, **template_kwargs: Any) -> str | list[int]:
+        """transformers' apply_chat_template: `tools` and any extra keyword (e.g. `thinking=False`) reach the
+        template as variables; `chat_template` renders with another template than the tokenizer's."""
+        template = chat_template or self.chat_template
+        if template is None:
             raise ValueError("this tokenizer has no chat_template")
         special = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                      ("pad_token", self.pad_token)) if v is not None}
-        text = render_chat(messages, add_generation_prompt, self.chat_template, **special)
+        text = render_chat(messages, add_generation_prompt, template, tools, **special, **template_kwargs)
         return self.encode(text) if tokenize else text
 
     def encode_sft(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
@@ -273,6 +414,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.is_file():  # transformers >= 4.43 saves the template here, and prefers it
         template = jinja_file.read_text(encoding="utf-8")
+    if template is not None and hashlib.sha256(template.encode()).hexdigest() in _LEGACY_TEMPLATES:
+        template = CHAT_TEMPLATE
     return Tokenizer(
         HFTokenizer.from_file(str(tokenizer_file)),
         chat_template=template,
@@ -291,8 +434,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int
     special = [BOS, EOS, USER, ASSISTANT]
     added = [THINK_START, THINK_END]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + len(special) + len(added):
-        raise ValueError(f"vocab_size must be at least {len(alphabet) + len(special) + len(added)}")
+    least = len(alphabet) + len(special) + len(added) + len(TOOL_TOKENS)
+    if vocab_size < least:
+        raise ValueError(f"vocab_size must be at least {least}")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
@@ -300,12 +444,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(added), special_tokens=special, initial_alphabet=alphabet,
+        vocab_size=vocab_size - len(added) - len(TOOL_TOKENS), special_tokens=special, initial_alphabet=alphabet,
         min_frequency=2, show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     # Special tokens are control tokens (skipped by decode(skip_special_tokens=True)); the think tags are
     # plain added tokens, as in the R1-Distill tokenizers, so decoded text keeps them for reasoning splitting.
+    # The tool tokens come last, so the ids of everything else are those a tokenizer without them had.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOOL_TOKENS])
     return Tokenizer(tok, CHAT_TEMPLATE, BOS, EOS, EOS, model_max_length)

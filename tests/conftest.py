@@ -12,3 +12,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="no CUDA device"))])
+def device(request) -> str:
+    """The device a test runs on: the CPU always, CUDA too where there is one (scripts/gpu_check.sh runs the
+    CUDA cases: `pytest -k cuda`)."""
+    return request.param

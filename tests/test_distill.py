@@ -11,11 +11,11 @@ import pytest
 import torch
 from test_serve import LiveServer
 
-from seekling.checkpoint import load_pretrained
 from seekling.config import preset
 from seekling.data import IGNORE_INDEX, BatchLoader, SFTDataset
 from seekling.engine import Engine
 from seekling.model import Transformer
+from seekling.model.load import load_pretrained
 from seekling.tasks import sample_problems
 from seekling.tokenizer import train_tokenizer
 from seekling.train.collect import collect, load_traces, score_task, task_prompts
@@ -122,7 +122,7 @@ def kd_stats(student, teacher, batch):
 
 
 @pytest.mark.parametrize("kind", ["forward", "mix"])
-def test_student_moves_toward_teacher(tmp_path, kind):
+def test_student_moves_toward_teacher(tmp_path, kind, device):
     teacher = tiny_model(seed=1, hidden=48).eval()
     with torch.no_grad():  # a confident teacher (random init is nearly uniform): something to learn
         teacher.lm_head.weight.mul_(30)
@@ -133,10 +133,10 @@ def test_student_moves_toward_teacher(tmp_path, kind):
     data.samples = data.samples[:48]
     student = tiny_model(seed=2)
     kl0, agree0 = kd_stats(student.eval(), teacher, held_out)
-    cfg = TrainConfig(max_steps=40, lr=1e-2, min_lr=1e-3, warmup_steps=3, log_every=10)
+    cfg = TrainConfig(max_steps=40, lr=1e-2, min_lr=1e-3, warmup_steps=3, log_every=10, device=device)
     summary = train(student, BatchLoader(data, 8, seed=0), cfg, tmp_path / "kd",
                     loss_fn=make_kd_loss(teacher, kind=kind, temperature=1.0))
-    kl1, agree1 = kd_stats(student.eval(), teacher, held_out)
+    kl1, agree1 = kd_stats(student.eval().cpu(), teacher.cpu(), held_out)
     assert kl1 < 0.7 * kl0, (kl0, kl1)
     assert agree1 > agree0 + 0.1, (agree0, agree1)
     logged = [h for h in summary["history"] if "kd" in h]

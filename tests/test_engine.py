@@ -380,6 +380,20 @@ def test_speculative_greedy_equals_plain_greedy(model, budget):
     assert st["spec_drafted"] > 0 and 0 <= st["spec_acceptance_rate"] <= 1
 
 
+def chi_square(law: torch.Tensor, counts: torch.Tensor) -> tuple[float, float]:
+    """Pearson's statistic of the counts against the law, and its 99.9% quantile under that law."""
+    N = counts.sum()
+    keep = law * N >= 5  # the usual validity rule; the rare cells are pooled
+    expected, observed = law[keep] * N, counts[keep]
+    if not keep.all():
+        expected = torch.cat([expected, (law[~keep] * N).sum().unsqueeze(0)])
+        observed = torch.cat([observed, counts[~keep].sum().unsqueeze(0)])
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    df = len(expected) - 1
+    # Wilson-Hilferty 99.9% quantile of chi-square(df): df(1 - 2/(9df) + 3.09 sqrt(2/(9df)))^3
+    return chi2, df * (1 - 2 / (9 * df) + 3.09 * (2 / (9 * df)) ** 0.5) ** 3
+
+
 def test_speculative_sampling_keeps_the_target_distribution():
     """Empirical joint law of the first two sampled tokens vs the exact one from the model (chi-square).
     The second token goes through MTP draft + verification; a random MTP module drafts badly, so
@@ -401,34 +415,24 @@ def test_speculative_sampling_keeps_the_target_distribution():
     for out in engine.generate([prompt] * 40, params):
         for o in out.outputs:
             counts[o.token_ids[0] * V + o.token_ids[1]] += 1
-    N = counts.sum()
-    keep = joint * N >= 5  # the usual validity rule; the rare cells are pooled
-    expected, observed = joint[keep] * N, counts[keep]
-    if not keep.all():
-        expected = torch.cat([expected, (joint[~keep] * N).sum().unsqueeze(0)])
-        observed = torch.cat([observed, counts[~keep].sum().unsqueeze(0)])
-    chi2 = float(((observed - expected) ** 2 / expected).sum())
-    df = len(expected) - 1
-    # Wilson-Hilferty 99.9% quantile of chi-square(df): df(1 - 2/(9df) + 3.09 sqrt(2/(9df)))^3
-    limit = df * (1 - 2 / (9 * df) + 3.09 * (2 / (9 * df)) ** 0.5) ** 3
+    chi2, limit = chi_square(joint, counts)
     assert chi2 < limit, (chi2, limit)
     rate = engine.stats()["spec_acceptance_rate"]
     assert 0.05 < rate < 0.95  # both branches of the accept test were taken
 
 
-def prepared_runner(model: Transformer):
-    engine = Engine(model, cache_blocks=16, block_size=4, speculative=len(model.mtp_layers) > 0)
-    engine.runner.prepare()
-    return engine.runner
+def prepared(model: Transformer) -> Engine:
+    """An engine whose model is prepared for inference (fused views, stacked experts)."""
+    return Engine(model, cache_blocks=16, block_size=4, speculative=len(model.mtp_layers) > 0)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=False)])
 def test_prepared_moe_equals_the_training_forward(kw):
-    """The engine's MoE (norm weight folded into the experts, stacked weights; Python routing for 1-2
-    tokens, one sort and a loop over experts beyond; group-limited routing) against MoE.forward, also
-    after the balancing bias moved in place (and skewed the routing)."""
+    """The MoE's inference forward (stacked expert weights; one token's k experts by index, one sort and a
+    loop over experts beyond; group-limited routing) against MoE.forward, also after the balancing bias
+    moved in place (and skewed the routing)."""
     model = tiny_model(seed=6, n_routed_experts=8, num_experts_per_tok=2, **kw)
-    runner = prepared_runner(model)
+    prepared(model)
     layer = model.main_layers[1]
     bias = layer.mlp.gate.e_score_correction_bias
     torch.manual_seed(0)
@@ -438,30 +442,32 @@ def test_prepared_moe_equals_the_training_forward(kw):
         for shift in (torch.zeros(8), torch.randn(8) * 0.5, skewed):
             with torch.no_grad():  # a balancing step between rollouts: the routing must follow it
                 bias.add_(shift)
-            runner.prepare()
-            w = runner.layers[1]
             for n in (1, 2, 3, 5, 40, 300):
-                x = torch.randn(n, model.config.hidden_size)
-                ref = layer.mlp(layer.post_attention_layernorm(x))
-                out = runner.moe(w.ffn, runner.norm(x, w.post_norm))
-                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+                x = layer.post_attention_layernorm(torch.randn(n, model.config.hidden_size))
+                torch.testing.assert_close(layer.mlp.infer(x), layer.mlp(x), atol=1e-5, rtol=1e-5)
 
 
-def test_runner_hidden_states_and_mtp_equal_the_model():
-    """Prefill through the engine's runner (absorbed MLA on the latent cache, folded norms, complex RoPE)
-    and the MTP module on a last_only batch, against the model's own forward and mtp_logits."""
-    from seekling.engine.runner import make_batch
+def test_inference_forward_and_mtp_equal_the_training_forward():
+    """Prefill through the model's inference forward (absorbed MLA on the paged latent cache) and the MTP
+    module on a last_only batch, against the model's own (training) forward and mtp_logits."""
+    from seekling.model import make_batch
 
     model = tiny_model(seed=7)
-    runner = prepared_runner(model)
+    engine = prepared(model)
     ids = prompts_of([11], seed=5)[0]
     table = [0, 1, 2]
+    cpu = torch.device("cpu")
     with torch.inference_mode():
-        hidden = runner.forward(make_batch([(ids, 0, table)], 4, torch.device("cpu")))
+        batch = make_batch([(ids, 0, table)], 4, cpu)
+        batch.cache = engine.kv
+        hidden, latents = model.infer(batch)
         ref = model(torch.tensor([ids]))
         torch.testing.assert_close(hidden, ref.hidden_states[0], atol=1e-5, rtol=1e-5)
+        assert latents.shape == (model.config.num_hidden_layers, len(ids), *model.cache_entry_shape())
         # MTP at position i takes h_i and the token at i + 1: feed positions 0..9, draft from the last.
-        h = runner.mtp(make_batch([(ids[1:], 0, table)], 4, torch.device("cpu"), last_only=True), hidden[:-1])
+        mtp = make_batch([(ids[1:], 0, table)], 4, cpu, last_only=True)
+        mtp.cache = engine.kv
+        h, _ = model.infer_mtp(mtp, hidden[:-1])
         logits, _ = model.mtp_logits(ref.hidden_states[:, :-1], torch.tensor([ids[1:]]),
                                      torch.arange(len(ids) - 1)[None])
-        torch.testing.assert_close(runner.logits(h)[0], logits[0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.logits(h)[0], logits[0, -1], atol=1e-4, rtol=1e-4)

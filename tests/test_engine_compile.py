@@ -1,6 +1,7 @@
-"""Engine(compile=True): plain decode steps of up to max_batch sequences run as one torch.compile'd graph
-(engine/graph.py). It must produce the eager runner's tokens alone and in batches, write the same latents,
-survive in-place weight updates without recompiling, and refuse the models it does not handle."""
+"""Engine(compile=True): plain decode steps of up to max_batch sequences run through torch.compile of the
+model's own `infer` (engine/compiled.py). It must produce the eager forward's tokens alone and in batches,
+return the same cache entries, survive in-place weight updates without recompiling, run the dense and int8
+models too, and say what to do when compiling fails."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import torch
 
 from seekling.config import preset
 from seekling.engine import Engine, SamplingParams
-from seekling.engine.runner import make_batch
-from seekling.model import Transformer
+from seekling.model import Transformer, make_batch
 from seekling.model.dense import DenseConfig, DenseModel
 
 
@@ -46,19 +46,22 @@ def greedy(engine: Engine, prompts=PROMPTS) -> list[list[int]]:
     return [o.token_ids for o in engine.generate(prompts, GREEDY)]
 
 
-def test_compiled_steps_match_the_runner_and_write_the_same_latents(model):
-    eager, compiled = Engine(model, max_num_seqs=2), Engine(model, max_num_seqs=2, compile=True)
+def test_compiled_steps_match_the_eager_forward_and_return_the_same_entries(model):
+    engine = Engine(model, max_num_seqs=2, compile=True)
     cpu = torch.device("cpu")
     a, b = [3, 1, 4], [6, 5]  # non-contiguous block tables
     with torch.inference_mode():
-        for e in (eager, compiled):  # prompts of 33 and 20 tokens (three and two blocks)
-            e.runner.forward(make_batch([(list(range(20, 53)), 0, a), (list(range(60, 80)), 0, b)], 16, cpu))
+        prefill = make_batch([(list(range(20, 53)), 0, a), (list(range(60, 80)), 0, b)], 16, cpu)
+        prefill.cache = engine.kv
+        _, entries = model.infer(prefill)  # prompts of 33 and 20 tokens (three and two blocks)
+        engine._write(entries, prefill.slots, 0)
         for items in ([(7, 33, a)], [(8, 34, a), (9, 20, b)]):  # the batch-1 graph, then the batch graph
-            want = eager.runner.forward(make_batch([([t], p, tb) for t, p, tb in items], 16, cpu))
-            torch.testing.assert_close(compiled.compiled.step(items), want, atol=1e-5, rtol=1e-5)
-    # The latents written (block 0 holds the warm-up's scratch writes, in no sequence's table).
-    torch.testing.assert_close(compiled.kv[:, 1:], eager.kv[:, 1:], atol=1e-5, rtol=1e-5)
-    assert eager.kv[:, 4, 2].abs().sum() > 0 and eager.kv[:, 5, 4].abs().sum() > 0  # positions 34 and 20
+            batch = make_batch([([t], p, tb) for t, p, tb in items], 16, cpu)
+            batch.cache = engine.kv
+            want = model.infer(batch)
+            got = engine.compiled(batch)
+            for w, g in zip(want, got, strict=True):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_greedy_equals_eager_alone_and_in_batches(model):
@@ -92,7 +95,7 @@ def test_compiled_q_lora_and_speculative(model):
     want = greedy(Engine(m, max_num_seqs=1))
     assert greedy(Engine(m, max_num_seqs=1, compile=True)) == want
     assert greedy(Engine(m, max_num_seqs=4, compile=True)) == want  # the batch graph
-    # Speculative decoding verifies on the eager runner; steps without a draft may take the graph.
+    # Speculative decoding verifies eagerly; steps without a draft may take the graph.
     assert greedy(Engine(m, max_num_seqs=1, compile=True, speculative=True)) == want
 
 
@@ -103,22 +106,28 @@ def test_compiled_group_limited_routing():
     assert greedy(Engine(m, max_num_seqs=4, compile=True)) == want
 
 
-def test_compile_refuses_what_it_does_not_handle(model):
-    with pytest.raises(ValueError, match="float32"):
-        Engine(tiny().to(torch.bfloat16), compile=True)
+def test_compiled_dense_and_int8_models():
+    """The same `infer` of the other families and of int8 weights compiles (seekling's kernels are custom
+    ops inductor calls) and gives the eager tokens."""
+    torch.manual_seed(0)
     dense = DenseModel(DenseConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                   max_position_embeddings=64))
-    with pytest.raises(ValueError, match="compile"):
-        Engine(dense, compile=True)
+                                   max_position_embeddings=64, attention_bias=True))
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    prompts = [[1, 2, 3], list(range(5, 30))]
+    want = greedy(Engine(dense, max_num_seqs=2), prompts)
+    assert greedy(Engine(dense, max_num_seqs=2, compile=True), prompts) == want
+    int8 = Engine(tiny(seed=9), quantize="int8", max_num_seqs=2).model
+    assert greedy(Engine(int8, max_num_seqs=2, compile=True)) == greedy(Engine(int8, max_num_seqs=2))
 
 
 def test_a_failing_compile_says_what_to_do(model, monkeypatch):
-    from seekling.engine.graph import CompiledDecode
+    from seekling.engine.compiled import CompiledDecode
 
-    def broken(self):
+    def broken(self, device):
         raise OSError("no working C++ compiler")
 
-    monkeypatch.setattr(CompiledDecode, "warm_up", broken)
+    monkeypatch.setattr(CompiledDecode, "_warm_up", broken)
     with pytest.raises(RuntimeError, match="run with compile=False"):
         Engine(model, compile=True)

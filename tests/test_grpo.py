@@ -196,10 +196,10 @@ def _log(summary):
     return [json.loads(line) for line in open(summary["log"])]
 
 
-def test_short_rl_run_raises_reward(base_dir, tmp_path):
+def test_short_rl_run_raises_reward(base_dir, tmp_path, device):
     from seekling.train.grpo import train_rl
 
-    summary = train_rl(base_dir, tmp_path / "rl", tmp_path / "state", _cfg(), prompts=PROMPTS,
+    summary = train_rl(base_dir, tmp_path / "rl", tmp_path / "state", _cfg(device=device), prompts=PROMPTS,
                        reward_fn=_digit_share, log=lambda s: None)
     rows = _log(summary)
     assert len(rows) == 30 and summary["steps"] == 30
@@ -234,6 +234,42 @@ def test_resume_continues_exactly(base_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(base_dir, tmp_path):
+    """SIGTERM (a launcher, a scheduler) in step 2: the step finishes, the state is saved, the run stops; the
+    resumed run (the trainer's scaffold: weights, optimizer, every RNG, the prompt cursor) ends where an
+    uninterrupted one does."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from seekling.train.grpo import train_rl
+    from seekling.train.scaffold import saved_state
+
+    calls = 0
+
+    def reward_then_sigterm(prompt, completion, **kw):
+        nonlocal calls
+        calls += 1
+        if calls == 9:  # the first reward of step 2 (2 prompts x G=4 per step)
+            signal.raise_signal(signal.SIGTERM)
+        return _digit_share(prompt, completion)
+
+    kw = dict(steps=4, prompts_per_step=2, group_size=4, save_every=10)
+    quiet = lambda s: None
+    train_rl(base_dir, tmp_path / "a", tmp_path / "sa", _cfg(**kw), prompts=PROMPTS, reward_fn=_digit_share, log=quiet)
+    prev = signal.getsignal(signal.SIGTERM)
+    part = train_rl(base_dir, tmp_path / "b", tmp_path / "sb", _cfg(**kw), prompts=PROMPTS,
+                    reward_fn=reward_then_sigterm, log=quiet)
+    assert part["stop_reason"] == "interrupted" and part["steps"] == 2 and calls == 16  # step 2 was finished
+    assert signal.getsignal(signal.SIGTERM) is prev and saved_state(tmp_path / "sb")["step"] == 2
+    rest = train_rl(base_dir, tmp_path / "b", tmp_path / "sb", _cfg(**kw), prompts=PROMPTS, reward_fn=_digit_share,
+                    log=quiet)
+    assert rest["steps"] == 4 and [r["step"] for r in _log(rest)] == [1, 2, 3, 4]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_best_checkpoint_and_time_budget(base_dir, tmp_path):
@@ -312,7 +348,7 @@ def test_run_rl_on_your_own_prompts_and_reward(base_dir, tmp_path):
 def test_update_masks_truncated_completions(base_dir):
     """With mask_truncated, completions cut at max_new_tokens carry no gradient: a batch of only truncated
     ones leaves the weights unchanged, while the same batch unmasked moves them."""
-    from seekling.checkpoint import load_pretrained
+    from seekling.model.load import load_pretrained
     from seekling.train.grpo import Completion, update_policy
 
     def run(mask_truncated):

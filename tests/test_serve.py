@@ -20,13 +20,14 @@ import openai
 import pytest
 import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from seekling.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.model import Transformer
 from seekling.serve.app import add_serve_args, create_app
 from seekling.serve.security import Settings
-from seekling.tokenizer import train_tokenizer
+from seekling.tokenizer import ASSISTANT, USER, train_tokenizer
 
 CORPUS = ["Let me think about it. The answer is 42, and 7 + 5 = 12. Hello world!"] * 40
 
@@ -65,6 +66,11 @@ class Delta:
     logprobs: list[dict[int, float]] | None = None
 
 
+def last_user(prompt: str) -> str:
+    """The last user message of a prompt rendered with seekling's template."""
+    return prompt.rsplit(USER, 1)[-1].split(ASSISTANT, 1)[0]
+
+
 class ScriptedEngine:
     """The engine interface with a known script per prompt, for what a real model can't be made to do on cue:
     hold requests in the queue (at most `max_num_seqs` run, one word each per step, `step_delay` apart), and
@@ -78,14 +84,18 @@ class ScriptedEngine:
         self.running: dict[str, dict] = {}
         self.requests: dict[str, dict] = {}
         self.aborted: list[str] = []
+        self.prompts: list[str] = []  # as the server rendered them
+        self.params: list = []  # their SamplingParams
 
     @staticmethod
-    def script(prompt) -> tuple[list[str], list[str]]:
-        last = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+    def script(prompt: str) -> tuple[list[str], list[str]]:
+        last = last_user(prompt)
         return ["Let", " me", " think", " about", f" {last}."], ["The", " answer", " is", f" {len(last)}."]
 
     def add_request(self, prompt, params, request_id=None) -> str:
         request_id = request_id or uuid.uuid4().hex
+        self.prompts.append(prompt)
+        self.params.append(params)
         reasoning, text = self.script(prompt)
         pieces = [("reasoning", w) for w in reasoning] + [("text", w) for w in text]
         with self.lock:
@@ -156,11 +166,11 @@ def tokenizer():
     return train_tokenizer(CORPUS, vocab_size=300)
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer):
+def tiny_model(tokenizer) -> Transformer:
     """A tiny random seekling model. Its `</think>` logit is boosted so that greedy answers have both a
-    (short) reasoning part and an answer part, as a trained R1-style model's do."""
-    torch.manual_seed(0)
+    (short) reasoning part and an answer part, as a trained R1-style model's do (the seed is one for which
+    the test prompts' greedy answers have both)."""
+    torch.manual_seed(6)
     cfg = preset(
         "tiny",
         vocab_size=tokenizer.vocab_size,
@@ -178,10 +188,12 @@ def model(tokenizer):
     model = Transformer(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight[tokenizer.think_end_id] *= 2
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine: threads only add contention
-    yield model
-    torch.set_num_threads(n)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer)
 
 
 @pytest.fixture
@@ -276,8 +288,10 @@ def test_chat_stream_deltas_usage_and_length(engine, reference, make_server):
     refs = reference([[{"role": "user", "content": "abc"}]], max_tokens=3, n=2, temperature=1.0, seed=7)[0]
     assert [c.finish_reason for c in r.choices] == ["length", "length"] and r.usage.completion_tokens == 6
     assert [c.message.model_extra["reasoning_content"] or "" for c in r.choices] == [o.reasoning for o in refs.outputs]
-    # stop strings are honoured.
-    stop = ref.text[3:6]
+    # stop strings are honoured (one that first occurs inside the answer, not in the reasoning).
+    stop = next(ref.text[i:i + 3] for i in range(1, len(ref.text) - 3)
+                if ref.text[i:i + 3] not in f"{ref.reasoning}</think>{ref.text[:i + 2]}"
+                and "\n" not in ref.text[i:i + 3])
     r = client(server).chat.completions.create(
         model="tiny", messages=messages, temperature=0, max_tokens=24, stop=[stop]
     )
@@ -323,7 +337,7 @@ def test_error_shapes(engine, reference, make_server):
     assert_error(post({"model": "tiny", "messages": msgs, "top_p": 0}), 400, param="top_p")
     assert_error(post({"model": "tiny", "messages": msgs, "n": 0}), 400, param="n")
     assert_error(post({"model": "tiny", "messages": msgs, "max_tokens": 65}), 400, param="max_tokens")
-    assert_error(post({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}), 400, param="messages.0.role")
+    assert_error(post({"model": "tiny", "messages": [{"role": "bot", "content": "x"}]}), 400, param="messages.0.role")
     assert_error(post({"model": "tiny", "messages": msgs * 4}), 400, param="messages")  # max_messages
     assert_error(
         post({"model": "tiny", "messages": [{"role": "user", "content": "hello " * 40}]}),
@@ -440,7 +454,8 @@ def test_history_isolation_per_key(engine, make_server):
     assert_error(bob.get(f"/api/conversations/{cid}"), 404)
     assert_error(bob.put(f"/api/conversations/{cid}", json={"title": "mine"}), 404)
     assert_error(bob.delete(f"/api/conversations/{cid}"), 404)
-    assert_error(alice.post("/api/conversations", json={"messages": [{"role": "bot", "content": "x"}]}), 422)
+    assert_error(alice.post("/api/conversations", json={"messages": [{"role": "bot", "content": "x"}]}), 400)
+    assert_error(alice.post("/api/conversations", json={"messages": [{"role": "user"}]}), 422)
     upd = alice.put(f"/api/conversations/{cid}", json={"title": "Sums!", "messages": conv["messages"][:1]}).json()
     assert upd["title"] == "Sums!" and upd["messages"] == conv["messages"][:1] and upd["system"] == "be brief"
     # The owner column holds the key's sha256, never the key.
@@ -489,16 +504,23 @@ def test_metrics(tokenizer, engine, make_server):
     server = make_server(engine)
     usages = [chat(server, "m").usage for _ in range(2)]
     httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny"})
-    text = httpx.get(server.url + "/metrics").text
-    assert 'seekling_requests_total{route="/v1/chat/completions",method="POST",status="200"} 2' in text
-    assert 'seekling_requests_total{route="/v1/chat/completions",method="POST",status="422"} 1' in text
+    resp = httpx.get(server.url + "/metrics")
+    assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(resp.text) for s in family.samples}
+    route = ("route", "/v1/chat/completions")
+    assert samples["seekling_requests_total", (("method", "POST"), route, ("status", "200"))] == 2
+    assert samples["seekling_requests_total", (("method", "POST"), route, ("status", "422"))] == 1
     prompt = len(tokenizer.apply_chat_template([{"role": "user", "content": "m"}], tokenize=True))
-    assert f"seekling_prompt_tokens_total {2 * prompt}\n" in text
-    assert f"seekling_completion_tokens_total {sum(u.completion_tokens for u in usages)}\n" in text
-    assert 'seekling_request_duration_seconds_count{route="/v1/chat/completions"} 3' in text
-    assert 'seekling_request_duration_seconds_bucket{route="/v1/chat/completions",le="+Inf"} 3' in text
-    for gauge in ("queue_depth 0", "running 0", "waiting 0", "cache_usage 0"):
-        assert f"\nseekling_{gauge}\n" in text
+    assert samples["seekling_prompt_tokens_total", ()] == 2 * prompt
+    assert samples["seekling_completion_tokens_total", ()] == sum(u.completion_tokens for u in usages)
+    # The second request found the first one's prompt in the prefix cache (whole blocks of it).
+    assert samples["seekling_prompt_cached_tokens_total", ()] == sum(u.prompt_tokens_details.cached_tokens
+                                                                       for u in usages)
+    assert samples["seekling_request_duration_seconds_count", (route,)] == 3
+    assert samples["seekling_request_duration_seconds_bucket", (("le", "+Inf"), route)] == 3
+    for gauge in ("queue_depth", "running", "waiting", "cache_usage"):
+        assert samples[f"seekling_{gauge}", ()] == 0
 
 
 def test_settings_from_flags_and_env(monkeypatch, tmp_path):

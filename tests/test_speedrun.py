@@ -49,8 +49,8 @@ def test_smoke_speedrun_writes_the_contract(smoke_run):
         for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                      "generation_config.json"):
             assert (out / stage / name).exists(), (stage, name)
-        assert not (out / stage / "state.pt").exists()  # training state lives beside, not inside
-    assert (out / "train_state" / "base" / "state.pt").exists()
+        assert not (out / stage / "checkpoints").exists()  # training state lives beside, not inside
+    assert (out / "train_state" / "base" / "checkpoints" / "latest").exists()
     report = (out / "report.md").read_text()
     assert "Held-out accuracy" in report and "| addition | 3 |" in report
     for plot in ("accuracy.png", "loss.png", "rl.png", "expert_load.png"):

@@ -72,6 +72,8 @@ def test_chat_template_renders_the_r1_format(tok):
     assert tok.apply_chat_template(CONVERSATIONS[0], tokenize=True) == tok.encode(
         tok.apply_chat_template(CONVERSATIONS[0]))
     with pytest.raises(jinja2.TemplateError, match="unsupported chat role"):
+        tok.apply_chat_template([{"role": "bot", "content": "42"}])
+    with pytest.raises(jinja2.TemplateError, match="must follow an assistant message with tool_calls"):
         tok.apply_chat_template([{"role": "tool", "content": "42"}])
     with pytest.raises(ValueError, match="empty"):
         tok.apply_chat_template([])

@@ -16,6 +16,7 @@ from seekling.config import preset
 from seekling.data import BatchLoader, PackedDataset, SFTDataset, write_shards
 from seekling.model import Transformer
 from seekling.train import TrainConfig, lm_loss, lr_at, make_optimizers, train
+from seekling.train.scaffold import saved_state
 from seekling.train.trainer import newton_schulz
 
 VOCAB = 64
@@ -54,6 +55,11 @@ def test_lr_schedules():
     assert lr_at(c, 50, 0.5) == pytest.approx(0.55) and lr_at(c, 100, 1.0) == pytest.approx(0.1)
     w = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100, schedule="wsd")
     assert [lr_at(w, s, s / 100) for s in (20, 79, 90, 100)] == pytest.approx([1.0, 1.0, 0.55, 0.1])
+    # GRPO's schedule is the same function: cosine from lr down to lr * min_lr_ratio
+    from seekling.train.grpo import RLConfig
+
+    r = RLConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
+    assert [lr_at(r, s, s / 100) for s in (0, 50, 100)] == pytest.approx([0.1, 0.55, 0.1])
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="optimizer"):
@@ -84,13 +90,13 @@ def test_param_groups():
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_training_learns_and_writes_checkpoint(tmp_path, shards, optimizer):
+def test_training_learns_and_writes_checkpoint(tmp_path, shards, optimizer, device):
     ds = PackedDataset(shards, 32)
     eval_batches = [next(BatchLoader(ds, 8, seed=99, rank=0, world_size=1))]
     model = tiny_model()
     out = tmp_path / "run" / "base"
     summary = train(model, BatchLoader(ds, 8, rank=0, world_size=1), cfg(max_steps=40, optimizer=optimizer, lr=3e-2,
-                    eval_every=20, log_every=10), out, eval_batches=eval_batches)
+                    eval_every=20, log_every=10, device=device), out, eval_batches=eval_batches)
     ls = losses(summary["history"])
     assert ls[-1] < 0.6 * ls[0], ls  # counting runs are easy: the loss must fall a lot in 40 steps
     evals = [h["eval_loss"] for h in summary["history"] if "eval_loss" in h]
@@ -98,7 +104,7 @@ def test_training_learns_and_writes_checkpoint(tmp_path, shards, optimizer):
     assert summary["step"] == 40 and summary["tokens"] == 40 * 8 * 32 and summary["stopped"] == "max_steps"
 
     # the model directory is a plain HF checkpoint; the training state is a sibling, not inside it
-    assert not (out / "state.pt").exists() and (tmp_path / "run" / "train_state" / "base" / "state.pt").exists()
+    assert not (out / "checkpoints").exists() and saved_state(tmp_path / "run" / "train_state" / "base")["step"] == 40
     loaded = seekling.load_pretrained(out)
     for (n, p), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert n == n2 and torch.equal(p.cpu(), p2), n
@@ -192,7 +198,7 @@ def test_time_budget_sigterm_and_state_dir_guard(tmp_path, shards):
     summary = train(tiny_model(), BatchLoader(ds, 2, rank=0, world_size=1), cfg(), tmp_path / "term",
                     loss_fn=sigterm_at_step_2)
     assert summary["stopped"] == "interrupted" and summary["step"] == 2
-    assert torch.load(tmp_path / "train_state" / "term" / "state.pt", weights_only=False)["step"] == 2
+    assert saved_state(tmp_path / "train_state" / "term")["step"] == 2
     with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
         train(tiny_model(), BatchLoader(ds, 2, rank=0, world_size=1), cfg(), tmp_path / "nan",
               loss_fn=lambda model, batch: (lm_loss(model, batch)[0] * float("nan"), {}))

@@ -1,17 +1,15 @@
-"""The latent KV cache: a pool of fixed-size blocks, and the block manager that hands them out.
+"""The paged KV cache: a pool of fixed-size blocks, and the block manager that hands them out.
 
-MLA needs only two things per token and layer (DeepSeek-V2 §2.1.3): the compressed latent c_KV
-(kv_lora_rank wide, after kv_a_layernorm) and the shared RoPE key k_pe (qk_rope_head_dim wide,
-already rotated). They are stored side by side in one tensor
-    kv[layer, block, slot] = [c_KV | k_pe]      shape [L, num_blocks, block_size, kv_lora_rank + d_rope]
-so a token costs L × (kv_lora_rank + qk_rope_head_dim) × dtype bytes, against
-L × n_heads × (qk_head_dim + v_head_dim) × dtype for expanded K/V. The MTP module, when speculative
-decoding uses it, is one more cache layer at the end.
-
-Dense GQA models (the Qwen2/Llama R1 distills, `dense_runner.py`) cache the usual rotated keys and
-values per KV head instead, in the same block layout (block id on dim 1, so forks copy alike):
-    kv[layer, block, slot] = [k | v]            shape [L, num_blocks, block_size, 2, n_kv_heads, head_dim]
-at L × 2 × n_kv_heads × head_dim × dtype bytes per token.
+The cache is one tensor kv[layer, block, slot, *entry], the entry being what the model family keeps per
+token and layer (`model.cache_entry_shape()`, the engine allocates it):
+  - MLA needs only two things (DeepSeek-V2 §2.1.3): the compressed latent c_KV (kv_lora_rank wide, after
+    kv_a_layernorm) and the shared RoPE key k_pe (qk_rope_head_dim wide, already rotated), side by side:
+    entry [kv_lora_rank + d_rope], so a token costs L × (kv_lora_rank + qk_rope_head_dim) × dtype bytes,
+    against L × n_heads × (qk_head_dim + v_head_dim) × dtype for expanded K/V. The MTP module, when
+    speculative decoding uses it, is one more cache layer at the end.
+  - Dense GQA models (the Qwen2/Llama R1 distills) keep the rotated keys and values per KV head:
+    entry [2, n_kv_heads, head_dim].
+The block id is dim 1 in every layout, so forks copy blocks alike.
 
 A sequence owns a block table (list of block ids); position p lives in slot p % block_size of block
 table[p // block_size]. Blocks are reference counted so n samples of one prompt share its full blocks,
@@ -21,15 +19,6 @@ and full blocks are remembered by content (prefix caching) after their sequence 
 from __future__ import annotations
 
 import torch
-
-
-def cache_bytes_per_token(num_layers: int, kv_lora_rank: int, qk_rope_head_dim: int,
-                          dtype: torch.dtype) -> int:
-    return num_layers * (kv_lora_rank + qk_rope_head_dim) * torch.empty((), dtype=dtype).element_size()
-
-
-def dense_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return num_layers * 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 class BlockManager:
@@ -136,14 +125,3 @@ class BlockManager:
             kv[:, new] = kv[:, b]
             child.append(new)
         return child
-
-
-def allocate_kv(num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int, qk_rope_head_dim: int,
-                dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
-    return torch.zeros(num_layers, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim, dtype=dtype,
-                       device=device)
-
-
-def allocate_dense_kv(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                      dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
-    return torch.zeros(num_layers, num_blocks, block_size, 2, num_kv_heads, head_dim, dtype=dtype, device=device)

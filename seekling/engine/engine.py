@@ -4,18 +4,21 @@
     outs = engine.generate(["What is 2 + 3?"], SamplingParams(temperature=0))
     for delta in engine.stream(prompt, params): ...
 
-One `step()` = drain the inbox (requests and aborts from any thread), schedule (continuous batching
-over the latent block cache), one packed forward of the main model, sampling (or speculative
-verification), detokenisation, then — when speculative — one packed forward of the MTP module that
-drafts each sequence's next token. The dense Qwen2/Llama models (the DeepSeek-R1-Distill releases,
-`seekling.model.dense`) run the same loop on a per-KV-head paged cache (`dense_runner.py`); speculative
-decoding needs MTP and so stays with the DeepSeek-V3 model. Servers call `add_request` / `abort` from their threads and
-`step()` from one loop; `generate` and `stream` drive `step()` themselves.
+One `step()` = drain the inbox (requests and aborts from any thread), schedule (continuous batching over
+the paged block cache), one packed forward of the model (its own `infer`: seekling/model), the writing of
+the new cache entries it returns, sampling (or speculative verification), detokenisation, then — when
+speculative — one packed forward of the MTP module that drafts each sequence's next token. Every model
+family (DeepSeek-V3's `Transformer`, the Qwen2/Llama `DenseModel` of the R1-Distill releases) offers the
+same interface (`prepare`, `infer`, `logits`, `cache_entry_shape`, `num_cache_layers`, `eos_token_ids`);
+the engine knows nothing of their layers. `compile=True` runs plain decode steps of up to `max_batch`
+sequences through `torch.compile` of that same `infer`. Servers call `add_request` / `abort` from their
+threads and `step()` from one loop; `generate` and `stream` drive `step()` themselves.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import uuid
 from collections.abc import Iterator
@@ -25,20 +28,17 @@ from typing import Any
 
 import torch
 
-from seekling.engine.cache import (
-    BlockManager,
-    allocate_dense_kv,
-    allocate_kv,
-    cache_bytes_per_token,
-    dense_cache_bytes_per_token,
-)
-from seekling.engine.dense_runner import DenseRunner
+from seekling.engine.cache import BlockManager
+from seekling.engine.compiled import CompiledDecode
 from seekling.engine.detok import IncrementalDecoder, TextStream, prompt_opens_think
-from seekling.engine.graph import CompiledDecode
-from seekling.engine.runner import Runner, make_batch
+from seekling.engine.grammar import Grammars, Matcher
 from seekling.engine.sampling import SamplingParams, probs_from_logits, sample, token_logprobs, uniform
 from seekling.engine.scheduler import Scheduler, Sequence
-from seekling.model.dense import DenseModel
+from seekling.model.layers import CausalLM, make_batch
+from seekling.model.load import QUANTIZE, load_pretrained
+from seekling.model.model import Transformer
+from seekling.model.quant import use_kernels
+from seekling.tokenizer import load_tokenizer
 
 Prompt = str | list[dict[str, Any]] | list[int]
 
@@ -108,98 +108,63 @@ class Engine:
                  dtype: str | torch.dtype | None = None, quantize: str | None = None,
                  max_memory_gb: float | None = None, compile: bool = False):
         """From a directory, `dtype` ("float32", "bfloat16"/"bf16", ...; default: the loader's choice),
-        `quantize="int8"` (dense models: int8 Linear layers, seekling.model.quant) and `max_memory_gb` (refuse
-        weights that would not fit) apply to the load; the generation defaults of the checkpoint's
-        generation_config.json end up in `generation_defaults` (for the server; `generate` does not
-        apply them) and its eos ids all stop a sequence. `compile=True` runs plain decode steps of up to 16
-        sequences as one torch.compile'd graph (engine/graph.py: 1.6x tokens/s at batch 1, ~1.2x at 2-16);
-        it compiles here (~30 s the first time; torch caches the result on disk for later processes)."""
-        self.generation_defaults: dict[str, Any] = {}
-        if quantize not in (None, "int8"):
-            raise ValueError(f"unknown quantize={quantize!r}: only 'int8' (or None)")
+        `quantize="int8"` (int8 weights streamed in as the checkpoint is read, seekling/model/quant.py) and
+        `max_memory_gb` (refuse weights that would not fit) apply to the load; the generation defaults of the
+        checkpoint's generation_config.json end up in `generation_defaults` (for the server; `generate` does
+        not apply them) and its eos ids all stop a sequence. A model object is prepared in place
+        (`quantize="int8"` then frees its float weights). `compile=True` runs plain decode steps of up to
+        `max_batch` sequences through torch.compile of the model's own `infer` (compiled here, ~1 minute the
+        first time; torch caches the result on disk for later processes)."""
+        if quantize not in (None, *QUANTIZE):
+            raise ValueError(f"unknown quantize={quantize!r}: {', '.join(QUANTIZE)} (or None)")
+        if quantize is not None and device is not None and torch.device(device).type != "cpu":
+            raise ValueError("quantize='int8' runs seekling's CPU kernels; on a GPU run bf16 (dtype='bfloat16')")
         if isinstance(model_or_path, (str, Path)):
-            from seekling.checkpoint import load_pretrained
-            from seekling.model.dense import read_generation_config
-
-            model = load_pretrained(str(model_or_path), device=device, dtype=dtype, max_memory_gb=max_memory_gb)
+            model = load_pretrained(model_or_path, device=device, dtype=dtype, max_memory_gb=max_memory_gb,
+                                    quantize=quantize)
             if tokenizer is None and (Path(model_or_path) / "tokenizer.json").is_file():
-                from seekling.tokenizer import load_tokenizer
-
                 tokenizer = load_tokenizer(model_or_path)
-            self.generation_defaults = read_generation_config(Path(model_or_path))[0]
+        elif dtype is not None or max_memory_gb is not None:
+            raise ValueError("dtype and max_memory_gb apply when the engine loads a directory; "
+                             "convert a model object yourself")
         else:
-            if dtype is not None or max_memory_gb is not None:
-                raise ValueError("dtype and max_memory_gb apply when the engine loads a directory; "
-                                 "convert a model object yourself")
             model = model_or_path
-            self.generation_defaults = dict(getattr(model, "generation_defaults", {}))
-        self.dense = isinstance(model, DenseModel)
-        if not self.dense and (not hasattr(model, "main_layers") or not hasattr(model.config, "kv_lora_rank")):
-            raise ValueError(f"the engine runs seekling's DeepSeek-V3 Transformer (MLA) or a dense Qwen2/Llama "
-                             f"DenseModel, got {type(model).__name__}")
-        if quantize == "int8":
-            if not self.dense:
-                raise ValueError("quantize='int8' is for the dense Qwen2/Llama models (the MLA runner reads "
-                                 "the attention weights directly)")
-            from seekling.model.quant import Int8Linear, quantize_int8
-
-            if not any(isinstance(m, Int8Linear) for m in model.modules()):
-                model = quantize_int8(model)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device)
-        self.tokenizer = tokenizer
-        cfg = self.config = model.config
-        if speculative and self.dense:
-            raise ValueError(f"speculative decoding drafts with DeepSeek-V3's MTP module; this {cfg.model_type} "
-                             "model has none (run it with speculative=False)")
-        if speculative and len(model.mtp_layers) == 0:
+        if not isinstance(model, CausalLM):
+            raise ValueError(f"the engine runs seekling's model families (DeepSeek-V3 Transformer, Qwen2/Llama "
+                             f"DenseModel), got {type(model).__name__}")
+        self.device = torch.device(device) if device is not None else model.model.norm.weight.device
+        if model.quantized is None:
+            model.to(self.device)
+        model.prepare(quantize)
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.generation_defaults: dict[str, Any] = dict(model.generation_defaults)
+        if speculative and not (isinstance(model, Transformer) and len(model.mtp_layers)):
+            model.num_cache_layers(True)  # a dense model says why it cannot
             raise ValueError("speculative=True needs an MTP module (num_nextn_predict_layers >= 1)")
         if speculative and num_speculative_tokens != 1:
             raise ValueError("num_speculative_tokens must be 1 (one MTP module drafts one token)")
         self.speculative = speculative
-        self.max_model_len = cfg.max_position_embeddings
-        kv_dtype = next(model.parameters()).dtype  # the embedding's: int8 quantisation leaves it as it was
-        num_layers = cfg.num_hidden_layers + (1 if speculative else 0)
-        if self.dense:
-            self.cache_bytes_per_token = dense_cache_bytes_per_token(num_layers, cfg.num_key_value_heads,
-                                                                     cfg.head_dim, kv_dtype)
-        else:
-            self.cache_bytes_per_token = cache_bytes_per_token(num_layers, cfg.kv_lora_rank,
-                                                               cfg.qk_rope_head_dim, kv_dtype)
+        self.max_model_len = model.config.max_position_embeddings
+        kv_dtype = model.model.norm.weight.dtype  # the activations' dtype (int8 weights compute in fp32)
+        layers, entry = model.num_cache_layers(speculative), model.cache_entry_shape()
+        self.cache_bytes_per_token = layers * math.prod(entry) * kv_dtype.itemsize
         if cache_blocks is None:  # enough for every sequence at full length, within the memory budget
             want = max_num_seqs * -(-self.max_model_len // block_size)
             cache_blocks = max(1, min(want, cache_memory // (self.cache_bytes_per_token * block_size)))
         self.block_size = block_size
-        if self.dense:
-            self.kv = allocate_dense_kv(num_layers, cache_blocks, block_size, cfg.num_key_value_heads,
-                                        cfg.head_dim, kv_dtype, self.device)
-        else:
-            self.kv = allocate_kv(num_layers, cache_blocks, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                                  kv_dtype, self.device)
+        # kv[layer, block, slot] = one token's entry: the MLA latent, or dense K/V per KV head (engine/cache.py)
+        self.kv = torch.zeros(layers, cache_blocks, block_size, *entry, dtype=kv_dtype, device=self.device)
         self.blocks = BlockManager(cache_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = DenseRunner(model, self.kv, block_size) if self.dense else Runner(model, self.kv, block_size)
-        if compile and (self.dense or not CompiledDecode.supports(self.runner)):
-            raise ValueError("compile=True is for seekling's DeepSeek-V3 models in float32; run this one with "
-                             "compile=False")
-        self.compiled = CompiledDecode(self.runner) if compile else None
-        if self.compiled is not None:
-            try:
-                self.compiled.warm_up()
-            except Exception as e:  # inductor needs a working C++ toolchain; say what to do instead
-                raise RuntimeError(f"compile=True: compiling the decode graph failed ({type(e).__name__}: {e}); "
-                                   "torch.compile needs a C++ compiler on the CPU; run with compile=False "
-                                   "(no --compile)") from e
+        use_kernels(self.device)
+        self.compiled = CompiledDecode(model, self.kv) if compile else None
         # Every eos id stops a sequence: the tokenizer's, and the checkpoint's (generation_config.json may
         # list several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>).
-        if self.dense:
-            model_eos = list(model.eos_token_ids)
-            eos = tokenizer.eos_token_id if tokenizer is not None else (model_eos[0] if model_eos else None)
-        else:  # our DeepSeek-V3 checkpoints: the tokenizer's eos, else the config's, as before
-            model_eos = []
-            eos = tokenizer.eos_token_id if tokenizer is not None else cfg.eos_token_id
+        model_eos = list(model.eos_token_ids)
+        eos = tokenizer.eos_token_id if tokenizer is not None else (model_eos or [model.config.eos_token_id])[0]
         self.eos_token_id: int | None = eos
         self.eos_token_ids: set[int] = {t for t in [eos, *model_eos] if t is not None}
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, sorted(self.eos_token_ids))  # constraints
         self._lock = threading.Lock()  # guards the inbox and the set of live request ids
         self._step_lock = threading.RLock()  # one step at a time
         self._inbox: list[tuple[str, Prompt, list[int], str, SamplingParams]] = []
@@ -250,6 +215,8 @@ class Engine:
             raise ValueError(f"the request needs up to {longest} cache slots but the cache holds "
                              f"{self.blocks.num_blocks * self.block_size}: it can never fit (lower "
                              "max_tokens or enlarge the cache)")
+        if params.structured_outputs is not None:  # compiled here (cached), so a bad grammar is refused at once
+            self.grammars.compile(params.structured_outputs)
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
             if request_id in self._live:
@@ -287,7 +254,10 @@ class Engine:
         }
 
     def _new_seq(self, request_id: str, index: int, ids: list[int], text: str,
-                 params: SamplingParams) -> Sequence:
+                 params: SamplingParams, matcher: Matcher | None = None) -> Sequence:
+        """A sample of a request; a constrained one gets `matcher` (a fork's copy of its parent's) or a new one."""
+        if matcher is None and params.structured_outputs is not None:
+            matcher = self.grammars.matcher(params.structured_outputs, params.stop_token_ids)
         gen = None
         if params.seed is not None:  # each sample its own stream: seed, seed + 1, ...
             gen = torch.Generator(self.device).manual_seed(params.seed + index)
@@ -296,7 +266,7 @@ class Engine:
         return Sequence(
             seq_id=next(self._seq_ids), request_id=request_id, index=index, prompt_ids=ids, params=params,
             prompt_text=text, generator=gen, decoder=IncrementalDecoder(tok, ids) if text_out else None,
-            stream=TextStream(params.stop_list, prompt_opens_think(text)) if text_out else None)
+            stream=TextStream(params.stop_list, prompt_opens_think(text)) if text_out else None, matcher=matcher)
 
     # --- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[tuple[str, Delta]]:
@@ -356,10 +326,14 @@ class Engine:
             items.append((seq.pending()[:n], seq.num_cached, seq.block_table))
             offsets.append(off)
             off += n
-        if self.compiled is not None and len(items) <= self.compiled.max_batch and all(len(i[0]) == 1 for i in items):
-            hidden = self.compiled.step([(new[0], start, table) for new, start, table in items])  # plain decode
+        step = make_batch(items, self.block_size, self.device)
+        step.cache = self.kv
+        plain_decode = len(items) == off  # every sequence feeds one token
+        if self.compiled is not None and plain_decode and len(items) <= self.compiled.max_batch:
+            hidden, entries = self.compiled(step)
         else:
-            hidden = self.runner.forward(make_batch(items, self.block_size, self.device))
+            hidden, entries = self.model.infer(step)
+        self._write(entries, step.slots, 0)
 
         # Rows to sample from: the last fed token of a sequence that reached its end, or, when
         # verifying drafts, the last token and every draft (row j predicts output position j).
@@ -372,9 +346,11 @@ class Engine:
             for j in range(len(seq.draft) + 1):
                 rows.append(first + j)
                 row_of.append((seq, j))
-        logits = self.runner.logits(hidden[rows]) if rows else None
-        # Plain greedy rows (the common case in eval and benchmarks) need only the argmax of the raw
-        # logits: one op for the batch instead of the logits processor and the sampler.
+        logits = self.model.logits(hidden[rows]) if rows else None
+        if rows:
+            self._constrain(logits, row_of)
+        # Plain greedy rows (the common case in eval and benchmarks) need only the argmax of the raw (for
+        # constrained rows, masked) logits: one op for the batch instead of the logits processor and the sampler.
         chosen: list[int] | dict[int, int] | None = None  # the token of each row not verifying drafts
         probs = None
         if rows and all(s.params.plain_greedy and not s.num_forks for s, _ in row_of):
@@ -422,6 +398,26 @@ class Engine:
             self._draft(mtp, hidden)
         return out
 
+    def _constrain(self, logits: torch.Tensor, row_of: list[tuple[Sequence, int]]) -> None:
+        """Mask, in place, the rows of constrained sequences to what their grammar allows: a sequence's row j
+        (verifying drafts) to the state after its first j drafts. Nothing happens for unconstrained batches."""
+        firsts = [i for i, (s, j) in enumerate(row_of) if j == 0 and s.matcher is not None]
+        if not firsts:
+            return
+        bitmask, masked = self.grammars.bitmask(len(row_of)), []
+        for i in firsts:
+            seq = row_of[i][0]
+            seq.matcher.fill(bitmask, i, seq.draft)
+            masked.extend(range(i, i + len(seq.draft) + 1))
+        self.grammars.apply(logits, bitmask, masked)
+
+    def _write(self, entries: torch.Tensor, slots: torch.Tensor, first_layer: int) -> None:
+        """Write a forward's new cache entries [layers, N, *entry] into their slots (index_copy_: several
+        times cheaper than indexing with a tensor on a CPU)."""
+        L = entries.shape[0]
+        kv = self.kv[first_layer:first_layer + L]
+        kv.view(L, -1, *kv.shape[3:]).index_copy_(1, slots, entries.to(kv.dtype))
+
     def _register(self, seq: Sequence, tokens: list[int]) -> None:
         """Remember the blocks the sequence filled completely (prefix caching), when there is a new one."""
         if seq.num_cached // self.block_size > len(seq.block_hashes):
@@ -437,7 +433,7 @@ class Engine:
         forked = []
         for index in range(1, parent.num_forks + 1):
             child = self._new_seq(parent.request_id, index, parent.prompt_ids, parent.prompt_text,
-                                  parent.params)
+                                  parent.params, parent.matcher.copy() if parent.matcher is not None else None)
             req.seqs[index] = child
             table = self.blocks.fork(parent.block_table, P, shared, self.kv)
             if table is None:  # no room for its private blocks: recompute it later
@@ -486,7 +482,10 @@ class Engine:
             items.append((seq.tokens[start + 1:start + count + 1], start, seq.block_table))
             rows.extend(range(o, o + count))
         # Every position writes its MTP latent; only each sequence's last one drafts (last_only).
-        h = self.runner.mtp(make_batch(items, self.block_size, self.device, last_only=True), hidden[rows])
+        step = make_batch(items, self.block_size, self.device, last_only=True)
+        step.cache = self.kv
+        h, entries = self.model.infer_mtp(step, hidden[rows])
+        self._write(entries, step.slots, self.config.num_hidden_layers)
         drafting, last = [], []
         for i, (seq, start, _, count) in enumerate(mtp):
             remaining = (seq.params.max_tokens or self.max_model_len) - len(seq.output_ids)
@@ -495,7 +494,8 @@ class Engine:
                 last.append(i)
         if not drafting:
             return
-        logits = self.runner.logits(h[last])
+        logits = self.model.logits(h[last])
+        self._constrain(logits, [(s, 0) for s in drafting])  # a draft the grammar forbids would be wasted
         if all(s.params.plain_greedy for s in drafting):  # the draft is the MTP head's argmax
             for seq, d in zip(drafting, logits.argmax(-1).tolist(), strict=True):
                 seq.draft = [d]
@@ -515,7 +515,9 @@ class Engine:
             seq.output_ids.append(t)
             new.append(t)
             self.num_generated += 1
-            stop_token = (t in self.eos_token_ids and not p.ignore_eos) or t in (p.stop_token_ids or ())
+            # A completed constraint (its stop token accepted) ends the sequence even with ignore_eos.
+            completed = seq.matcher is not None and seq.matcher.accept(t)
+            stop_token = completed or (t in self.eos_token_ids and not p.ignore_eos) or t in (p.stop_token_ids or ())
             reason = "stop" if stop_token else None
             if reason is None and (len(seq.output_ids) >= (p.max_tokens or self.max_model_len)
                                    or seq.num_tokens >= self.max_model_len):

@@ -6,13 +6,89 @@ temperature, then the truncations top-k, top-p, min-p. Greedy (temperature 0) is
 distribution on the argmax, so speculative decoding treats greedy and sampled requests alike.
 Seeded requests sample with their own `torch.Generator`, row by row, so their draws depend on
 nothing but the seed and their own logits (not on which other requests share the batch).
+
+`SamplingParams.structured_outputs` (vLLM's `StructuredOutputsParams`) is the request's contract with
+constrained decoding; see that class for exactly which text a constraint covers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's class and field names); exactly one field is set.
+
+    What a constraint covers, for every field: the completion text exactly as the engine decodes the
+    sampled tokens (special tokens kept, nothing stripped), from the first generated token to the end.
+    Once the text is complete for the constraint, only an end of sequence may follow (eos, or a stop
+    string/token). A length cut (`max_tokens`) is the one way a constrained completion ends unfinished.
+    A prompt that opens a think block is not special-cased by the engine: a constraint that must let the
+    model reason first says so itself (the server's structural tags begin with the reasoning block).
+
+    - `json`: a JSON Schema (dict, or its JSON text); the completion is one JSON value valid against it.
+    - `json_object`: the completion is one JSON object (any keys): `{"type": "object"}`.
+    - `regex`: the completion matches the regular expression in full.
+    - `choice`: the completion is exactly one of these strings.
+    - `grammar`: an EBNF grammar (GBNF / xgrammar syntax, root rule `root`).
+    - `structural_tag`: JSON text of an xgrammar structural tag, `{"type": "structural_tag", "format":
+      {...}}` with formats const_string, json_schema, any_text, sequence, or, tag (begin / content /
+      end), tags_with_separator. The server builds these for tool calls and for `response_format` when
+      the model reasons first (seekling/serve/tools.py); xgrammar's `Grammar.from_structural_tag`
+      compiles them as they are.
+    """
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("StructuredOutputsParams needs exactly one of json, json_object, regex, choice, "
+                             f"grammar, structural_tag; got {given or 'none'}")
+        if self.json_object not in (None, True, False):
+            raise ValueError(f"json_object must be a bool, got {self.json_object!r}")
+        if isinstance(self.json, str):
+            self.json = _json_text(self.json, "json")
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError(f"json must be a JSON Schema (a dict or its JSON text), got {type(self.json).__name__}")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"regex does not compile: {e}") from e
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or any(not isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"choice must be a non-empty list of strings, got {self.choice!r}")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError("grammar must be a non-empty EBNF string")
+        if self.structural_tag is not None:
+            tag = _json_text(self.structural_tag, "structural_tag")
+            if not isinstance(tag, dict) or tag.get("type") != "structural_tag" or "format" not in tag:
+                raise ValueError('structural_tag must be JSON of {"type": "structural_tag", "format": {...}}')
+
+
+def _json_text(text: Any, name: str) -> Any:
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be JSON text, got {type(text).__name__}")
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except ValueError as e:
+        raise ValueError(f"{name} is not valid JSON: {e}") from e
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 @dataclass
@@ -31,6 +107,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # number of top alternatives to return beside the chosen token
     ignore_eos: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (see the class)
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +139,9 @@ class SamplingParams:
             problems.append(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
             problems.append(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            problems.append("structured_outputs must be a StructuredOutputsParams, got "
+                            f"{type(self.structured_outputs).__name__}")
         if problems:
             raise ValueError("invalid SamplingParams: " + "; ".join(problems))
         self.stop_list = stop

@@ -17,6 +17,7 @@ import torch
 
 from seekling.engine.cache import BlockManager
 from seekling.engine.detok import IncrementalDecoder, TextStream
+from seekling.engine.grammar import Matcher
 from seekling.engine.sampling import SamplingParams
 
 
@@ -41,6 +42,7 @@ class Sequence:
     draft_probs: torch.Tensor | None = None  # [k, V] the distributions the drafts were sampled from
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
+    matcher: Matcher | None = None  # the constraint's state (constrained decoding: seekling/engine/grammar.py)
 
     @property
     def tokens(self) -> list[int]:

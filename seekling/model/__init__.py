@@ -1,7 +1,10 @@
-"""The DeepSeek-V3 model (MLA, DeepSeekMoE, MTP), and the dense Qwen2/Llama decoder of the R1 distills."""
+"""The models: DeepSeek-V3 (`Transformer`) and the dense Qwen2/Llama decoders (`DenseModel`), their shared
+layers and the inference interface the engine calls (layers.py), int8 weights and CPU kernels (quant.py),
+and loading a model directory (load.py)."""
 
-from seekling.model.dense import DenseModel, load_dense
+from seekling.model.dense import DenseModel
+from seekling.model.layers import Batch, CausalLM, make_batch
+from seekling.model.load import load_pretrained
 from seekling.model.model import ModelOutput, Transformer
-from seekling.model.quant import quantize_int8
 
-__all__ = ["DenseModel", "ModelOutput", "Transformer", "load_dense", "quantize_int8"]
+__all__ = ["Batch", "CausalLM", "DenseModel", "ModelOutput", "Transformer", "load_pretrained", "make_batch"]

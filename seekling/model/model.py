@@ -9,20 +9,28 @@ MTP (V3 §2.2), depth k = 1..D, for position i:
     h_i^k  = Block_k(h'_{1:T-k}^k)
     P^k_{i+k+1} = lm_head(shared_head.norm(h_i^k))
 with h^0 the main model's final (normed) hidden states, as vLLM feeds DeepSeek-V3's MTP layer.
+
+Inference (the engine's step) goes through `prepare` (once, and again when a parameter's storage is
+replaced) and `infer` / `infer_mtp`: the same modules on packed rows and a paged latent cache, see
+seekling/model/layers.py for the batch they read and mla.py for the absorbed attention.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekling.checkpoint import save_pretrained
 from seekling.config import ModelConfig
-from seekling.model.mla import MLA, RMSNorm, RotaryEmbedding
-from seekling.model.moe import MLP, MoE
+from seekling.model.layers import MLP, Batch, CausalLM, RMSNorm, alias
+from seekling.model.mla import MLA, RotaryEmbedding
+from seekling.model.moe import MoE
+from seekling.model.quant import Int8Weight, embed, linear, quantize
 
 
 @dataclass
@@ -49,7 +57,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config)
+        self.self_attn = MLA(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         moe = layer_idx >= config.first_k_dense_replace and config.n_routed_experts > 0
         self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
@@ -58,6 +66,17 @@ class Block(nn.Module):
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def prepare(self, quantize_to: str | None = None) -> list[nn.Parameter]:
+        return self.self_attn.prepare(quantize_to) + self.mlp.prepare(quantize_to)
+
+    def infer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on packed rows; -> (its output, its new cache latents). A last_only batch keeps only
+        each sequence's last row from the attention on."""
+        a, latent = self.self_attn.infer(self.input_layernorm(x), cos, sin, batch)
+        x = (x if batch.keep is None else x.index_select(0, batch.keep)) + a
+        return x + self.mlp.infer(self.post_attention_layernorm(x)), latent
 
 
 class SharedHead(nn.Module):
@@ -75,12 +94,24 @@ class MTPLayer(Block):
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
+        self.w_eh: torch.Tensor | Int8Weight | None = None  # eh_proj for `infer_mtp`, built by `prepare`
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor,  # type: ignore[override]
                 sin: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """h_prev: h^{k-1} at positions i; emb_next: Emb(t_{i+k}). Returns h^k (before shared_head.norm)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
         return super().forward(x, cos, sin, attn_mask)
+
+    def prepare(self, quantize_to: str | None = None) -> list[nn.Parameter]:
+        self.w_eh = alias(self.eh_proj.weight, self) if quantize_to is None else quantize(self.eh_proj.weight)
+        return super().prepare(quantize_to) + ([self.eh_proj.weight] if quantize_to is not None else [])
+
+    def infer_mtp(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` on packed rows: -> (shared_head.norm(h^k), this layer's new cache latents)."""
+        x = linear(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1), self.w_eh)
+        x, latent = self.infer(x, cos, sin, batch)
+        return self.shared_head.norm(x), latent
 
 
 class DecoderModel(nn.Module):
@@ -94,7 +125,7 @@ class DecoderModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
-class Transformer(nn.Module):
+class Transformer(CausalLM):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -102,6 +133,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.eos_token_ids: list[int] = []  # generation_config.json's, when loaded (else config.eos_token_id)
+        self.generation_defaults: dict[str, Any] = {}  # from generation_config.json when loaded from a directory
+        self.init_inference()
         self.apply(self._init_weights)
         # Scale the residual-branch outputs down with depth (GPT-2 style) for a stable start.
         std = config.initializer_range / (2 * max(config.num_hidden_layers, 1)) ** 0.5
@@ -209,6 +243,34 @@ class Transformer(nn.Module):
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, max_shard_bytes: int | None = None) -> None:
-        from seekling.checkpoint import save_pretrained
-
+        if self.quantized:
+            raise ValueError(f"this model was quantised to {self.quantized} for inference; save the original")
         save_pretrained(self, directory, max_shard_bytes=max_shard_bytes)
+
+    # --- inference (the engine's interface; DenseModel has the same) ---------------------------------------
+    def cache_entry_shape(self) -> tuple[int, ...]:
+        """One token's entry in one layer of the paged cache: the latent [c_KV | k_pe]."""
+        return (self.config.kv_lora_rank + self.config.qk_rope_head_dim,)
+
+    def num_cache_layers(self, speculative: bool) -> int:
+        """The main layers, plus the MTP module's when it drafts."""
+        return self.config.num_hidden_layers + (1 if speculative else 0)
+
+    def infer(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The main model over the batch's new tokens (after `prepare`): -> (final normed hidden states [N, h],
+        every main layer's new cache latents [num_hidden_layers, N, r + dr]). The cache is only read."""
+        cos, sin = self.model.rotary_emb(batch.positions)
+        x = embed(batch.input_ids, self.embed_w)
+        latents = []
+        for layer in self.main_layers:
+            x, latent = layer.infer(x, cos, sin, batch)
+            latents.append(latent)
+        return self.model.norm(x), torch.stack(latents)
+
+    def infer_mtp(self, batch: Batch, h_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first MTP module after `infer`: at position i it takes h_i and Emb(t_{i+1}) (batch.input_ids
+        holds t_{i+1}); -> (shared_head.norm(h^1) [N, h], or [B, h] at each sequence's last row for a last_only
+        batch; the module's new cache latents [1, N, r + dr])."""
+        cos, sin = self.model.rotary_emb(batch.positions)
+        h, latent = self.mtp_layers[0].infer_mtp(h_prev, embed(batch.input_ids, self.embed_w), cos, sin, batch)
+        return h, latent.unsqueeze(0)

@@ -12,28 +12,16 @@ optimizer step by b_i += γ·sign(mean_load − load_i) (`update_bias`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from seekling.config import ModelConfig
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: the dense FFN, each routed expert, and the shared experts."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """SwiGLU of x [n, h]; `scale` [n, 1] (a routing weight) multiplies the intermediate
-        activations, which by linearity equals scaling the output, on the narrower tensor."""
-        act = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(act if scale is None else act * scale)
+from seekling.model.layers import MLP, fuse_parameters, silu_mul
+from seekling.model.quant import Int8Weight, linear, quantize
 
 
 class Gate(nn.Module):
@@ -50,7 +38,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, h] -> (weights [N, k] fp32, indices [N, k], scores [N, E] fp32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        scores = F.linear(x if x.dtype == torch.float32 else x.float(), w).sigmoid()  # routing in fp32
         return *self.route(scores), scores
 
     def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +65,7 @@ def route(scores: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1
     weights = scores.gather(1, indices)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * route_scale, indices
+    return (weights if route_scale == 1.0 else weights * route_scale), indices
 
 
 class MoE(nn.Module):
@@ -94,12 +83,17 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(self.n_experts), persistent=False)
         self.register_buffer("last_load", torch.zeros(self.n_experts), persistent=False)  # for logging
         self.balance_loss: torch.Tensor | None = None
+        self.dispatch_fn: Callable[..., torch.Tensor] | None = None  # replaces dispatch when set (expert parallelism)
+        # `infer` reads the routed experts stacked, built by `prepare`: [E, 2I, h] ([gate; up] each) and
+        # [E, h, I]; each expert's own w13 / w2 are views of these.
+        self.w13: torch.Tensor | Int8Weight | None = None
+        self.w2: torch.Tensor | Int8Weight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(flat)
-        out = self.dispatch(flat, weights, indices, out=self.shared_experts(flat))
+        out = (self.dispatch_fn or self.dispatch)(flat, weights, indices, out=self.shared_experts(flat))
         if self.training:
             with torch.no_grad():
                 self.load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(self.load.dtype)
@@ -137,6 +131,64 @@ class MoE(nn.Module):
         chosen.scatter_(1, indices, 1.0)
         f = chosen.view(B, T, self.n_experts).mean(1) * (self.n_experts / self.top_k)
         return self.alpha * (f * probs.mean(1)).sum(-1).mean()
+
+    # --- inference --------------------------------------------------------------------------------------
+    def prepare(self, quantize_to: str | None = None) -> list[nn.Parameter]:
+        """Stack the routed experts (views of one storage for fp32 / bf16, an int8 copy otherwise) and prepare
+        the shared experts; returns the parameters an int8 copy replaced."""
+        E = self.n_experts
+        pairs = [w for e in self.experts for w in (e.gate_proj.weight, e.up_proj.weight)]
+        downs = [e.down_proj.weight for e in self.experts]
+        two_i, h = self.experts[0].gate_proj.weight.shape[0] * 2, self.experts[0].gate_proj.weight.shape[1]
+        if quantize_to is None:
+            self.w13 = fuse_parameters(pairs, self).view(E, two_i, h)
+            self.w2 = fuse_parameters(downs, self).view(E, h, two_i // 2)
+        else:  # [E, out, in] quantised per expert: each expert whole tiles of its own
+            self.w13 = quantize(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
+                                             for e in self.experts]))
+            self.w2 = quantize(torch.stack([e.down_proj.weight for e in self.experts]))
+        for e, expert in enumerate(self.experts):
+            expert.w13, expert.w2 = self.w13[e], self.w2[e]
+        replaced = self.shared_experts.prepare(quantize_to)
+        return replaced + (pairs + downs if quantize_to is not None else [])
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """DeepSeekMoE on the prepared experts, x [N, h] normalised. One token runs its k experts by index
+        (views of the stacked weights); inside a compiled graph a few tokens run every expert, weighted by the
+        gate (0 for the experts not chosen: E/k the FLOPs, but no data-dependent dispatch, which a graph
+        cannot hold); more tokens are grouped by expert with one sort (as `dispatch` does in training)."""
+        weights, indices, _ = self.gate(x)
+        out = self.shared_experts.infer(x)
+        N = x.shape[0]
+        if N == 1:  # its k experts by index; eager reads them as Python numbers (two ops instead of 4k)
+            if torch.compiler.is_compiling():
+                chosen = [(indices[0, j].item(), weights[0, j].to(x.dtype)) for j in range(self.top_k)]
+            else:
+                chosen = zip(indices[0].tolist(), weights[0].tolist(), strict=True)
+            for e, g in chosen:
+                out = out + self._expert(x, e, g)
+            return out
+        if torch.compiler.is_compiling():
+            E = self.n_experts
+            gates = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, weights.to(x.dtype))
+            if isinstance(self.w13, Int8Weight):  # one int8 matmul pair per expert, over all N rows
+                for e in range(E):
+                    out = out + self._expert(x, e, gates[:, e:e + 1])
+                return out
+            _, two_i, h = self.w13.shape  # float: all experts' gate/up in one matmul, the down ones in one bmm
+            act = silu_mul(linear(x, self.w13.view(E * two_i, h)).view(N, E, two_i))  # [N, E, I]
+            return out + torch.bmm((act * gates[..., None]).transpose(0, 1), self.w2.transpose(1, 2)).sum(0)
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        token_of = order // self.top_k
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        xs = x.index_select(0, token_of).split(counts)
+        ws = weights.flatten().index_select(0, order).unsqueeze(-1).to(x.dtype).split(counts)
+        ys = [self._expert(xe, e, we) for e, (xe, we, n) in enumerate(zip(xs, ws, counts, strict=True)) if n]
+        return out.index_add_(0, token_of, torch.cat(ys))
+
+    def _expert(self, x: torch.Tensor, e: int, scale: torch.Tensor | float) -> torch.Tensor:
+        return linear(silu_mul(linear(x, self.w13[e])) * scale, self.w2[e])
 
     @torch.no_grad()
     def update_bias(self) -> None:

@@ -1,4 +1,5 @@
-"""Server settings, OpenAI-shaped errors, API keys, rate limits and the request-body cap.
+"""Server settings, errors (OpenAI's shape, or Anthropic's on /v1/messages), API keys, rate limits, the
+request-body cap and the refusal of NaN/Infinity in bodies.
 
 Keys are hashed (sha256) as soon as they are loaded, so the plain key never sits in memory after start-up
 and a conversation's owner is stored as the key's hash, never the key itself.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import os
 import threading
@@ -96,8 +98,32 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(error_body(err.message, err.type, err.param, err.code), err.status, headers=err.headers)
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                    529: "overloaded_error"}
+
+
+def is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    return {"type": "error", "error": {"type": ANTHROPIC_ERRORS.get(status, "api_error"), "message": message}}
+
+
+def error_json(path: str, status: int, message: str, type: str, param: str | None = None, code: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in the shape the route's clients expect: Anthropic's on /v1/messages (where a request of the
+    wrong shape is a 400 too), OpenAI's elsewhere."""
+    if not is_anthropic(path):
+        return JSONResponse(error_body(message, type, param, code), status, headers=headers)
+    status = 400 if status == 422 else status
+    return JSONResponse(anthropic_error_body(status, message), status, headers=headers)
+
+
+def error_response(err: APIError, path: str = "") -> JSONResponse:
+    return error_json(path, err.status, err.message, err.type, err.param, err.code, err.headers)
 
 
 # ---------------------------------------------------------------------------------------------- API keys
@@ -124,19 +150,21 @@ class Authenticator:
         self.key_hashes = key_hashes
 
     def owner(self, request: Request) -> str:
-        """The caller's owner id (its key's hash), or LOCAL_OWNER when no keys are set; raises 401."""
+        """The caller's owner id (its key's hash), or LOCAL_OWNER when no keys are set; raises 401. The key
+        comes as `Authorization: Bearer <key>` (OpenAI) or `x-api-key: <key>` (Anthropic), on every route."""
         if not self.key_hashes:
             return LOCAL_OWNER
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        token = token or request.headers.get("x-api-key", "").strip()
+        if not token:
             raise APIError(
                 401,
-                "Missing API key: send 'Authorization: Bearer <key>'.",
+                "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
                 "authentication_error",
                 code="invalid_api_key",
             )
-        digest = hash_key(token.strip()).encode()
+        digest = hash_key(token).encode()
         # Compare against every key without stopping early, so timing says nothing about which matched.
         match = None
         for h in self.key_hashes:
@@ -182,8 +210,28 @@ class RateLimiter:
 # ---------------------------------------------------------------------------------------------- body cap
 
 
+class _NotJSON(ValueError):
+    """NaN, Infinity or -Infinity: Python's json module reads them, JSON (RFC 8259) has no such values."""
+
+
+def _refuse_constant(name: str) -> None:
+    raise _NotJSON(name)
+
+
+def non_json_constant(body: bytes) -> str | None:
+    """The first NaN/Infinity in a JSON body, or None (also when the body is not JSON: the app says so)."""
+    try:
+        json.loads(body, parse_constant=_refuse_constant)
+    except _NotJSON as e:
+        return str(e)
+    except ValueError:
+        return None
+    return None
+
+
 class BodyLimitMiddleware:
-    """Pure ASGI middleware: refuse (413) a request body over `max_bytes`, with or without Content-Length.
+    """Pure ASGI middleware: refuse (413) a request body over `max_bytes`, with or without Content-Length,
+    and (400) a JSON body holding NaN or Infinity anywhere.
 
     The body is read up front and replayed to the app, so chunked uploads are bounded too.
     """
@@ -194,14 +242,8 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             return await self.app(scope, receive, send)
-        too_large = JSONResponse(
-            error_body(
-                f"Request body exceeds {self.max_bytes} bytes.",
-                "invalid_request_error",
-                code="request_too_large",
-            ),
-            413,
-        )
+        too_large = error_json(scope["path"], 413, f"Request body exceeds {self.max_bytes} bytes.",
+                               "invalid_request_error", code="request_too_large")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await too_large(scope, receive, send)
@@ -217,6 +259,11 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        constant = non_json_constant(body) if b"NaN" in body or b"Infinity" in body else None
+        if constant is not None:
+            refused = error_json(scope["path"], 400, f"The request body holds {constant}, which is not JSON "
+                                 "(numbers must be finite).", "invalid_request_error", code="invalid_json")
+            return await refused(scope, receive, send)
 
         async def replay():
             nonlocal replayed

@@ -24,7 +24,8 @@ The sequences the divergence is measured on come from one of two places, mixed p
   module, so each batch reflects the latest optimizer step.
 
 The trainer (`seekling.train.trainer.train`) runs the loop through its `loss_fn` hook, so
-checkpoints, resume, progress and Ctrl-C work as for SFT.
+checkpoints, resume, progress, Ctrl-C and scaling out (torchrun with `--parallel ddp|fsdp`, `--ep N`)
+work as for SFT; the teacher is a whole copy on every rank.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +45,7 @@ from torch import nn
 
 from seekling.atomic import write_bytes
 from seekling.data import IGNORE_INDEX, BatchLoader, SFTDataset
+from seekling.train.scaffold import inference_view
 from seekling.train.trainer import add_train_flags, train_config
 
 KINDS = ("forward", "reverse", "mix")
@@ -168,21 +171,25 @@ def teacher_samples(teacher: nn.Module, tok: Any, problems: list[Any], out: str 
 class OnPolicyBatches:
     """Endless batches for the trainer: with probability `frac` a batch of the current student's own
     samples on `prompts` (GKD's on-policy data), else the next batch of `fixed` (a BatchLoader).
-    Deterministic in `seed`, with state_dict() / load_state_dict() so a resumed run continues the stream."""
+    Deterministic in `seed`, with state_dict() / load_state_dict() so a resumed run continues the stream.
+    Under torchrun every rank flips the same coin (so all sample together: a sharded student's weights
+    are gathered for the engine then) and draws its own prompts (`rank`, default torchrun's RANK)."""
 
     def __init__(self, student: nn.Module, tok: Any, prompts: list[list[dict]], fixed: BatchLoader | None,
-                 frac: float, batch_size: int, max_tokens: int = 256, temperature: float = 1.0, seed: int = 0):
+                 frac: float, batch_size: int, max_tokens: int = 256, temperature: float = 1.0, seed: int = 0,
+                 rank: int | None = None):
         if not 0 <= frac <= 1:
             raise ValueError(f"the on-policy fraction must be in [0, 1], got {frac}")
         if fixed is None and frac < 1:
             raise ValueError("without fixed data every batch must be on-policy (frac = 1)")
         if frac > 0 and not prompts:
             raise ValueError("on-policy batches need prompts")
-        from seekling.engine import Engine
-
         self.student, self.tok, self.prompts, self.fixed, self.frac = student, tok, prompts, fixed, frac
         self.batch_size, self.max_tokens, self.temperature, self.seed = batch_size, max_tokens, temperature, seed
-        self.engine = Engine(student, tok, max_num_seqs=batch_size) if frac > 0 else None
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        # the engine is built on first use, on what inference_view gives: the student, or its unsharded copy
+        self.engine: Any = None
+        self.engine_module: nn.Module | None = None
         self.index = 0  # batches handed out so far: with the seed, it fixes the next coin flip and prompts
         self.on_policy = 0
 
@@ -206,11 +213,17 @@ class OnPolicyBatches:
         if rng.random() >= self.frac:
             return next(self.fixed)
         self.on_policy += 1
+        if self.rank:  # other prompts and sampling seeds than rank 0's
+            rng = random.Random(f"{self.seed}/{self.index}/{self.rank}")
         return self.sample(rng)
 
     def sample(self, rng: random.Random) -> Batch:
         """A batch of the student's completions: labels on the completion tokens only."""
-        from seekling.engine import SamplingParams
+        from seekling.engine import Engine, SamplingParams
+
+        view = inference_view(self.student)
+        if self.engine is None or self.engine_module is not view:
+            self.engine, self.engine_module = Engine(view, self.tok, max_num_seqs=self.batch_size), view
 
         chosen = [self.prompts[rng.randrange(len(self.prompts))] for _ in range(self.batch_size)]
         prompt_ids = [self.tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in chosen]
@@ -259,7 +272,7 @@ def add_logits_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_logits(args: argparse.Namespace) -> dict:
-    from seekling.checkpoint import load_pretrained
+    from seekling.model.load import load_pretrained
     from seekling.tasks import TASKS, sample_problems
     from seekling.tokenizer import load_tokenizer
     from seekling.train.collect import load_traces

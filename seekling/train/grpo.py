@@ -7,15 +7,15 @@ rewards within each group to get advantages, then take mu optimizer steps on the
     r_t = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t)
 
 The maths are pure functions (`group_advantages`, `kl_k3`, `policy_loss`) tested on hand-computed cases;
-`train_rl` is the loop: rollouts, rewards, updates, logging, checkpoints, resume and a wall-time budget.
+`train_rl` is the loop: rollouts, rewards, updates, logging and a wall-time budget; devices, DDP / FSDP2 /
+expert parallelism, the schedule, checkpoints, resume and signals are the training scaffold's
+(`seekling/train/scaffold.py`), shared with the trainer.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from seekling.atomic import torch_save
 from seekling.train.rewards import (
     R1_ZERO_TEMPLATE,
     RewardFn,
@@ -34,6 +33,20 @@ from seekling.train.rewards import (
     compute_rewards,
     load_prompts_jsonl,
     load_reward_fn,
+)
+from seekling.train.scaffold import (
+    PARALLEL,
+    SCHEDULES,
+    Checkpointer,
+    Dist,
+    GracefulStop,
+    MetricsLog,
+    Parallelized,
+    autocast,
+    lr_at,
+    seed_everything,
+    set_lr,
+    setup,
 )
 
 AGGREGATIONS = ("seq-mean", "token-mean", "dr-grpo")
@@ -151,14 +164,15 @@ RECIPES = ("r1", "r1-zero")
 class RLConfig:
     recipe: str = "r1"  # "r1": chat template, start from SFT; "r1-zero": R1-Zero plain-text template, from base
     steps: int = 100
-    prompts_per_step: int = 8
+    prompts_per_step: int = 8  # over all ranks: each rank rolls out its share
     group_size: int = 8  # G completions per prompt
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     lr: float = 1e-4
-    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio (RL drifts: decay it and keep the best)
+    min_lr_ratio: float = 0.1  # decay to lr * min_lr_ratio (RL drifts: decay it and keep the best)
     warmup_steps: int = 0
+    schedule: str = "cosine"  # "cosine" or "wsd" (the trainer's schedules)
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables
     mu: int = 1  # optimizer steps on each batch of rollouts
@@ -180,6 +194,9 @@ class RLConfig:
     save_every: int = 20  # steps between resumable checkpoints (and at the end)
     time_budget_s: float | None = None  # wall-time budget for the whole run, resumes included
     seed: int = 0
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    parallel: str = "ddp"  # with several ranks (torchrun): "ddp" or "fsdp" (FSDP2)
+    ep: int = 1  # expert parallelism: routed experts sharded over groups of this many ranks
 
     def __post_init__(self) -> None:
         problems = []
@@ -187,29 +204,30 @@ class RLConfig:
             problems.append(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.loss_agg not in AGGREGATIONS:
             problems.append(f"loss_agg must be one of {AGGREGATIONS}, got {self.loss_agg!r}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.parallel not in PARALLEL:
+            problems.append(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.group_size < 2:
             problems.append("group_size must be >= 2 (advantages are relative to the group)")
         if self.temperature <= 0:
             problems.append("temperature must be > 0 (RL samples; log-probs use logits / temperature)")
         if min(self.steps, self.prompts_per_step, self.max_new_tokens, self.mu, self.micro_batch,
-               self.max_sampling_rounds) < 1:
-            problems.append("steps, prompts_per_step, max_new_tokens, mu, micro_batch and max_sampling_rounds "
-                            "must be >= 1")
+               self.max_sampling_rounds, self.ep) < 1:
+            problems.append("steps, prompts_per_step, max_new_tokens, mu, micro_batch, max_sampling_rounds "
+                            "and ep must be >= 1")
         if self.w_overlong and not 0 < self.overlong_cache <= self.max_new_tokens:
             problems.append("w_overlong needs 0 < overlong_cache <= max_new_tokens")
         if problems:
             raise ValueError("bad RLConfig: " + "; ".join(problems))
 
+    @property
+    def min_lr(self) -> float:  # for the scaffold's lr_at
+        return self.lr * self.min_lr_ratio
+
     def reward_weights(self) -> dict[str, float]:
         return {"accuracy": self.w_accuracy, "format": self.w_format, "overlong": self.w_overlong,
                 "custom": self.w_custom}
-
-
-def lr_at(cfg: RLConfig, step: int, progress: float) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    low = cfg.lr * cfg.min_lr_ratio
-    return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def task_sampler(tasks: list[str], difficulties: list[int] | None, seed: int,
@@ -261,6 +279,9 @@ def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
     return torch.tensor([r + [pad_id] * (T - len(r)) for r in rows], dtype=torch.long)
 
 
+Group = tuple[list[int], list[Completion], list[float]]  # prompt ids, its G completions, their G rewards
+
+
 def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path, cfg: RLConfig,
              tasks: list[str] | None = None, difficulties: list[int] | None = None,
              prompts: list[dict[str, Any]] | None = None, reward_fn: RewardFn | None = None,
@@ -269,66 +290,74 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
     """GRPO from the model in `policy_dir` on task problems (`tasks`) or a user's `prompts` (with
     `reward_fn`). The result goes to `out_dir`: the best model by `eval_fn(model, tokenizer)` (higher is
     better, evaluated at the start, every `eval_every` steps and at the end) or, without one, the last.
-    `state_dir` holds what a resume needs (rl_state.pt) and the per-step log (rl_log.jsonl)."""
-    from seekling.checkpoint import load_pretrained
-    from seekling.tokenizer import load_tokenizer
-
+    `state_dir` holds what a resume needs (checkpoints/) and the per-step log (rl_log.jsonl). Under
+    torchrun each rank rolls out its share of each step's prompts; the gradients are reduced over all
+    ranks (DDP or FSDP2, experts by expert parallelism) and every rank applies the same update."""
     if (tasks is None) == (prompts is None):
         raise ValueError("give either tasks (verifiable problems) or prompts (with a reward function)")
     if cfg.w_custom and reward_fn is None:
         raise ValueError("w_custom > 0 needs a reward function")
-    out_dir, state_dir = Path(out_dir), Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    state_path, log_path = state_dir / "rl_state.pt", state_dir / "rl_log.jsonl"
-    draw = task_sampler(tasks, difficulties, cfg.seed, cells) if tasks is not None \
-        else prompt_sampler(prompts, cfg.seed)
+    d = setup(cfg.device, cfg.ep)
+    try:
+        if cfg.prompts_per_step % d.world:
+            raise ValueError(f"prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world} ranks")
+        draw = task_sampler(tasks, difficulties, cfg.seed, cells) if tasks is not None \
+            else prompt_sampler(prompts, cfg.seed)
+        return _train_rl(policy_dir, Path(out_dir), Path(state_dir), cfg, draw, tasks is not None, reward_fn,
+                         eval_fn, log if d.master else lambda s: None, d)
+    finally:
+        d.close()
 
+
+def _train_rl(policy_dir: str | Path, out_dir: Path, state_dir: Path, cfg: RLConfig,
+              draw: Callable[[int, int], list], on_tasks: bool, reward_fn: RewardFn | None,
+              eval_fn: Callable[[nn.Module, Any], float] | None, log: Callable[[str], None], d: Dist
+              ) -> dict[str, Any]:
+    from seekling.model.load import load_pretrained
+    from seekling.tokenizer import load_tokenizer
+
+    t_session = time.perf_counter()  # the budget counts everything: loading, evals, saving
+    if d.master:
+        state_dir.mkdir(parents=True, exist_ok=True)
     policy = load_pretrained(policy_dir)
     tok = load_tokenizer(policy_dir)
-    ref = load_pretrained(policy_dir).requires_grad_(False) if cfg.beta > 0 else None
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    ref = load_pretrained(policy_dir, device=d.device).requires_grad_(False) if cfg.beta > 0 else None
+    pm = Parallelized(policy, d, cfg.parallel, cfg.ep)
+    opt = torch.optim.AdamW(pm.module.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     answer_ok = None
-    if tasks is not None and cfg.recipe == "r1":
+    if on_tasks and cfg.recipe == "r1":
         from seekling.tasks import extract_answer
 
         answer_ok = lambda a: extract_answer(a) is not None  # the tasks' answer format: \boxed{...}
 
-    t_session = time.perf_counter()  # the budget counts everything: loading, evals, saving
-    step, cursor, elapsed, best, last_eval_step = 0, 0, 0.0, None, -1  # cursor: prompts drawn so far
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        policy.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    ckpt = Checkpointer(state_dir, d)
+    step, cursor, elapsed, best, last_eval_step = 0, 0, 0.0, None, -1  # cursor: prompts drawn so far, all ranks
+    seed_everything(cfg.seed + d.rank)  # each rank samples its own rollouts
+    resumed = ckpt.latest() is not None
+    if resumed:
+        state = ckpt.load(pm, [opt], log)
         step, cursor, elapsed, best = state["step"], state["cursor"], state["elapsed"], state["best"]
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if log_path.exists():  # drop lines of steps done after the checkpoint: they are about to be redone
-            lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-            log_path.write_text("".join(ln + "\n" for ln in lines))
-        log(f"resumed from {state_path} at step {step}")
-    else:
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        log_path.unlink(missing_ok=True)
+        log(f"resumed from {ckpt.latest()} at step {step}")
+    rl_log = MetricsLog(state_dir / "rl_log.jsonl", d.master, step if resumed else None)
 
     def save_state() -> None:
-        state = {"step": step, "cursor": cursor, "elapsed": elapsed, "best": best, "model": policy.state_dict(),
-                 "optimizer": opt.state_dict(), "config": dataclasses.asdict(cfg),
-                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
-        torch_save(state_path, state)
+        ckpt.save(pm, [opt], {"step": step, "cursor": cursor, "elapsed": elapsed, "best": best,
+                              "config": dataclasses.asdict(cfg)})
 
     def save_model() -> None:
-        policy.save_pretrained(out_dir)
-        tok.save_pretrained(out_dir)
+        pm.save_pretrained(out_dir)
+        if d.master:
+            tok.save_pretrained(out_dir)
 
     eval_s = 0.0
 
     def evaluate() -> float:
+        """eval_fn on rank 0 (on the unsharded weights), its score on every rank; keeps the best model."""
         nonlocal best, last_eval_step, eval_s
         t = time.perf_counter()
-        policy.eval()
-        score = float(eval_fn(policy, tok))
+        view = pm.inference_view().eval()
+        score = d.broadcast(float(eval_fn(view, tok)) if d.master else None)
         last_eval_step = step
         eval_s = time.perf_counter() - t
         if best is None or score > best:
@@ -336,115 +365,145 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
             save_model()
         return score
 
-    engine = make_engine(policy, tok, max_num_seqs=cfg.prompts_per_step * cfg.group_size)
+    P = cfg.prompts_per_step // d.world  # this rank's prompts per step
+    engine = make_engine(pm.inference_view(), tok, max_num_seqs=P * cfg.group_size)
     if eval_fn is not None and step == 0:
         log(f"step 0 eval {evaluate():.4f}")
-    G, P = cfg.group_size, cfg.prompts_per_step
     elapsed_at_start, last_step_s = elapsed, 0.0
     stop_reason = "steps"
-    while step < cfg.steps:
-        elapsed = elapsed_at_start + (time.perf_counter() - t_session)
-        # Stop when one more step (and the final eval) would overrun the budget.
-        if cfg.time_budget_s and elapsed + last_step_s + eval_s > cfg.time_budget_s:
-            stop_reason = "time_budget"
-            break
-        t0 = time.perf_counter()
-        progress = step / cfg.steps
-        if cfg.time_budget_s:
-            progress = max(progress, elapsed / cfg.time_budget_s)
-        lr = lr_at(cfg, step, progress)
-        for group in opt.param_groups:
-            group["lr"] = lr
-
-        # 1. rollouts and rewards; dynamic sampling refills the batch with groups that carry a signal
-        policy.eval()
-        kept: list[tuple[list[int], list[Completion], list[float]]] = []  # (prompt ids, G completions, G rewards)
-        seen: dict[str, list[float]] = {}
-        lengths: list[int] = []
-        truncated = n_groups = n_zero = 0
-        for _ in range(cfg.max_sampling_rounds):
-            batch = draw(cursor, P - len(kept) if cfg.dynamic_sampling else P)
-            cursor += len(batch)
-            prompt_ids = [encode_prompt(tok, s, cfg.recipe) for s in batch]
-            groups = rollout(engine, prompt_ids, G, cfg)
-            flat = [c for g in groups for c in g]
-            rewards = compute_rewards([s for s in batch for _ in range(G)], [c.text for c in flat],
-                                      [len(c.token_ids) for c in flat], cfg.reward_weights(), cfg.recipe,
-                                      reward_fn, cfg.max_new_tokens, cfg.overlong_cache, answer_ok)
-            for name, values in rewards.items():
-                seen.setdefault(name, []).extend(values)
-            lengths += [len(c.token_ids) for c in flat]
-            truncated += sum(c.finish_reason == "length" for c in flat)
-            for i, (ids, g) in enumerate(zip(prompt_ids, groups, strict=True)):
-                r = rewards["total"][i * G:(i + 1) * G]
-                zero = max(r) - min(r) < 1e-9
-                n_groups += 1
-                n_zero += zero
-                if not (zero and cfg.dynamic_sampling):
-                    kept.append((ids, g, r))
-            if not cfg.dynamic_sampling or len(kept) >= P:
+    with GracefulStop(log) as stop_signal:
+        while step < cfg.steps:
+            elapsed = elapsed_at_start + (time.perf_counter() - t_session)
+            # Stop when asked (after the step that was running), or when one more step (and the final
+            # eval) would overrun the budget; all ranks together.
+            over_budget = bool(cfg.time_budget_s and elapsed + last_step_s + eval_s > cfg.time_budget_s)
+            if d.agree(over_budget or stop_signal.requested):
+                stop_reason = "interrupted" if d.agree(stop_signal.requested) else "time_budget"
                 break
-        kept = kept[:P]
-        t_rollout = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            progress = step / cfg.steps
+            if cfg.time_budget_s:
+                progress = max(progress, elapsed / cfg.time_budget_s)
+            lr = lr_at(cfg, step, progress)
+            set_lr([opt], lr)
 
-        # 2. the policy update: mu optimizer steps on this batch
-        t1 = time.perf_counter()
-        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
-        if kept:
-            adv = group_advantages(torch.tensor([r for _, _, r in kept]), cfg.scale_std).flatten()
-        if kept and (adv.abs().max() > 0 or cfg.beta > 0):
-            stats = update_policy(policy, ref, opt, kept, adv, cfg, pad_id)
-        step += 1
+            # 1. rollouts and rewards on this rank's prompts; dynamic sampling refills the batch with groups
+            #    that carry a signal
+            pm.inference_view()  # the engine's module: refreshed from the shards when sharded
+            pm.module.eval()
+            kept: list[Group] = []
+            seen: dict[str, list[float]] = {}
+            lengths: list[int] = []
+            truncated = n_groups = n_zero = 0
+            for _ in range(cfg.max_sampling_rounds):
+                need = P - len(kept) if cfg.dynamic_sampling else P
+                width = int(max(d.gather(need)))  # each rank's slice of this round's prompts
+                batch = draw(cursor + d.rank * width, need)
+                cursor += width * d.world
+                if need:
+                    groups = rollout_and_score(engine, tok, batch, cfg, reward_fn, answer_ok, seen)
+                    lengths += [len(c.token_ids) for _, g, _ in groups for c in g]
+                    truncated += sum(c.finish_reason == "length" for _, g, _ in groups for c in g)
+                    for group in groups:
+                        zero = max(group[2]) - min(group[2]) < 1e-9
+                        n_groups += 1
+                        n_zero += zero
+                        if not (zero and cfg.dynamic_sampling):
+                            kept.append(group)
+                if not cfg.dynamic_sampling or not d.agree(len(kept) < P):
+                    break
+            kept = kept[:P]
+            t_rollout = time.perf_counter() - t0
+
+            # 2. the policy update: mu optimizer steps on this batch (every rank takes part, so that the
+            #    gradients and the update are the same everywhere)
+            t1 = time.perf_counter()
+            stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+            adv = group_advantages(torch.tensor([r for _, _, r in kept]), cfg.scale_std).flatten() if kept \
+                else torch.zeros(0)
+            if d.agree(bool(kept) and (adv.abs().max() > 0 or cfg.beta > 0)):
+                stats = update_policy(pm.module, ref, opt, kept, adv, cfg, pad_id, pm)
+            step += 1
+            elapsed = elapsed_at_start + (time.perf_counter() - t_session)
+
+            record = step_record(d, step, lr, seen, lengths, truncated, n_groups, n_zero, len(kept), stats)
+            record.update(t_rollout=t_rollout, t_update=time.perf_counter() - t1,
+                          rollouts_per_s=record.pop("rollouts") / t_rollout, elapsed_s=elapsed)
+            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                record["eval"] = evaluate()
+                record["t_eval"] = eval_s
+            rl_log.append(record)
+            last_step_s = time.perf_counter() - t0 - record.get("t_eval", 0.0)
+            eta = (cfg.steps - step) * last_step_s
+            if cfg.time_budget_s:
+                eta = min(eta, cfg.time_budget_s - elapsed)
+            log(f"step {step}/{cfg.steps} reward {record['reward/total_mean']:.3f} "
+                + (f"acc {record['accuracy']:.3f} " if "accuracy" in record else "")
+                + f"len {record['len_mean']:.0f} zero-var {record['zero_var_frac']:.2f} kl {stats['kl']:.4f} "
+                + f"clip {stats['clip_frac']:.3f} | rollout {t_rollout:.1f}s update {record['t_update']:.1f}s "
+                + f"{record['rollouts_per_s']:.0f} rollouts/s | ETA {max(eta, 0):.0f}s"
+                + (f" | eval {record['eval']:.4f}" if "eval" in record else ""))
+            if step % cfg.save_every == 0:
+                save_state()
+
+        if eval_fn is not None and last_eval_step != step and stop_reason != "interrupted":
+            log(f"final eval {evaluate():.4f}")
+        if eval_fn is None:
+            save_model()
         elapsed = elapsed_at_start + (time.perf_counter() - t_session)
-
-        record: dict[str, Any] = {"step": step, "lr": lr}
-        for name, values in seen.items():
-            t = torch.tensor(values)
-            record[f"reward/{name}_mean"] = t.mean().item()
-            record[f"reward/{name}_std"] = t.std().item() if len(values) > 1 else 0.0
-        if "accuracy" in seen:
-            record["accuracy"] = record["reward/accuracy_mean"]
-        record.update(len_mean=sum(lengths) / len(lengths), len_max=max(lengths),
-                      truncated_frac=truncated / len(lengths),
-                      zero_var_frac=n_zero / n_groups, groups_used=len(kept), **stats,
-                      t_rollout=t_rollout, t_update=time.perf_counter() - t1, rollouts_per_s=len(lengths) / t_rollout,
-                      elapsed_s=elapsed)
-        if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
-            record["eval"] = evaluate()
-            record["t_eval"] = eval_s
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        last_step_s = time.perf_counter() - t0 - record.get("t_eval", 0.0)
-        eta = (cfg.steps - step) * last_step_s
-        if cfg.time_budget_s:
-            eta = min(eta, cfg.time_budget_s - elapsed)
-        log(f"step {step}/{cfg.steps} reward {record['reward/total_mean']:.3f} "
-            + (f"acc {record['accuracy']:.3f} " if "accuracy" in record else "")
-            + f"len {record['len_mean']:.0f} zero-var {record['zero_var_frac']:.2f} kl {stats['kl']:.4f} "
-            + f"clip {stats['clip_frac']:.3f} | rollout {t_rollout:.1f}s update {record['t_update']:.1f}s "
-            + f"{record['rollouts_per_s']:.0f} rollouts/s | ETA {max(eta, 0):.0f}s"
-            + (f" | eval {record['eval']:.4f}" if "eval" in record else ""))
-        if step % cfg.save_every == 0:
-            save_state()
-
-    if eval_fn is not None and last_eval_step != step:
-        log(f"final eval {evaluate():.4f}")
-    if eval_fn is None:
-        save_model()
-    elapsed = elapsed_at_start + (time.perf_counter() - t_session)
-    save_state()
+        save_state()
     log(f"RL done ({stop_reason}) after {step} steps, {elapsed:.0f}s; model in {out_dir}")
     return {"steps": step, "stop_reason": stop_reason, "wall_time_s": elapsed, "best_eval": best,
-            "log": str(log_path), "out_dir": str(out_dir)}
+            "log": str(rl_log.path), "out_dir": str(out_dir)}
+
+
+def rollout_and_score(engine: Any, tok: Any, batch: list[dict[str, Any]], cfg: RLConfig,
+                      reward_fn: RewardFn | None, answer_ok: Callable[[str], bool] | None,
+                      seen: dict[str, list[float]]) -> list[Group]:
+    """G completions of each sample of `batch` and their rewards (each reward's values added to `seen`)."""
+    G = cfg.group_size
+    prompt_ids = [encode_prompt(tok, s, cfg.recipe) for s in batch]
+    groups = rollout(engine, prompt_ids, G, cfg)
+    flat = [c for g in groups for c in g]
+    rewards = compute_rewards([s for s in batch for _ in range(G)], [c.text for c in flat],
+                              [len(c.token_ids) for c in flat], cfg.reward_weights(), cfg.recipe,
+                              reward_fn, cfg.max_new_tokens, cfg.overlong_cache, answer_ok)
+    for name, values in rewards.items():
+        seen.setdefault(name, []).extend(values)
+    return [(ids, g, rewards["total"][i * G:(i + 1) * G]) for i, (ids, g) in enumerate(zip(prompt_ids, groups,
+                                                                                            strict=True))]
+
+
+def step_record(d: Dist, step: int, lr: float, seen: dict[str, list[float]], lengths: list[int], truncated: int,
+                n_groups: int, n_zero: int, n_kept: int, stats: dict[str, float]) -> dict[str, Any]:
+    """The step's log record over all ranks' rollouts (the update's statistics are already global)."""
+    parts = d.gather((seen, lengths, truncated, n_groups, n_zero, n_kept))
+    seen = {name: [v for p in parts for v in p[0].get(name, [])] for name in seen}
+    lengths = [n for p in parts for n in p[1]]
+    truncated, n_groups, n_zero, n_kept = (sum(p[i] for p in parts) for i in range(2, 6))
+    record: dict[str, Any] = {"step": step, "lr": lr}
+    for name, values in seen.items():
+        t = torch.tensor(values)
+        record[f"reward/{name}_mean"] = t.mean().item()
+        record[f"reward/{name}_std"] = t.std().item() if len(values) > 1 else 0.0
+    if "accuracy" in seen:
+        record["accuracy"] = record["reward/accuracy_mean"]
+    record.update(len_mean=sum(lengths) / len(lengths), len_max=max(lengths), truncated_frac=truncated / len(lengths),
+                  zero_var_frac=n_zero / n_groups, groups_used=n_kept, **stats, rollouts=len(lengths))
+    return record
 
 
 def update_policy(policy: nn.Module, ref: nn.Module | None, opt: torch.optim.Optimizer,
-                  kept: list[tuple[list[int], list[Completion], list[float]]], adv: torch.Tensor,
-                  cfg: RLConfig, pad_id: int) -> dict[str, float]:
+                  kept: list[Group], adv: torch.Tensor, cfg: RLConfig, pad_id: int,
+                  pm: Parallelized | None = None) -> dict[str, float]:
     """mu optimizer steps of the GRPO loss on one batch of groups; returns the step's statistics.
     Old log-probs (for the ratio) are computed once, before the first step; with mu = 1 they equal the
-    current ones, so the ratio is 1 and no extra forward is needed."""
-    rows = [(ids, c, a) for (ids, g, _), a_g in zip(kept, adv.view(len(kept), -1), strict=True)
+    current ones, so the ratio is 1 and no extra forward is needed. `pm` is the policy on the scaffold's
+    ranks (None: `policy` alone, in this process): the loss is normalised over all ranks' completions and
+    every rank runs the same number of micro-batches (padding with empty ones), as the collectives need."""
+    pm = pm or Parallelized(policy, Dist(0, 1, 0, policy.device))
+    d, device = pm.d, pm.d.device
+    rows = [(ids, c, a) for (ids, g, _), a_g in zip(kept, adv.split([len(g) for _, g, _ in kept]), strict=True)
             for c, a in zip(g, a_g.tolist(), strict=True)]
     rows.sort(key=lambda r: len(r[0]) + len(r[1].token_ids))  # similar lengths share a micro-batch: less padding
     chunks = []
@@ -457,39 +516,46 @@ def update_policy(policy: nn.Module, ref: nn.Module | None, opt: torch.optim.Opt
         hi = torch.tensor([len(p) + len(c.token_ids) for p, c, _ in part])[:, None]
         keep = torch.tensor([not (cfg.mask_truncated and c.finish_reason == "length") for _, c, _ in part])[:, None]
         mask = ((pos >= lo) & (pos < hi) & keep).float()
-        chunk = {"ids": ids, "start": start, "mask": mask, "adv": torch.tensor([a for _, _, a in part])}
-        with torch.no_grad():
+        chunks.append({"ids": ids, "start": start, "mask": mask, "adv": torch.tensor([a for _, _, a in part]),
+                       "n": len(part)})
+    n_chunks = int(max(d.gather(len(chunks))))
+    n_seq, n_tok = d.sum([len(rows), sum(float(c["mask"].sum()) for c in chunks)])
+    n_tok = max(n_tok, 1.0)
+    for _ in range(n_chunks - len(chunks)):  # weight 0: no gradient, but the same collectives as the other ranks
+        chunks.append({"ids": torch.full((1, 2), pad_id), "start": 1, "mask": torch.zeros(1, 1), "adv": torch.zeros(1),
+                       "n": 0})
+    for c in chunks:
+        c.update(ids=c["ids"].to(device), mask=c["mask"].to(device), adv=c["adv"].to(device))
+        with torch.no_grad(), autocast(device):
             if cfg.mu > 1:
-                chunk["old"] = completion_logprobs(policy, ids, start, cfg.temperature)[0]
+                c["old"] = completion_logprobs(pm.fwd, c["ids"], c["start"], cfg.temperature)[0]
             if ref is not None:
-                chunk["ref"] = completion_logprobs(ref, ids, start, cfg.temperature)[0]
-        chunks.append(chunk)
-    n_seq = len(rows)
-    n_tok = max(sum(float(c["mask"].sum()) for c in chunks), 1.0)
+                c["ref"] = completion_logprobs(ref, c["ids"], c["start"], cfg.temperature)[0]
 
-    policy.train()
+    pm.module.train()
     sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     for it in range(cfg.mu):
-        opt.zero_grad(set_to_none=True)
-        for c in chunks:
-            logp, entropy = completion_logprobs(policy, c["ids"], c["start"], cfg.temperature, with_entropy=it == 0)
-            old = c["old"] if cfg.mu > 1 else logp.detach()
-            loss, st = policy_loss(logp, old, c.get("ref"), c["adv"], c["mask"], cfg.clip_eps, cfg.clip_eps_high,
-                                   cfg.beta, cfg.loss_agg, cfg.max_new_tokens)
-            # Weight each micro-batch so the sum over micro-batches is the loss of the whole batch.
-            tok_share = float(c["mask"].sum()) / n_tok
-            w = tok_share if cfg.loss_agg == "token-mean" else c["ids"].shape[0] / n_seq
-            (loss * w).backward()
-            sums["loss"] += loss.item() * w / cfg.mu
+        for j, c in enumerate(chunks):
+            with pm.no_sync(last=j == len(chunks) - 1):
+                with autocast(device):
+                    logp, entropy = completion_logprobs(pm.fwd, c["ids"], c["start"], cfg.temperature,
+                                                        with_entropy=it == 0)
+                old = c["old"] if cfg.mu > 1 else logp.detach()
+                loss, st = policy_loss(logp, old, c.get("ref"), c["adv"], c["mask"], cfg.clip_eps, cfg.clip_eps_high,
+                                       cfg.beta, cfg.loss_agg, cfg.max_new_tokens)
+                # Weight each micro-batch so the sum over micro-batches (and the mean over ranks that the
+                # gradient reduction takes) is the loss of the whole batch.
+                tok_share = float(c["mask"].sum()) / n_tok
+                share = tok_share if cfg.loss_agg == "token-mean" else c["n"] / n_seq
+                (loss * (share * d.world)).backward()
+            sums["loss"] += loss.item() * share / cfg.mu
             sums["kl"] += st["kl"] * tok_share / cfg.mu
             sums["clip_frac"] += st["clip_frac"] * tok_share / cfg.mu
             if entropy is not None:
                 sums["entropy"] += float((entropy * c["mask"]).sum()) / n_tok
-        if cfg.grad_clip > 0:
-            sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)) / cfg.mu
-        opt.step()
-        policy.update_expert_bias()
-    return sums
+        sums["grad_norm"] += float(pm.optimizer_step([opt], cfg.grad_clip)) / cfg.mu
+    totals = d.sum([sums["loss"], sums["kl"], sums["clip_frac"], sums["entropy"]])
+    return {**dict(zip(("loss", "kl", "clip_frac", "entropy"), totals, strict=True)), "grad_norm": sums["grad_norm"]}
 
 
 def make_engine(policy: nn.Module, tok: Any, max_num_seqs: int) -> Any:
@@ -553,7 +619,7 @@ def add_rl_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(RLConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f)
-        choices = {"recipe": RECIPES, "loss_agg": AGGREGATIONS}.get(f.name)
+        choices = {"recipe": RECIPES, "loss_agg": AGGREGATIONS, "schedule": SCHEDULES, "parallel": PARALLEL}.get(f.name)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:

@@ -1,5 +1,7 @@
 // seekling chat: plain JS, no build step. Talks to /v1/chat/completions (streamed) and keeps the history
-// on the server in /api/conversations. Model output is Markdown, sanitised by DOMPurify before display.
+// on the server in /api/conversations. Model output is Markdown, sanitised by DOMPurify before display; math
+// ($...$, $$...$$, \(...\), \[...\] and a bare \boxed{...}) is typeset by KaTeX. Tools given in the settings
+// are offered to the model; its calls are shown, and you answer for the tool.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -27,12 +29,57 @@ function showError(message) {
 }
 
 // ------------------------------------------------------------------------------------------ rendering
+// Math is cut out before Markdown sees it (Markdown would eat its backslashes and underscores) and put back as
+// placeholders that KaTeX renders into. Code, fenced or inline, is left as it is.
+const MATH = /\$\$[\s\S]+?\$\$|\\\[[\s\S]+?\\\]|\\\([\s\S]+?\\\)|\\boxed\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}|\$[^\s$](?:[^$\n]*[^\s$])?\$/g;
+const CODE = /(```[\s\S]*?(?:```|$)|`[^`\n]*`)/;
+
+function texOf(src) {
+  if (src.startsWith("$$") || src.startsWith("\\[")) return [src.slice(2, -2), true];
+  if (src.startsWith("\\(")) return [src.slice(2, -2), false];
+  if (src.startsWith("$")) return [src.slice(1, -1), false];
+  return [src, false];  // a bare \boxed{...}
+}
+
 function markdown(text) {
-  const html = DOMPurify.sanitize(marked.parse(text || ""));
+  const maths = [];
+  const protectedText = (text || "").split(CODE).map((part, i) => i % 2 ? part : part.replace(MATH, (m) => {
+    maths.push(m);
+    return `<span class="math" data-math="${maths.length - 1}"></span>`;
+  })).join("");
   const div = document.createElement("div");
-  div.innerHTML = html;
+  div.innerHTML = DOMPurify.sanitize(marked.parse(protectedText));
+  div.querySelectorAll("span.math[data-math]").forEach((el) => {
+    const src = maths[Number(el.dataset.math)];
+    if (src === undefined) return;
+    const [tex, displayMode] = texOf(src);
+    // katex.render builds DOM nodes and sets styles through the CSSOM, which the page's CSP allows.
+    try { katex.render(tex, el, { displayMode, throwOnError: false }); } catch (e) { el.textContent = src; }
+  });
   div.querySelectorAll("pre code").forEach((el) => hljs.highlightElement(el));
   return div;
+}
+
+function toolCallBlock(call, answerable) {
+  const box = document.createElement("div");
+  box.className = "tool-call";
+  const name = document.createElement("div");
+  name.className = "tool-name";
+  name.textContent = "Tool call: " + call.function.name;
+  const args = document.createElement("pre");
+  args.className = "tool-args";
+  try { args.textContent = JSON.stringify(JSON.parse(call.function.arguments || "{}"), null, 2); }
+  catch (e) { args.textContent = call.function.arguments; }
+  box.append(name, args);
+  if (answerable) {
+    const result = document.createElement("textarea");
+    result.className = "tool-result";
+    result.dataset.callId = call.id;
+    result.rows = 2;
+    result.placeholder = `Result of ${call.function.name} (you answer for the tool)`;
+    box.append(result);
+  }
+  return box;
 }
 
 function thinkingBlock(msg, live) {
@@ -56,8 +103,10 @@ function renderMessage(msg, index, live = false) {
   const bubble = document.createElement("div");
   bubble.className = "bubble" + (live ? " cursor" : "");
   if (msg.role === "assistant") bubble.append(markdown(msg.content));
-  else bubble.textContent = msg.content;
+  else bubble.textContent = msg.role === "tool" ? `${toolName(msg.tool_call_id)} → ${msg.content}` : msg.content;
   wrap.append(bubble);
+  const answerable = !live && state.conv && index === state.conv.messages.length - 1;
+  (msg.tool_calls || []).forEach((c) => wrap.append(toolCallBlock(c, answerable)));
   if (!live) wrap.append(actions(msg, index));
   return wrap;
 }
@@ -73,6 +122,7 @@ function actions(msg, index) {
     bar.append(b);
   };
   if (msg.role === "user") button("Edit", () => startEdit(index));
+  if (msg.role === "assistant" && last && msg.tool_calls) button("Send tool results", sendToolResults);
   if (msg.role === "assistant" && last) button("Regenerate", regenerate);
   if (msg.role === "assistant") button("Copy", () => navigator.clipboard && navigator.clipboard.writeText(msg.content));
   return bar;
@@ -93,8 +143,19 @@ function renderConversation() {
   }
   box.scrollTop = box.scrollHeight;
   $("system").value = conv ? conv.system || "" : $("system").value;
-  if (conv && conv.settings) SETTINGS.forEach((k) => { if (conv.settings[k] != null) $(k).value = conv.settings[k]; });
+  if (conv && conv.settings) {
+    SETTINGS.forEach((k) => { if (conv.settings[k] != null) $(k).value = conv.settings[k]; });
+    if (conv.settings.thinking != null) $("thinking").checked = conv.settings.thinking;
+  }
   renderList();
+}
+
+function toolName(callId) {
+  for (const m of (state.conv && state.conv.messages) || []) {
+    const call = (m.tool_calls || []).find((c) => c.id === callId);
+    if (call) return call.function.name;
+  }
+  return "tool";
 }
 
 function renderList() {
@@ -124,9 +185,17 @@ async function openConversation(id) {
 }
 
 function currentSettings() {
-  const s = {};
+  const s = { thinking: $("thinking").checked };
   SETTINGS.forEach((k) => { s[k] = Number($(k).value); });
   return s;
+}
+
+function currentTools() {
+  const text = $("tools").value.trim();
+  if (!text) return null;
+  const tools = JSON.parse(text);  // a syntax error is shown to the user by generate()
+  if (!Array.isArray(tools)) throw new Error("Tools must be a JSON array of OpenAI tool definitions.");
+  return tools;
 }
 
 async function save() {
@@ -153,7 +222,13 @@ async function generate() {
   const settings = currentSettings();
   const messages = [];
   if ($("system").value.trim()) messages.push({ role: "system", content: $("system").value });
-  conv.messages.forEach((m) => messages.push({ role: m.role, content: m.content }));
+  conv.messages.forEach((m) => {
+    const out = { role: m.role, content: m.content };
+    if (m.tool_calls) out.tool_calls = m.tool_calls;
+    if (m.tool_calls && m.reasoning) out.reasoning_content = m.reasoning;  // DeepSeek's rule, within a tool loop
+    if (m.tool_call_id) out.tool_call_id = m.tool_call_id;
+    messages.push(out);
+  });
   const msg = { role: "assistant", content: "", reasoning: "" };
   const box = $("messages");
   let node = renderMessage(msg, conv.messages.length, true);
@@ -175,10 +250,13 @@ async function generate() {
   };
   state.controller = new AbortController();
   try {
+    const body = { model: state.model, messages, stream: true, temperature: settings.temperature,
+                   top_p: settings.top_p, max_tokens: settings.max_tokens,
+                   thinking: { type: settings.thinking ? "enabled" : "disabled" } };
+    const tools = currentTools();
+    if (tools) body.tools = tools;
     const resp = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), signal: state.controller.signal,
-      body: JSON.stringify({ model: state.model, messages, stream: true, temperature: settings.temperature,
-                             top_p: settings.top_p, max_tokens: settings.max_tokens }),
+      method: "POST", headers: headers(), signal: state.controller.signal, body: JSON.stringify(body),
     });
     if (!resp.ok) {
       const data = await resp.json().catch(() => ({}));
@@ -200,9 +278,16 @@ async function generate() {
         if (chunk.error) throw new Error(chunk.error.message);
         const delta = (chunk.choices[0] || {}).delta || {};
         if (delta.reasoning_content) msg.reasoning += delta.reasoning_content;
-        if (delta.content) {
+        if (delta.content || delta.tool_calls) {
           if (msg.reasoning && msg.thought_s == null) msg.thought_s = (performance.now() - started) / 1000;
-          msg.content += delta.content;
+          msg.content += delta.content || "";
+        }
+        for (const tc of delta.tool_calls || []) {  // OpenAI's stream: the first piece has id and name
+          msg.tool_calls = msg.tool_calls || [];
+          const call = msg.tool_calls[tc.index] ||
+            (msg.tool_calls[tc.index] = { id: tc.id, type: "function", function: { name: "", arguments: "" } });
+          if (tc.function && tc.function.name) call.function.name = tc.function.name;
+          if (tc.function && tc.function.arguments) call.function.arguments += tc.function.arguments;
         }
         redraw();
       }
@@ -212,7 +297,7 @@ async function generate() {
   } finally {
     state.controller = null;
     if (msg.reasoning && msg.thought_s == null) msg.thought_s = (performance.now() - started) / 1000;
-    if (msg.content || msg.reasoning) conv.messages.push(msg);
+    if (msg.content || msg.reasoning || msg.tool_calls) conv.messages.push(msg);
     setBusy(false);
     renderConversation();
     try { await save(); } catch (err) { showError("Could not save the conversation: " + err.message); }
@@ -223,6 +308,14 @@ function setBusy(busy) {
   state.busy = busy;
   $("send").hidden = busy;
   $("stop").hidden = !busy;
+}
+
+async function sendToolResults() {
+  if (state.busy) return;
+  const boxes = [...document.querySelectorAll("textarea.tool-result")];
+  boxes.forEach((b) => state.conv.messages.push({ role: "tool", tool_call_id: b.dataset.callId, content: b.value }));
+  renderConversation();
+  await generate();
 }
 
 async function regenerate() {
@@ -281,6 +374,8 @@ async function start() {
   $("api-key").value = localStorage.getItem("seekling.key") || "";
   const defaults = JSON.parse(localStorage.getItem("seekling.settings") || "{}");
   SETTINGS.forEach((k) => { if (defaults[k] != null) $(k).value = defaults[k]; });
+  if (defaults.thinking != null) $("thinking").checked = defaults.thinking;
+  $("tools").value = localStorage.getItem("seekling.tools") || "";
   try {
     const config = await api("GET", "/api/config");
     state.model = config.model;
@@ -307,7 +402,8 @@ $("toggle-settings").onclick = () => { $("settings").hidden = !$("settings").hid
 $("export").onclick = exportConversation;
 $("delete").onclick = () => deleteConversation().catch((err) => showError(err.message));
 $("api-key").onchange = () => { localStorage.setItem("seekling.key", $("api-key").value.trim()); start(); };
-SETTINGS.forEach((k) => {
+[...SETTINGS, "thinking"].forEach((k) => {
   $(k).onchange = () => localStorage.setItem("seekling.settings", JSON.stringify(currentSettings()));
 });
+$("tools").onchange = () => localStorage.setItem("seekling.tools", $("tools").value);
 start();

@@ -1,0 +1,292 @@
+"""Loading a model directory: DeepSeek-V3 (ours, transformers' or DeepSeek's unquantised layout) as a
+`Transformer`, Qwen2 / Llama (the DeepSeek-R1-Distill releases) as a `DenseModel`.
+
+    model = load_pretrained("runs/speedrun/rl")                       # fp32 on the CPU
+    model = load_pretrained("DeepSeek-R1-Distill-Qwen-1.5B", quantize="int8")
+
+Memory is what decides whether a laptop can run a model, so the load is planned from the safetensors
+headers before any tensor is read (refused when it would not fit, or exceed `max_memory_gb`), and tensors
+are read with plain file reads (no mmap: resident memory is what the model keeps, not every page touched):
+  - float: the model is allocated once at the target dtype, `prepare` lays out its fused projections, and
+    each tensor is read straight into its parameter (a view of the fused storage): the peak is the model
+    plus one tensor;
+  - int8: layer by layer: a layer is materialised in float, read, quantised by its own `prepare`, and its
+    float weights freed before the next; the embedding and output head are quantised in row chunks as they
+    are read. No float copy of a quantised weight is ever kept, and the peak is the int8 model plus one layer
+    in float (plus a chunk of the embedding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seekling.checkpoint import DTYPES, StoredTensor, checkpoint_tensors, read_generation_config
+from seekling.config import ModelConfig
+from seekling.model.dense import SUPPORTED_MODEL_TYPES, DenseConfig, DenseModel, rope_inv_freq
+from seekling.model.layers import CausalLM, free_parameters
+from seekling.model.mla import rope_inv_freq as mla_rope_inv_freq
+from seekling.model.model import Transformer
+from seekling.model.quant import QBLOCK, TILE, Int8Weight, concat, quantize
+
+QUANTIZE = ("int8",)
+EMBED_CHUNK_ROWS = 8192  # rows of an embedding / output head read and quantised at a time
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): its allocator returns memory its own way
+        return None
+
+
+def _allocate_big_tensors_apart() -> None:
+    """glibc serves big allocations from mmap until a free raises its threshold (up to 32 MB), after which
+    freed float weights stay in the heap and resident memory grows layer by layer during a quantising load
+    (measured: 1.7 GB held for a 0.5 GB int8 model). A fixed threshold keeps every tensor over 1 MB its own
+    mapping, returned to the system when freed."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def _release_freed_memory() -> None:
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("cannot tell the available memory (no MemAvailable in /proc/meminfo)")
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)} (or auto)")
+    return DTYPES[dtype]
+
+
+def _build(directory: Path, raw: dict[str, Any]) -> CausalLM:
+    """The model of config.json, on the meta device (no memory)."""
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method")
+        raise ValueError(f"{directory} holds a quantized checkpoint ({method}); use the bf16/fp32 release")
+    model_type = raw.get("model_type", "deepseek_v3")
+    with torch.device("meta"):
+        if model_type in SUPPORTED_MODEL_TYPES:
+            return DenseModel(DenseConfig.from_dict(raw))
+        if model_type in ("deepseek_v3", "deepseek_v2"):
+            return Transformer(ModelConfig.from_hf_dict(raw))
+    raise ValueError(f"unsupported architecture: model_type={model_type!r} (architectures="
+                     f"{raw.get('architectures')}); seekling reads deepseek_v3, deepseek_v2, "
+                     f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def _expected(model: CausalLM, stored: dict[str, StoredTensor], directory: Path) -> dict[str, torch.Tensor]:
+    """The model's state (parameters and stored buffers) by name, checked against the files' names and shapes."""
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    if tied:
+        expected.pop("lm_head.weight")  # shares embed_tokens; a saved copy is ignored
+    skip = {"lm_head.weight"} if tied else set()
+    n_layers = len(model.model.layers)
+    if isinstance(model, Transformer):  # DeepSeek's MTP modules carry copies of the shared embedding and head
+        n = model.config.num_hidden_layers
+        skip |= {f"model.layers.{n + k}.{s}" for k in range(model.config.num_nextn_predict_layers)
+                 for s in ("embed_tokens.weight", "shared_head.head.weight")}
+
+    def ignorable(name: str) -> bool:
+        parts = name.split(".")
+        layer = int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else -1
+        return name in skip or name.endswith("rotary_emb.inv_freq") or layer >= n_layers  # MTP layers not built
+
+    unexpected = [k for k in stored if k not in expected and not ignorable(k)]
+    if unexpected:
+        raise ValueError(f"{directory}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                         f"for {type(model).__name__}")
+    missing = [k for k in expected if k not in stored]
+    if missing:
+        raise ValueError(f"{directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, t in expected.items():
+        if tuple(stored[name].shape) != tuple(t.shape):
+            raise ValueError(f"tensor {name} has shape {list(stored[name].shape)} in {stored[name].file.name}, "
+                             f"expected {list(t.shape)} from config.json")
+    return expected
+
+
+def _quantized_bytes(name: str, t: torch.Tensor, itemsize: int) -> int:
+    """What a tensor costs after int8 `prepare`: 1 byte per weight (rows padded to 32) + a scale per row for
+    the matmul weights; norms, routers, kv_b_proj (read by per-head einsums) and buffers keep their float size."""
+    float_kept = t.dim() < 2 or name.endswith(("gate.weight", "kv_b_proj.weight"))
+    if float_kept:
+        return t.numel() * itemsize
+    rows = t.numel() // t.shape[-1]
+    return -(-rows // TILE) * TILE * -(-t.shape[-1] // QBLOCK) * QBLOCK + 4 * rows
+
+
+def _bytes_needed(expected: dict[str, torch.Tensor], dtype: torch.dtype, quantize_to: str | None) -> int:
+    size = lambda t: dtype.itemsize if t.is_floating_point() else t.element_size()
+    if quantize_to:
+        return sum(_quantized_bytes(n, t, size(t)) for n, t in expected.items())
+    return sum(t.numel() * size(t) for t in expected.values())
+
+
+def _budget(device: torch.device, max_memory_gb: float | None) -> int:
+    budget = available_memory_bytes(device)
+    return budget if max_memory_gb is None else min(budget, int(max_memory_gb * 1e9))
+
+
+def _check_memory(directory: Path, needed: int, budget: int, dtype: torch.dtype, quantize_to: str | None,
+                  max_memory_gb: float | None) -> None:
+    if needed <= budget:
+        return
+    precision = quantize_to or str(dtype).removeprefix("torch.")
+    hint = {"float32": "try --dtype bfloat16 or --quantize int8", "int8": "try a smaller model"}.get(
+        precision, "try --quantize int8")
+    cap = f" (capped by max_memory_gb={max_memory_gb:g})" if max_memory_gb is not None else ""
+    raise MemoryError(f"{directory.name} needs {format_bytes(needed)} in {precision}, "
+                      f"{format_bytes(budget)} available{cap}; {hint}")
+
+
+def _auto_dtype(stored: dict[str, StoredTensor], device: torch.device, fp32_fits: bool) -> torch.dtype:
+    """On the CPU fp32 when it fits (bf16/fp16 matmuls are emulated and far slower there), else the stored
+    dtype; on an accelerator the stored dtype."""
+    if device.type == "cpu" and fp32_fits:
+        return torch.float32
+    kinds = [t.dtype for t in stored.values() if t.is_float]
+    most = max(set(kinds), key=kinds.count) if kinds else "F32"
+    return {"BF16": torch.bfloat16, "F16": torch.float16}.get(most, torch.float32)
+
+
+def _materialize(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Allocate a meta module's float parameters at `dtype` (routing biases and counters stay fp32)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_meta:
+                sub._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                                     requires_grad=p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.is_meta:
+                sub._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+
+
+def _read_into(names: list[str], expected: dict[str, torch.Tensor], stored: dict[str, StoredTensor]) -> None:
+    with torch.no_grad():
+        for name in names:
+            expected[name].copy_(stored[name].read())  # converts the dtype, moves the device
+
+
+def _quantize_streamed(t: StoredTensor) -> Int8Weight:
+    """An embedding / output head quantised in row chunks as it is read (never whole in float)."""
+    rows = t.shape[0]
+    chunks = [slice(a, min(a + EMBED_CHUNK_ROWS, rows)) for a in range(0, rows, EMBED_CHUNK_ROWS)]
+    return concat([quantize(t.read(part)) for part in chunks])
+
+
+def _reset_buffers(model: CausalLM, device: torch.device) -> None:
+    """Buffers that are not stored (RoPE frequencies, expert load counters) are computed."""
+    if isinstance(model, DenseModel):
+        model.model.inv_freq = rope_inv_freq(model.config).to(device)
+        return
+    inv_freq, factor = mla_rope_inv_freq(model.config)
+    model.model.rotary_emb.inv_freq = inv_freq.to(device)
+    model.model.rotary_emb.attention_factor = factor
+    for moe in model.moe_layers():
+        moe.load.zero_()
+        moe.last_load.zero_()
+
+
+def _relayer(name: str) -> str:
+    """The group a tensor loads with: its layer ("model.layers.3"), or "" for the embedding, norms, head."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else ""
+
+
+def load_pretrained(directory: str | Path, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None, max_memory_gb: float | None = None,
+                    quantize: str | None = None) -> CausalLM:
+    """Load a model directory (see the module docstring). dtype None / "auto": fp32 on the CPU, else the
+    checkpoint's. quantize="int8": int8 weights for inference (the model is then not trainable or savable)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory}/config.json not found: not a model directory")
+    if quantize not in (None, *QUANTIZE):
+        raise ValueError(f"unknown quantize={quantize!r}: {', '.join(QUANTIZE)} (or None)")
+    raw = json.loads((directory / "config.json").read_text())
+    device = torch.device(device or "cpu")
+    model = _build(directory, raw)
+    stored = checkpoint_tensors(directory)
+    if isinstance(model, Transformer):
+        _drop_missing_mtp(model, stored)
+    expected = _expected(model, stored, directory)
+    budget = _budget(device, max_memory_gb)
+    _allocate_big_tensors_apart()
+    target = _dtype(None if dtype == "auto" else dtype) or _auto_dtype(
+        stored, device, _bytes_needed(expected, torch.float32, quantize) <= budget)
+    _check_memory(directory, _bytes_needed(expected, target, quantize), budget, target, quantize, max_memory_gb)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    if quantize is None:
+        _materialize(model, device, target)
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        expected = _expected(model, stored, directory)  # the allocated tensors, by the same names
+        _reset_buffers(model, device)
+        model.prepare()  # fused layouts first, so every tensor is read straight into its final place
+        _read_into(list(expected), expected, stored)
+    else:
+        _load_quantized(model, stored, device, target, quantize)
+    model.generation_defaults, eos = read_generation_config(directory)
+    model.eos_token_ids = eos or model.eos_token_ids
+    _release_freed_memory()
+    return model.eval()
+
+
+def _load_quantized(model: CausalLM, stored: dict[str, StoredTensor], device: torch.device, dtype: torch.dtype,
+                    quantize_to: str) -> None:
+    names = [n for n in model.state_dict(keep_vars=True) if n in stored]
+    for i, layer in enumerate(model.model.layers):
+        _materialize(layer, device, dtype)
+        prefix = f"model.layers.{i}."
+        state = {prefix + k: v for k, v in layer.state_dict(keep_vars=True).items()}
+        _read_into([n for n in names if _relayer(n) == prefix[:-1]], state, stored)
+        with torch.no_grad():
+            free_parameters(layer, layer.prepare(quantize_to))
+    embed_w = _quantize_streamed(stored["model.embed_tokens.weight"])
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    head_w = embed_w if tied else _quantize_streamed(stored["lm_head.weight"])
+    rest = [n for n in names if _relayer(n) == "" and n not in ("lm_head.weight", "model.embed_tokens.weight")]
+    for n in rest:  # the final norm
+        _materialize(model.get_submodule(n.rpartition(".")[0]), device, dtype)
+    _read_into(rest, dict(model.state_dict(keep_vars=True)), stored)
+    _reset_buffers(model, device)
+    free_parameters(model, model.prepare_head(quantize_to, head_w, embed_w))
+    model.quantized = quantize_to
+
+
+def _drop_missing_mtp(model: Transformer, stored: dict[str, StoredTensor]) -> None:
+    """transformers' DeepseekV3ForCausalLM has no MTP modules and saves none while its config still says
+    num_nextn_predict_layers=1: build only the MTP layers the checkpoint really holds."""
+    cfg, n = model.config, model.config.num_hidden_layers
+    present = [k for k in range(cfg.num_nextn_predict_layers) if f"model.layers.{n + k}.eh_proj.weight" in stored]
+    if len(present) != cfg.num_nextn_predict_layers:
+        cfg.extra["num_nextn_predict_layers_in_config"] = cfg.num_nextn_predict_layers
+        cfg.num_nextn_predict_layers = len(present)
+        del model.model.layers[n + len(present):]

@@ -1,0 +1,246 @@
+"""Request -> engine, shared by the OpenAI and Anthropic routes: check the model, build SamplingParams,
+render the chat template (tools, thinking), build the constraint, count and admit the prompt.
+
+Thinking control goes through the chat template: `thinking` / `enable_thinking` reach it as variables, and
+seekling's template then ends the generation prompt in `<｜Assistant｜></think>` (DeepSeek-V3.1's). A template
+that opens `<think>` whatever it is told (the released R1-Distill ones) gets the block closed empty right
+after it, `<think>\\n\\n</think>\\n\\n`, the way Qwen3 turns thinking off: the model then answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+import jsonschema
+
+from seekling.engine.detok import THINK_END, prompt_opens_think
+from seekling.engine.sampling import SamplingParams, StructuredOutputsParams
+from seekling.serve.security import APIError, Settings
+from seekling.serve.tools import ToolFormat, ToolParser, json_constraint, tool_constraint, tool_format
+from seekling.serve.worker import EngineWorker, Ticket
+
+log = logging.getLogger("seekling.serve")
+
+# DeepSeek's mapping of requested effort to the effort its models use; "none" turns thinking off.
+EFFORT = {"minimal": "low", "low": "low", "medium": "high", "high": "high", "xhigh": "high", "max": "max"}
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def bad(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param)
+
+
+@dataclass
+class Context:
+    """What every route needs of the server."""
+
+    engine: Any
+    settings: Settings
+    worker: EngineWorker
+    model_name: str
+    metrics: Any
+    tokenizer: Any = field(init=False)
+    tool_format: ToolFormat = field(init=False)
+    tool_template: str = field(init=False)
+    sampling_defaults: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokenizer = self.engine.tokenizer
+        model_type = getattr(getattr(self.engine, "config", None), "model_type", None)
+        self.tool_format, self.tool_template = tool_format(self.tokenizer.chat_template, model_type)
+        # A request that leaves a sampling field out gets the checkpoint's recommendation (generation_config
+        # .json, e.g. temperature 0.6 / top_p 0.95 for the R1 models), as vLLM does; max_tokens stays ours.
+        defaults = getattr(self.engine, "generation_defaults", None) or {}
+        self.sampling_defaults = {k: v for k, v in defaults.items() if k in SAMPLING_DEFAULTS}
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def sampling(self, body, max_tokens: int | None, stop: list[str], logprobs: int | None = None,
+                 structured: StructuredOutputsParams | None = None) -> SamplingParams:
+        """The request's SamplingParams; the schema already bounded each field."""
+        kwargs = {**self.sampling_defaults, "n": getattr(body, "n", 1), "stop": stop,
+                  "max_tokens": max_tokens or self.settings.max_tokens_cap, "structured_outputs": structured}
+        for name in ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty"):
+            if getattr(body, name, None) is not None:
+                kwargs[name] = getattr(body, name)
+        if kwargs.get("top_k") == 0:
+            kwargs["top_k"] = -1
+        if logprobs is not None:
+            kwargs["logprobs"] = logprobs
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as e:  # the engine's own checks
+            raise bad(str(e)) from e
+
+    def count_prompt(self, prompt_ids: list[int], param: str = "messages") -> int:
+        if len(prompt_ids) > self.settings.max_prompt_tokens:
+            raise bad(f"The prompt is {len(prompt_ids)} tokens, over the limit of {self.settings.max_prompt_tokens}.",
+                      param)
+        return len(prompt_ids)
+
+    def admit(self, prompt, params: SamplingParams, prompt_tokens: int) -> Ticket:
+        try:
+            ticket = self.worker.submit(prompt, params, params.n)
+        except ValueError as e:  # the engine refused the request (e.g. longer than the model's context)
+            raise bad(str(e)) from e
+        if ticket is None:
+            raise APIError(429, "The server is busy: the request queue is full. Retry shortly.", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"})
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        return ticket
+
+    def log_exchange(self, kind: str, prompt, outputs: list[str]) -> None:
+        if self.settings.log_requests:  # prompts and outputs are private unless asked for
+            log.info("%s prompt=%r outputs=%r", kind, prompt, outputs)
+
+
+# ---------------------------------------------------------------------------------------------- chat
+
+
+@dataclass
+class ChatOptions:
+    tools: list[dict] | None = None  # OpenAI tool definitions
+    tool_choice: str | dict = "auto"  # none | auto | required | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
+    thinking: bool | None = None  # None: the template's default (on, for seekling's and R1's)
+    reasoning_effort: str | None = None
+    response_schema: dict | None = None  # response_format json_schema
+    json_object: bool = False  # response_format json_object
+
+
+@dataclass
+class Prepared:
+    prompt: str
+    prompt_ids: list[int]
+    parser: ToolFormat | None  # parse tool calls out of the answer, in this format
+    parallel: bool
+    structured: StructuredOutputsParams | None
+
+    def new_parser(self) -> ToolParser | None:
+        return self.parser.parser(self.parallel) if self.parser else None
+
+
+def check_tools(tools: list[dict]) -> None:
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise bad("Tool names must be unique.", "tools")
+    for i, t in enumerate(tools):
+        check_schema(t["function"].get("parameters"), f"tools.{i}.function.parameters")
+
+
+def check_schema(schema: dict | None, param: str) -> None:
+    if schema is None:
+        return
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise bad(f"{param} is not a valid JSON Schema: {e.message}", param) from e
+
+
+def prepare_chat(ctx: Context, messages: list[dict], opts: ChatOptions) -> Prepared:
+    """Render the prompt and build the tool parser and constraint for one chat request."""
+    tools, choice = opts.tools or None, opts.tool_choice
+    if tools:
+        check_tools(tools)
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if (named or choice == "required") and not tools:
+        raise bad("tool_choice needs tools.", "tool_choice")
+    if named and named not in {t["function"]["name"] for t in tools}:
+        raise bad(f"tool_choice names '{named}', which is not in tools.", "tool_choice")
+    if (opts.response_schema is not None or opts.json_object) and (named or choice == "required"):
+        raise bad("response_format json and a required tool call cannot both hold.", "response_format")
+    check_schema(opts.response_schema, "response_format.json_schema.schema")
+    use_tools = bool(tools) and choice != "none"
+    tool_history = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+    variables: dict[str, Any] = {}
+    thinking = False if opts.reasoning_effort == "none" else opts.thinking
+    if thinking is not None:
+        variables.update(thinking=thinking, enable_thinking=thinking)
+    if opts.reasoning_effort in EFFORT:
+        variables["reasoning_effort"] = EFFORT[opts.reasoning_effort]
+    template = ctx.tool_template if (use_tools or tool_history) else None
+    try:
+        prompt = ctx.tokenizer.apply_chat_template(messages, True, tools=tools if use_tools else None,
+                                                   chat_template=template, **variables)
+    except jinja2.TemplateError as e:  # the template refused the conversation (e.g. an unknown role)
+        raise bad(f"The chat template cannot render these messages: {e}", "messages") from e
+    if thinking is False and prompt_opens_think(prompt):  # a template that always opens <think>
+        prompt += "\n" + THINK_END + "\n\n"
+    reasoning = prompt_opens_think(prompt)
+    structured = None
+    if named:
+        structured = tool_constraint(ctx.tool_format, [t for t in tools if t["function"]["name"] == named],
+                                     False, reasoning)
+    elif choice == "required":
+        structured = tool_constraint(ctx.tool_format, tools, opts.parallel_tool_calls, reasoning)
+    elif opts.response_schema is not None or opts.json_object:
+        structured = json_constraint(opts.response_schema, reasoning)
+    parallel = opts.parallel_tool_calls and not named
+    return Prepared(prompt, ctx.tokenizer.encode(prompt), ctx.tool_format if use_tools else None, parallel,
+                    structured)
+
+
+def text_of(content) -> str:
+    """A message's text: a string, or the text of its parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(p.text for p in content)
+
+
+def arguments_value(text: str) -> Any:
+    """Tool-call arguments for the template: the object when the text is one (templates such as Qwen's
+    render `arguments | tojson`), else the text as it is."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+def openai_messages(messages) -> list[dict]:
+    """OpenAI chat messages -> template messages, with the rules a schema cannot state."""
+    out, open_calls = [], set()
+    for i, m in enumerate(messages):
+        role = "system" if m.role == "developer" else m.role
+        msg: dict[str, Any] = {"role": role, "content": text_of(m.content)}
+        if role == "assistant":
+            if m.reasoning_content:
+                msg["reasoning_content"] = m.reasoning_content
+            if m.tool_calls:
+                msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.function.name, "arguments": arguments_value(c.function.arguments)}}
+                    for c in m.tool_calls]
+            open_calls = {c.id for c in m.tool_calls or ()}
+        elif role == "tool":
+            if m.tool_call_id not in open_calls:
+                raise bad(f"messages[{i}].tool_call_id '{m.tool_call_id}' answers no tool call of the assistant "
+                          "message before it.", f"messages.{i}.tool_call_id")
+            msg["tool_call_id"] = m.tool_call_id
+        else:  # a user or system message closes the tool loop
+            open_calls = set()
+        out.append(msg)
+    if out[-1]["role"] == "assistant":
+        raise bad("The last message must be from the user, the system or a tool.", "messages")
+    return out
+
+
+def usage(prompt_tokens: int, samples: dict) -> dict:
+    """OpenAI's usage, with DeepSeek's prompt-cache fields beside OpenAI's cached_tokens."""
+    completion = sum(s.tokens for s in samples.values())
+    cached = samples[0].cached_tokens if samples else 0
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": sum(s.reasoning_tokens for s in samples.values())},
+        "prompt_cache_hit_tokens": cached,
+        "prompt_cache_miss_tokens": prompt_tokens - cached,
+    }

@@ -1,0 +1,148 @@
+"""int8 weights and seekling's CPU kernels (seekling/model/quant.py, kernels.cpp): the kernels against the
+torch reference, the error bound that follows from the quantisation, batch invariance, and what a
+quantised model holds in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekling.config import preset
+from seekling.engine import Engine, SamplingParams
+from seekling.model import Transformer
+from seekling.model.load import load_pretrained
+from seekling.model.quant import QBLOCK, TILE, Int8Weight, concat, int8_reference, linear, load_kernels, quantize
+
+SHAPES = [(1, 48, 64), (1, 37, 70), (3, 50, 24), (4, 64, 96), (5, 64, 1000), (9, 33, 96)]  # (M, O, K)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    if not load_kernels():
+        pytest.skip("seekling's CPU kernels could not be built here (no C++ compiler?)")
+
+
+@pytest.mark.parametrize("M,O,K", SHAPES)
+def test_kernels_equal_the_torch_reference(M, O, K):
+    torch.manual_seed(M * O + K)
+    w, x = torch.randn(O, K), torch.randn(M, K) * torch.rand(M, 1) * 3
+    torch.testing.assert_close(torch.ops.seekling.f32_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-5)
+    q = quantize(w)
+    assert q.q.shape == (-(-O // TILE), -(-K // QBLOCK), TILE, QBLOCK) and q.q.dtype == torch.int8
+    assert torch.equal(q.unpacked().float() * q.scale[:, None], q.dequantize()) and q.shape == (O, K)
+    ref = int8_reference(x, q)
+    # the same integer products; only the order of the fp32 block sums differs
+    torch.testing.assert_close(torch.ops.seekling.int8_linear(x, q.q, q.scale), ref, atol=1e-4, rtol=1e-4)
+
+
+def _int8_error_bound(x: torch.Tensor, w: torch.Tensor, q: Int8Weight) -> torch.Tensor:
+    """Worst case |int8(x) - x @ w^T| per output: W x - Wq xq = (W - Wq) x + Wq (x - xq), where each weight is
+    off by at most half its row's step and each activation by at most half its block's step."""
+    k = w.shape[1]
+    blocks = torch.nn.functional.pad(x, (0, -k % QBLOCK)).view(x.shape[0], -1, QBLOCK)
+    x_step = (blocks.abs().amax(-1, keepdim=True) / 127).expand_as(blocks).reshape(x.shape[0], -1)[:, :k]
+    deq = q.dequantize()
+    return x.abs() @ (q.scale[:, None] / 2).expand_as(w).T + (x_step / 2) @ deq.abs().T + 1e-5
+
+
+@pytest.mark.parametrize("M,O,K", SHAPES)
+def test_int8_error_bound(M, O, K):
+    torch.manual_seed(K)
+    w, x = torch.randn(O, K), torch.randn(M, K) + 0.5 * torch.randn(M, 1)
+    q = quantize(w)
+    assert (q.dequantize() - w).abs().max() <= q.scale.max() / 2 + 1e-6
+    y, ref = linear(x, q), x @ w.T
+    assert ((y - ref).abs() <= _int8_error_bound(x, w, q)).all()
+    assert (y - ref).abs().max() < 0.03 * ref.abs().max()  # typical error ~1% of the largest output
+
+
+def test_int8_rows_are_batch_invariant():
+    """Each row of x is quantised on its own (per block of 32): a row's result is bitwise the same alone
+    and in any company, so prefill rows equal decode rows and continuous batching changes nothing."""
+    torch.manual_seed(1)
+    q = quantize(torch.randn(96, 256))
+    x = torch.randn(12, 256) * torch.rand(12, 1) * 4 + torch.randn(12, 1)
+    full = linear(x, q)
+    for seed in range(8):
+        others = torch.randn(7, 256, generator=torch.Generator().manual_seed(seed)) * (seed + 1)
+        assert torch.equal(linear(torch.cat([others[:seed % 7], x[3:4], others]), q)[seed % 7], full[3])
+    assert torch.equal(torch.cat([linear(row[None], q) for row in x]), full)
+    assert linear(x[None, :4].expand(2, 4, 256), q).shape == (2, 4, 96)  # leading dims are kept
+
+
+def test_embedding_rows_stacked_views_and_chunks():
+    torch.manual_seed(2)
+    w = torch.randn(6, 38, 24)  # six stacked experts, 38 rows: the last tile of each is padded
+    stacked = quantize(w)
+    flat = [quantize(w[e]) for e in range(6)]
+    assert torch.equal(stacked[4].dequantize(), flat[4].dequantize())
+    assert stacked[4].q.data_ptr() == stacked.q[4].data_ptr()  # a view, not a copy
+    ids = torch.tensor([[3, 0], [37, 3]])
+    torch.testing.assert_close(flat[2].rows(ids), flat[2].dequantize()[ids])
+    whole = quantize(w[0, :36])  # quantised in chunks of whole tiles (the streaming loader's embedding)
+    assert torch.equal(concat([quantize(w[0, :16]), quantize(w[0, 16:36])]).q, whole.q)
+
+
+def tiny_moe(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = preset("tiny", vocab_size=256, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                 moe_intermediate_size=32, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+                 qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=256, q_lora_rank=32)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # O(1) activations: the default init's near-zero logits would hide errors
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.2 if "embed" not in name else 1.0)
+    return model
+
+
+def test_int8_deepseek_model_tracks_fp32_and_frees_its_float_weights(tmp_path):
+    """The MoE model in int8 (streamed from its checkpoint): what it holds, and its greedy tokens against
+    fp32, teacher-forced on fp32's own greedy continuation."""
+    model = tiny_moe()
+    model.save_pretrained(tmp_path)
+    prompts = [torch.randint(2, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 20)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    fp32 = Engine(tmp_path, max_num_seqs=2).generate(prompts, params)
+    int8 = Engine(tmp_path, quantize="int8", max_num_seqs=2)
+    m = int8.model
+    float_left = [n for n, p in m.named_parameters() if not p.is_meta and p.dim() == 2]
+    kept = ("self_attn.kv_b_proj.weight", "mlp.gate.weight")  # read by per-head einsums / routers: float
+    assert float_left == [f"model.layers.{i}.{k}" for i in range(3) for k in kept if not (i == 0 and k == kept[1])]
+    held = sum(t.numel() * t.element_size() for t in m.state_dict().values() if not t.is_meta)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for mod in m.modules()
+                for w in vars(mod).values() if isinstance(w, Int8Weight) for t in (w.q, w.scale)}
+    int8_bytes = sum(storages.values())  # each storage once (an expert's weights are views of its layer's stack)
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert held + int8_bytes < 0.4 * fp32_bytes  # ~1 byte a weight (+ the float leftovers of a tiny model)
+    # in-memory quantisation gives the same weights as the streamed load
+    same = Engine(tiny_moe(), quantize="int8").model
+    assert torch.equal(same.model.layers[1].mlp.w13.q, m.model.layers[1].mlp.w13.q)
+    got = int8.generate(prompts, params)
+    seqs = [o.prompt_token_ids + o.outputs[0].token_ids for o in fp32]
+    agree = []
+    for s, p in zip(seqs, prompts, strict=True):
+        with torch.inference_mode():
+            teacher = Engine(m, max_num_seqs=1).generate([s[:k] for k in range(len(p), len(s))],
+                                                         SamplingParams(temperature=0, max_tokens=1))
+        agree += [t.token_ids[0] == s[k] for t, k in zip(teacher, range(len(p), len(s)), strict=True)]
+    assert sum(agree) / len(agree) >= 0.85
+    assert all(g.outputs[0].token_ids[:3] == f.outputs[0].token_ids[:3] for g, f in zip(got, fp32, strict=True))
+    with pytest.raises(ValueError, match="quantised to int8 for inference"):
+        m.save_pretrained(tmp_path / "again")
+
+
+def test_int8_dense_load_is_streamed_and_holds_one_copy(tmp_path):
+    """A tied Qwen2: the embedding and the output head are one int8 tensor, quantised in row chunks."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=200, tie_word_embeddings=True)
+    ref = transformers.Qwen2ForCausalLM(cfg)
+    ref.save_pretrained(tmp_path)
+    m = load_pretrained(tmp_path, quantize="int8")
+    assert m.quantized == "int8" and m.embed_w is m.head_w and isinstance(m.head_w, Int8Weight)
+    assert all(p.is_meta for n, p in m.named_parameters() if n.endswith("proj.weight") or "embed" in n)
+    torch.testing.assert_close(m.head_w.dequantize(), ref.model.embed_tokens.weight, atol=m.head_w.scale.max().item(),
+                               rtol=0)
+    with pytest.raises(ValueError, match="already quantised to int8"):
+        m.prepare("int4")
