@@ -12,6 +12,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
 from seekling.atomic import write_text
 from seekling.tasks import TASKS, Problem, extract_answer, sample_problems
 
@@ -78,10 +80,25 @@ def evaluate(engine: Any, problems: list[Problem], k: int = 4, max_tokens: int =
             str(lv): _summary([rows[i] for i in idx if problems[i].difficulty == lv])
             for lv in sorted({problems[i].difficulty for i in idx})}
         result["by_task"][task] = entry
+    # per problem, for intervals over problems and seeds (seekling.stats); "cell" is "task/level"
+    result["scores"] = {"cell": [f"{p.task}/{p.difficulty}" for p in problems],
+                        **{k: [r[k] for r in rows] for k in (rows[0] if rows else {})}}
     if lengths:
         result["mean_greedy_tokens"] = sum(lengths) / len(lengths)
     result["eval_time_s"] = round(time.time() - t0, 1)
     return result
+
+
+def score_table(results: list[dict[str, Any]], metric: str, cells: set[str] | None = None) -> np.ndarray:
+    """[seeds, problems] table of one metric from `evaluate` results on the same problems (one result per
+    seed), restricted to the given "task/level" cells (all when None): the input of seekling.stats.interval."""
+    rows = []
+    for r in results:
+        s = r["scores"]
+        if s["cell"] != results[0]["scores"]["cell"]:
+            raise ValueError("score_table needs every seed evaluated on the same problems")
+        rows.append([v for c, v in zip(s["cell"], s[metric], strict=True) if cells is None or c in cells])
+    return np.array(rows, dtype=np.float64)
 
 
 def _completion(output: Any) -> str:
@@ -89,22 +106,30 @@ def _completion(output: Any) -> str:
     return f"{output.reasoning}</think>{output.text}" if output.reasoning else output.text
 
 
-def format_table(results: dict[str, dict[str, Any]], metric: str = "greedy") -> str:
-    """A markdown table: rows = task/level, columns = stages (base, sft, ...)."""
+def format_table(results: dict[str, dict[str, Any]], metric: str = "greedy",
+                 intervals: dict[str, dict[str, Any]] | None = None) -> str:
+    """A markdown table: rows = task/level, columns = stages (base, sft, ...). With `intervals` (per stage,
+    as speedrun's results["intervals"]["stages"]), each cell is the mean over seeds with its 95% interval."""
     stages = [s for s in results if results[s]]
     header = "| task | level | " + " | ".join(stages) + " |\n|---|---|" + "---|" * len(stages) + "\n"
+
+    def cell(stage: str, task: str | None, lv: str | None) -> str:
+        ci = (intervals or {}).get(stage, {})
+        ci = ci.get(metric) if task is None else ci.get("by_cell", {}).get(f"{task}/{lv}", {}).get(metric)
+        if ci is not None:
+            return f"{100 * ci['mean']:.0f}% [{100 * ci['lo']:.0f}, {100 * ci['hi']:.0f}]"
+        r = results[stage]
+        v = r.get(metric) if task is None else r["by_task"].get(task, {}).get("by_level", {}).get(lv, {}).get(metric)
+        return "" if v is None else f"{100 * v:.0f}%"
+
     lines = []
     tasks = sorted({t for s in stages for t in results[s].get("by_task", {})})
     for task in tasks:
         levels = sorted({lv for s in stages for lv in results[s]["by_task"].get(task, {}).get("by_level", {})})
         for lv in levels:
-            cells = []
-            for s in stages:
-                v = results[s]["by_task"].get(task, {}).get("by_level", {}).get(lv, {}).get(metric)
-                cells.append("" if v is None else f"{100 * v:.0f}%")
-            lines.append(f"| {task} | {lv} | " + " | ".join(cells) + " |")
-    overall = [f"**{100 * results[s][metric]:.0f}%**" if metric in results[s] else "" for s in stages]
-    lines.append("| **all** | | " + " | ".join(overall) + " |")
+            lines.append(f"| {task} | {lv} | " + " | ".join(cell(s, task, lv) for s in stages) + " |")
+    overall = [cell(s, None, None) for s in stages]
+    lines.append("| **all** | | " + " | ".join(f"**{c}**" if c else "" for c in overall) + " |")
     return header + "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from seekling.atomic import write_text
+from seekling.eval import format_table, score_table
+from seekling.stats import fmt, interval
 
 STAGE_ORDER = ("base", "sft", "sft_control", "rl")
 
@@ -109,6 +113,7 @@ def _plot_accuracy(results: dict[str, Any], plots: Path, plt: Any) -> list[str]:
     if not stages:
         return []
     tasks = sorted(results["stages"][stages[0]]["by_task"])
+    by_cell = {s: v.get("by_cell", {}) for s, v in results.get("intervals", {}).get("stages", {}).items()}
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         levels = sorted(results["stages"][stages[0]]["by_task"][task]["by_level"])
@@ -116,7 +121,12 @@ def _plot_accuracy(results: dict[str, Any], plots: Path, plt: Any) -> list[str]:
         for i, stage in enumerate(stages):
             by_level = results["stages"][stage]["by_task"].get(task, {}).get("by_level", {})
             vals = [by_level.get(lv, {}).get("pass@1", by_level.get(lv, {}).get("greedy", 0)) for lv in levels]
-            ax.bar([j + i * width for j in range(len(levels))], vals, width, label=stage)
+            cis = [by_cell.get(stage, {}).get(f"{task}/{lv}", {}).get("pass@1") for lv in levels]
+            yerr = None
+            if all(cis):  # the mean over seeds, with its 95% interval
+                vals = [c["mean"] for c in cis]
+                yerr = [[c["mean"] - c["lo"] for c in cis], [c["hi"] - c["mean"] for c in cis]]
+            ax.bar([j + i * width for j in range(len(levels))], vals, width, yerr=yerr, capsize=2, label=stage)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], [f"level {lv}" for lv in levels])
         ax.set_ylim(0, 1)
         ax.set_title(task)
@@ -134,14 +144,16 @@ def write_report(run: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from seekling.eval import format_table
-
     run = Path(run)
     results = json.loads((run / "results.json").read_text())
     plots = run / "plots"
     plots.mkdir(exist_ok=True)
+    intervals = results.get("intervals") or run_intervals(results)
     made = _plot_accuracy(results, plots, plt) + _plot_training(run, plots, plt)
     made += _plot_rl(run, plots, plt, "rl", "GRPO (R1 recipe)") + _plot_rl(run, plots, plt, "r1_zero", "R1-Zero")
+    curves = r1_zero_curves(run, results)
+    if curves:
+        made += _plot_r1_zero_seeds(curves, plots, plt)
 
     stages = {s: results["stages"][s] for s in STAGE_ORDER if s in results.get("stages", {})}
     lines = [f"# seekling speedrun report — preset `{results.get('preset')}`", ""]
@@ -155,27 +167,97 @@ def write_report(run: str | Path) -> Path:
         lines.append(f"Model: {pre.get('params', 0) / 1e6:.2f}M parameters; pretraining saw "
                      f"{pre.get('tokens', 0):,} tokens in {pre.get('step', 0)} steps; vocabulary "
                      f"{data.get('vocab_size')} tokens; corpus {data.get('pretrain_tokens', 0):,} tokens.")
+    lines.append(_steps_line(results))
     lines.append("")
+    by_stage = intervals.get("stages") or None
     if stages:
+        n_seeds = intervals.get("seeds", 1)
         lines += ["## Held-out accuracy", "",
                   "Problems from the test split (disjoint from training by construction). "
-                  "`greedy`: temperature 0; `pass@1`: mean over k samples at T=0.6, top-p 0.95.", ""]
+                  "`greedy`: temperature 0; `pass@1`: mean over k samples at T=0.6, top-p 0.95. "
+                  + (f"Each figure: the mean over {n_seeds} seed(s) (SFT, RL and the control replicated from the "
+                     "one base) with its 95% interval [low, high] from a two-level bootstrap over seeds and "
+                     "problems (seekling/stats.py)." if by_stage else ""), ""]
         summary = "| stage | greedy | pass@1 | maj@k | pass@k |\n|---|---|---|---|---|\n"
         for s, v in stages.items():
-            maj = next((v[k] for k in v if k.startswith("maj@")), None)
-            pk = next((v[k] for k in v if k.startswith("pass@") and k != "pass@1"), None)
-            cells = [v.get("greedy"), v.get("pass@1"), maj, pk]
-            summary += f"| {s} | " + " | ".join("" if c is None else f"{100 * c:.1f}%" for c in cells) + " |\n"
-        lines += [summary, "### pass@1 by task and level", "", format_table(stages, "pass@1"),
-                  "### greedy by task and level", "", format_table(stages, "greedy")]
+            maj = next((k for k in v if k.startswith("maj@")), None)
+            pk = next((k for k in v if k.startswith("pass@") and k != "pass@1"), None)
+            cells = [_fmt_metric(v, (by_stage or {}).get(s, {}), m) for m in ("greedy", "pass@1", maj, pk)]
+            summary += f"| {s} | " + " | ".join(cells) + " |\n"
+        lines += [summary, "### pass@1 by task and level", "", format_table(stages, "pass@1", by_stage),
+                  "### greedy by task and level", "", format_table(stages, "greedy", by_stage)]
         cells = [tuple(c) for c in results.get("rl", {}).get("cells") or []]
-        if "rl" in stages and "sft" in stages:
+        if intervals.get("rl_cells"):
+            lines.append(_rl_verdict_intervals(intervals, cells))
+        elif "rl" in stages and "sft" in stages:
             lines.append(_rl_verdict(results.get("rl_cells_eval") or stages, cells))
+    if curves:
+        lines.append(_r1_zero_text(curves))
     lines += ["## Plots", ""] + [f"![{m}](plots/{m})" for m in made] + [""]
     path = run / "report.md"
     write_text(path, "\n".join(lines))
     print(f"report: {path}")
     return path
+
+
+def run_intervals(results: dict[str, Any]) -> dict[str, Any]:
+    """Means with 95% intervals over the seeds that finished and the held-out problems (seekling.stats):
+    per stage (greedy, pass@1) and per task/level cell, and on the RL cells per stage, per cell and for
+    RL's differences to SFT, the equal-time control and the base (paired by problem and seed)."""
+    seeds = [results] + [results["replicates"][k] for k in sorted(results.get("replicates", {}), key=int)]
+    seeds = [s for s in seeds if "rl_cells_eval" in s or "sft_control" in s.get("stages", {})]
+
+    def tables(key: str, stage: str, metric: str, cells: set[str] | None = None):
+        evals = [s[key][stage] for s in seeds if stage in s.get(key, {})]
+        if stage == "base" and key == "stages":
+            evals = [results["stages"]["base"]]  # one base for all seeds
+        if not evals or any("scores" not in e for e in evals):
+            return None
+        return score_table(evals, metric, cells)
+
+    out: dict[str, Any] = {"seeds": len(seeds), "stages": {}, "rl_cells": {}}
+    for stage in ("base", "sft", "sft_control", "rl"):
+        if tables("stages", stage, "pass@1") is None:
+            continue
+        metrics = [m for m in results["stages"][stage]["scores"] if m != "cell"]  # greedy, pass@1, maj@k, pass@k
+        entry = out["stages"][stage] = {m: interval(tables("stages", stage, m)) for m in metrics}
+        cells = sorted(set(results["stages"][stage]["scores"]["cell"]))
+        entry["by_cell"] = {c: {m: interval(tables("stages", stage, m, {c})) for m in ("greedy", "pass@1")}
+                            for c in cells}
+    rl_seeds = [s for s in seeds if "rl_cells_eval" in s]
+    if rl_seeds and "scores" in rl_seeds[0]["rl_cells_eval"]["rl"]:
+        evals = {stage: [s["rl_cells_eval"][stage] for s in rl_seeds] for stage in ("base", "sft", "sft_control", "rl")}
+        evals["base"] = evals["base"][:1]  # the shared base: one row, broadcast against the seeds
+        cells = sorted(set(evals["rl"][0]["scores"]["cell"]))
+        rl_out = out["rl_cells"]
+        for metric in ("pass@1", "greedy"):
+            t = {stage: score_table(e, metric) for stage, e in evals.items()}
+            rl_out[metric] = {stage: interval(v) for stage, v in t.items()}
+            rl_out[metric].update({f"rl-{other}": interval(t["rl"] - t[other]) for other in ("sft", "sft_control",
+                                                                                              "base")})
+        rl_out["by_cell"] = {c: {stage: interval(score_table(e, "pass@1", {c})) for stage, e in evals.items()}
+                             for c in cells}
+    return out
+
+
+def _fmt_metric(result: dict[str, Any], cis: dict[str, Any], metric: str | None) -> str:
+    if metric is None or metric not in result:
+        return ""
+    if metric in cis:
+        return fmt(cis[metric])
+    return f"{100 * result[metric]:.1f}%"
+
+
+def _steps_line(results: dict[str, Any]) -> str:
+    """How many steps each post-pretraining stage trained, per seed (replicates copy seed 0's counts)."""
+    seeds = {"0": results, **results.get("replicates", {})}
+    parts = []
+    for key, r in seeds.items():
+        steps = [f"{name} {r[name].get('step', r[name].get('steps'))}" for name in ("sft", "rl", "sft_control")
+                 if name in r]
+        if steps:
+            parts.append(f"seed {key}: " + ", ".join(steps))
+    return ("Steps: " + "; ".join(parts) + ".") if parts else ""
 
 
 def rl_target_accuracy(stage_result: dict[str, Any], cells: list[tuple[str, int]],
@@ -191,7 +273,8 @@ def rl_target_accuracy(stage_result: dict[str, Any], cells: list[tuple[str, int]
 
 
 def _rl_verdict(stages: dict[str, Any], cells: list[tuple[str, int]]) -> str:
-    """RL's gain over SFT and over the equal-time SFT control, on the RL target cells."""
+    """RL's gain over SFT and over the equal-time SFT control, on the RL target cells (a run without
+    per-problem scores, from before intervals: means only)."""
     parts = {s: rl_target_accuracy(stages[s], cells) for s in ("base", "sft", "sft_control", "rl") if s in stages}
     greedy = {s: rl_target_accuracy(stages[s], cells, "greedy") for s in parts}
     where = ", ".join(f"{t} {lv}" for t, lv in cells)
@@ -207,3 +290,71 @@ def _rl_verdict(stages: dict[str, Any], cells: list[tuple[str, int]]) -> str:
             text += f"; RL − base: {100 * (parts['rl'] - parts['base']):+.1f} points"
         text += ".\n"
     return text
+
+
+def _rl_verdict_intervals(intervals: dict[str, Any], cells: list[tuple[str, int]]) -> str:
+    """The RL verdict with 95% intervals over seeds and problems: per stage, per cell, and RL's paired
+    differences to SFT, the equal-time control and the base."""
+    rl = intervals["rl_cells"]
+    p1, gr = rl["pass@1"], rl["greedy"]
+    where = ", ".join(f"{t} {lv}" for t, lv in cells)
+    text = (f"### RL on its target cells ({where}; {p1['rl']['problems']} held-out problems, "
+            f"{p1['rl']['seeds']} seed(s))\n\n")
+    by_cell = rl["by_cell"]
+    text += "| stage | pass@1 on the RL cells | greedy | " + " | ".join(by_cell) + " |\n"
+    text += "|---|---|---|" + "---|" * len(by_cell) + "\n"
+    for s in ("base", "sft", "sft_control", "rl"):
+        text += f"| {s} | {fmt(p1[s])} | {fmt(gr[s])} | " + " | ".join(fmt(by_cell[c][s]) for c in by_cell) + " |\n"
+    text += (f"\nRL − SFT: **{fmt(p1['rl-sft'], signed=True)} points**; RL − SFT control (same wall time): "
+             f"**{fmt(p1['rl-sft_control'], signed=True)} points**; RL − base: "
+             f"{fmt(p1['rl-base'], signed=True)} points (pass@1; means over seeds with 95% intervals, paired by "
+             "problem and seed).\n")
+    return text
+
+
+# --- R1-Zero curves over seeds --------------------------------------------------------------------------
+R1_ZERO_WINDOW = 10  # RL steps per point of the R1-Zero curves
+
+
+def r1_zero_curves(run: Path, results: dict[str, Any]) -> dict[str, Any] | None:
+    """Rollout accuracy and response length of the R1-Zero runs, in windows of R1_ZERO_WINDOW steps, as
+    means with 95% intervals over seeds and the steps of the window; and the change from the first window to
+    the last (does it rise?). None without an R1-Zero run."""
+    dirs = [run] + [run / f"seed{k}" for k in sorted(results.get("replicates", {}), key=int)]
+    logs = [rows for rows in (_jsonl(d / "train_state" / "r1_zero" / "rl_log.jsonl") for d in dirs) if rows]
+    if not logs:
+        return None
+    n = min(len(rows) for rows in logs) // R1_ZERO_WINDOW * R1_ZERO_WINDOW
+    if n < 2 * R1_ZERO_WINDOW:
+        return None
+    out: dict[str, Any] = {"seeds": len(logs), "steps": n, "window": R1_ZERO_WINDOW}
+    for key in ("accuracy", "len_mean"):
+        table = np.array([[r.get(key, 0.0) for r in rows[:n]] for rows in logs])  # [seeds, steps]
+        windows = table.reshape(len(logs), -1, R1_ZERO_WINDOW)
+        out[key] = [interval(windows[:, w]) for w in range(windows.shape[1])]
+        out[f"{key}_change"] = interval(windows[:, -1] - windows[:, 0])  # paired by position in the window
+    return out
+
+
+def _plot_r1_zero_seeds(curves: dict[str, Any], plots: Path, plt: Any) -> list[str]:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, title in ((axes[0], "accuracy", "rollout accuracy"), (axes[1], "len_mean", "response length")):
+        x = [(i + 0.5) * curves["window"] for i in range(len(curves[key]))]
+        ax.plot(x, [c["mean"] for c in curves[key]], "o-")
+        ax.fill_between(x, [c["lo"] for c in curves[key]], [c["hi"] for c in curves[key]], alpha=0.3)
+        ax.set_title(f"R1-Zero {title} ({curves['seeds']} seed(s), 95% interval)")
+        ax.set_xlabel("RL step")
+    fig.tight_layout()
+    fig.savefig(plots / "r1_zero_seeds.png", dpi=110)
+    plt.close(fig)
+    return ["r1_zero_seeds.png"]
+
+
+def _r1_zero_text(curves: dict[str, Any]) -> str:
+    acc, length = curves["accuracy"], curves["len_mean"]
+    w = curves["window"]
+    return (f"### R1-Zero over {curves['steps']} steps ({curves['seeds']} seed(s))\n\n"
+            f"Rollout accuracy, steps 1–{w}: {fmt(acc[0])}; the last {w} steps: {fmt(acc[-1])}; change "
+            f"{fmt(curves['accuracy_change'], signed=True)} points. Response length: {length[0]['mean']:.0f} → "
+            f"{length[-1]['mean']:.0f} tokens (change {curves['len_mean_change']['mean']:+.1f} "
+            f"[{curves['len_mean_change']['lo']:+.1f}, {curves['len_mean_change']['hi']:+.1f}]).\n")

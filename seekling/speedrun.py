@@ -8,6 +8,12 @@ Every stage writes its model directory and records itself in results.json; a re-
 stages already done and resumes an interrupted one (the trainers checkpoint as they go), so
 Ctrl-C costs at most a few steps.
 
+`--seeds N` replicates everything after pretraining (SFT, RL, the control, the evals) on N seeds from the
+one base: seed 0 in the run directory as always, seed s in `seed<s>/`. The replicates train the step
+counts seed 0's time budgets gave, on seed 0's RL cells, so they differ from it by the seed alone (not by
+how loaded the machine was); results.json's "intervals" and the report give each figure as a mean with a
+95% interval over seeds and problems (seekling.stats).
+
 The recipe (sizes, budgets, levels) is chosen by measurement — docs/log.md has the runs.
 """
 
@@ -27,6 +33,7 @@ import torch
 
 from seekling.atomic import write_text
 from seekling.config import preset as model_preset
+from seekling.report import run_intervals, write_report
 
 R1_ZERO_SHARE = 0.1  # share of pretraining documents written in the R1-Zero template (see pretrain_documents)
 
@@ -64,6 +71,14 @@ class Recipe:
     eval_k: int = 4  # samples for pass@1 at T=0.6
     max_new_tokens: int = 200
     threads: int = 0  # torch threads (0: leave torch's default)
+    # Step budgets: 0 lets the time budgets above decide (for seed 0), > 0 fixes the step count (a loaded
+    # machine then makes the stage slower, not different). Replicate seeds train seed 0's counts.
+    pretrain_steps: int = 0
+    sft_steps: int = 0
+    rl_steps: int = 0
+    control_steps: int = 0
+    r1_zero_steps: int = 0
+    seeds: int = 1  # replicates of everything after pretraining: seed 0 here, seed s in seed<s>/
 
 
 RECIPES: dict[str, Recipe] = {
@@ -76,6 +91,9 @@ RECIPES: dict[str, Recipe] = {
                     rl_val_n=0, rl_eval_n=4, r1_zero_s=0, eval_n=3, eval_k=2, max_new_tokens=48),
     # <= 30 minutes on 2 CPU cores.
     "default": Recipe(r1_zero_s=0.0),
+    # the default recipe at the step counts a quiet default run reaches (runs/speedrun7-8), so that a loaded
+    # or slower machine gives the same models, only later: for replicates and experiments (docs/science.md)
+    "default-steps": Recipe(pretrain_steps=1731, sft_steps=336, rl_steps=125, control_steps=428),
 }
 
 
@@ -139,6 +157,8 @@ class Speedrun:
         self.out = Path(out)
         self.recipe_name = recipe_name
         self.recipe = Recipe(**{**asdict(RECIPES[recipe_name]), **overrides})
+        if self.recipe.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.recipe.seeds}")
         self.results_path = self.out / "results.json"
         self.results: dict[str, Any] = (json.loads(self.results_path.read_text()) if self.results_path.exists()
                                         else {"preset": recipe_name, "stages": {}, "stage_time_s": {}})
@@ -162,6 +182,23 @@ class Speedrun:
         self.save_results()
         return value
 
+    # --- seeds: seed 0 is the run directory itself (the single-seed layout), seed s lives in seed<s>/ ---------
+    def seed_dir(self, seed: int) -> Path:
+        return self.out if seed == 0 else self.out / f"seed{seed}"
+
+    def seed_results(self, seed: int) -> dict[str, Any]:
+        if seed == 0:
+            return self.results
+        return self.results.setdefault("replicates", {}).setdefault(str(seed), {"stages": {}})
+
+    def steps_for(self, key: str, fixed: int, seed: int) -> int:
+        """The step budget of a stage: the recipe's fixed count, else (replicates) the steps seed 0 trained,
+        else 0 (seed 0 on its time budget)."""
+        if fixed or seed == 0:
+            return fixed
+        summary = self.results[key]
+        return summary.get("step", summary.get("steps"))
+
     # --- stages --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         r = self.recipe
@@ -171,22 +208,32 @@ class Speedrun:
         self.stage("tokenizer", self.make_tokenizer)
         self.stage("pretrain", self.pretrain)
         self.stage("eval_base", lambda: self.evaluate("base"))
-        self.stage("sft", self.sft)
-        self.stage("eval_sft", lambda: self.evaluate("sft"))
-        self.stage("rl", self.rl)
-        self.stage("sft_control", self.sft_control)
-        self.stage("eval_rl", lambda: self.evaluate("rl"))
-        self.stage("eval_sft_control", lambda: self.evaluate("sft_control"))
-        if r.rl_eval_n:
-            self.stage("eval_rl_cells", self.evaluate_rl_cells)
+        for seed in range(r.seeds):
+            self.run_seed(seed)
         # the main job's time (without R1-Zero), summed over stages so that resumed runs count right
         times = self.results["stage_time_s"]
-        self.results["wall_time_s"] = round(sum(v for k, v in times.items() if k != "r1_zero"), 1)
+        self.results["wall_time_s"] = round(sum(v for k, v in times.items() if not k.endswith("r1_zero")), 1)
+        self.results["intervals"] = run_intervals(self.results)  # results.json carries them (the contract)
         self.save_results()
-        if r.r1_zero_s > 0:
-            self.stage("r1_zero", self.r1_zero)
+        if r.r1_zero_s > 0 or r.r1_zero_steps:
+            for seed in range(r.seeds):
+                self.stage(self.stage_name("r1_zero", seed), lambda s=seed: self.r1_zero(s))
         self.report()  # always rewritten, so not a stage
         return self.results
+
+    @staticmethod
+    def stage_name(name: str, seed: int) -> str:
+        return name if seed == 0 else f"seed{seed}/{name}"
+
+    def run_seed(self, seed: int) -> None:
+        """SFT, RL, the equal-time control and their evals on one seed, from the shared base."""
+        for name, fn in (("sft", self.sft), ("eval_sft", lambda s: self.evaluate("sft", s)),
+                         ("rl", self.rl), ("sft_control", self.sft_control),
+                         ("eval_rl", lambda s: self.evaluate("rl", s)),
+                         ("eval_sft_control", lambda s: self.evaluate("sft_control", s)),
+                         ("eval_rl_cells", self.evaluate_rl_cells)):
+            if name != "eval_rl_cells" or self.recipe.rl_eval_n:
+                self.stage(self.stage_name(name, seed), lambda fn=fn: fn(seed))
 
     def make_tokenizer(self) -> None:
         from seekling.tokenizer import train_tokenizer
@@ -226,36 +273,42 @@ class Speedrun:
         data = PackedDataset(self.out / "data" / "pretrain", r.seq_len)
         loader = BatchLoader(data, r.batch_size, seed=0)
         held = [data.collate([data[len(data) - 1 - i] for i in range(b * 4, b * 4 + 4)]) for b in range(4)]
-        tc = TrainConfig(max_steps=100_000, time_budget_s=r.pretrain_s, lr=r.pretrain_lr, min_lr=r.pretrain_lr / 10,
-                         warmup_steps=30, schedule="wsd", eval_every=200, eval_batches=4, checkpoint_every=200,
-                         log_every=25)
+        tc = TrainConfig(max_steps=r.pretrain_steps or 100_000, lr=r.pretrain_lr, min_lr=r.pretrain_lr / 10,
+                         time_budget_s=None if r.pretrain_steps else r.pretrain_s, warmup_steps=30, schedule="wsd",
+                         eval_every=200, eval_batches=4, checkpoint_every=200, log_every=25)
         summary = train(model, loader, tc, self.out / "base", self.out / "train_state" / "base",
                         eval_batches=held, resume=True)
         stop_if_interrupted(summary)
         tok.save_pretrained(self.out / "base")
         self.results["pretrain"] = {**summary, "params": model.num_parameters()}
 
-    def sft(self) -> None:
-        self._sft(self.out / "base", self.out / "sft", self.recipe.sft_s, self.recipe.sft_lr, seed=1)
+    def sft(self, seed: int = 0) -> None:
+        r = self.recipe
+        self._sft(self.out / "base", "sft", r.sft_s, self.steps_for("sft", r.sft_steps, seed), r.sft_lr,
+                  seed=seed, data_seed=1 + 10 * seed)
 
-    def _sft(self, src: Path, dst: Path, budget_s: float, lr: float, seed: int, warmup: int = 20) -> dict:
+    def _sft(self, src: Path, name: str, budget_s: float, steps: int, lr: float, seed: int, data_seed: int,
+             warmup: int = 20) -> dict:
+        """SFT on the traces, `steps` steps (or, with steps 0, for budget_s seconds), into seed_dir/name."""
         from seekling.data import BatchLoader, SFTDataset
         from seekling.model.load import load_pretrained
         from seekling.train.trainer import TrainConfig, train
 
         r, tok = self.recipe, self.tokenizer()
-        samples = [tok.encode_sft(m) for m in sft_messages(r.sft_levels, r.sft_per_task_level, seed=seed,
+        samples = [tok.encode_sft(m) for m in sft_messages(r.sft_levels, r.sft_per_task_level, seed=data_seed,
                                                            tasks=self.sft_tasks())]
         data = SFTDataset(samples, r.seq_len, pad_id=tok.pad_token_id)
-        loader = BatchLoader(data, r.sft_batch_size, seed=seed)
+        loader = BatchLoader(data, r.sft_batch_size, seed=data_seed)
         model = load_pretrained(src)
         model.config.mtp_loss_weight = 0.3  # SFT trains the MTP module too (speculative decoding drafts with it)
-        tc = TrainConfig(max_steps=100_000, time_budget_s=budget_s, lr=lr, min_lr=lr / 20, warmup_steps=warmup,
-                         schedule="cosine", checkpoint_every=200, log_every=25, seed=seed)
-        summary = train(model, loader, tc, dst, self.out / "train_state" / dst.name, resume=True)
+        tc = TrainConfig(max_steps=steps or 100_000, time_budget_s=None if steps else budget_s, lr=lr,
+                         min_lr=lr / 20, warmup_steps=warmup, schedule="cosine", checkpoint_every=200, log_every=25,
+                         seed=data_seed)
+        dst = self.seed_dir(seed) / name
+        summary = train(model, loader, tc, dst, self.seed_dir(seed) / "train_state" / name, resume=True)
         stop_if_interrupted(summary)
         tok.save_pretrained(dst)
-        self.results[dst.name] = summary
+        self.seed_results(seed)[name] = summary
         return summary
 
     def sft_tasks(self) -> list[str]:
@@ -266,23 +319,29 @@ class Speedrun:
             raise ValueError(f"rl_only_tasks: unknown task(s) {sorted(unknown)}; choose from {sorted(TASKS)}")
         return [t for t in sorted(TASKS) if t not in self.recipe.rl_only_tasks]
 
-    def rl(self) -> None:
-        from seekling.tasks import TASKS
-        from seekling.train.grpo import RLConfig, train_rl
+    def rl_config(self, recipe: str, budget_s: float, steps: int, seed: int) -> Any:
+        from seekling.train.grpo import RLConfig
 
         r = self.recipe
-        cfg = RLConfig(recipe="r1", steps=10_000, prompts_per_step=r.rl_prompts_per_step,
-                       group_size=r.rl_group_size, max_new_tokens=r.max_new_tokens, lr=r.rl_lr,
-                       time_budget_s=r.rl_s, save_every=10, eval_every=r.rl_eval_every)
-        cells = self.rl_cells()
+        return RLConfig(recipe=recipe, steps=steps or 10_000, prompts_per_step=r.rl_prompts_per_step,
+                        group_size=r.rl_group_size, max_new_tokens=r.max_new_tokens, lr=r.rl_lr,
+                        time_budget_s=None if steps else budget_s, save_every=10, eval_every=r.rl_eval_every,
+                        seed=seed)
+
+    def rl(self, seed: int = 0) -> None:
+        from seekling.tasks import TASKS
+        from seekling.train.grpo import train_rl
+
+        r, d = self.recipe, self.seed_dir(seed)
+        cfg = self.rl_config("r1", r.rl_s, self.steps_for("rl", r.rl_steps, seed), seed)
+        cells = self.rl_cells() if seed == 0 else [tuple(c) for c in self.results["rl"]["cells"]]
         print(f"RL target cells (task, level): {cells}")
         with one_thread():
-            summary = train_rl(self.out / "sft", self.out / "rl", self.out / "train_state" / "rl", cfg,
-                               tasks=sorted(TASKS), cells=cells,
+            summary = train_rl(d / "sft", d / "rl", d / "train_state" / "rl", cfg, tasks=sorted(TASKS), cells=cells,
                                eval_fn=self.validation_fn(cells, r.rl_val_n) if r.rl_val_n else None)
         stop_if_interrupted(summary)
-        self.tokenizer().save_pretrained(self.out / "rl")
-        self.results["rl"] = {**summary, "cells": [list(c) for c in cells]}  # the stage time is in stage_time_s
+        self.tokenizer().save_pretrained(d / "rl")
+        self.seed_results(seed)["rl"] = {**summary, "cells": [list(c) for c in cells]}  # time is in stage_time_s
 
     def rl_cells(self) -> list[tuple[str, int]]:
         """Where RL can learn: the (task, level) cells on which the SFT model's held-out pass@1 lies in
@@ -310,70 +369,78 @@ class Speedrun:
         return lambda model, tok: evaluate(Engine(model, tok, max_num_seqs=128), problems, k=0,
                                            max_tokens=self.recipe.max_new_tokens)["greedy"]
 
-    def sft_control(self) -> None:
+    def sft_control(self, seed: int = 0) -> None:
         """The control beside RL: the SFT checkpoint trained further by SFT for RL's wall time."""
-        budget = self.results.get("rl", {}).get("wall_time_s", self.recipe.rl_s)  # RL's training time
-        self._sft(self.out / "sft", self.out / "sft_control", budget, self.recipe.sft_lr / 3, seed=2, warmup=5)
+        budget = self.seed_results(seed).get("rl", {}).get("wall_time_s", self.recipe.rl_s)  # RL's training time
+        self._sft(self.seed_dir(seed) / "sft", "sft_control", budget,
+                  self.steps_for("sft_control", self.recipe.control_steps, seed), self.recipe.sft_lr / 3,
+                  seed=seed, data_seed=2 + 10 * seed, warmup=5)
 
-    def r1_zero(self) -> None:
+    def r1_zero(self, seed: int = 0) -> None:
         from seekling.tasks import TASKS
-        from seekling.train.grpo import RLConfig, train_rl
+        from seekling.train.grpo import train_rl
 
-        r = self.recipe
-        cfg = RLConfig(recipe="r1-zero", steps=10_000, prompts_per_step=r.rl_prompts_per_step,
-                       group_size=r.rl_group_size, max_new_tokens=r.max_new_tokens, lr=r.rl_lr,
-                       time_budget_s=r.r1_zero_s, save_every=10)
+        r, d = self.recipe, self.seed_dir(seed)
+        cfg = self.rl_config("r1-zero", r.r1_zero_s, self.steps_for("r1_zero", r.r1_zero_steps, seed), seed)
         with one_thread():
-            self.results["r1_zero"] = train_rl(self.out / "base", self.out / "r1_zero",
-                                               self.out / "train_state" / "r1_zero", cfg, tasks=sorted(TASKS))
-        stop_if_interrupted(self.results["r1_zero"])
+            self.seed_results(seed)["r1_zero"] = train_rl(self.out / "base", d / "r1_zero",
+                                                          d / "train_state" / "r1_zero", cfg, tasks=sorted(TASKS))
+        stop_if_interrupted(self.seed_results(seed)["r1_zero"])
 
-    def score(self, stage: str, problems: list, label: str = "") -> dict[str, Any]:
-        """Held-out scores of one stage's model (greedy, and pass@1 over eval_k samples)."""
+    def score(self, model_dir: Path, problems: list, label: str = "") -> dict[str, Any]:
+        """Held-out scores of one model (greedy, and pass@1 over eval_k samples)."""
         from seekling.engine import Engine
         from seekling.eval import evaluate
 
         r = self.recipe
         with one_thread():
-            result = evaluate(Engine(self.out / stage, max_num_seqs=128), problems, k=r.eval_k,
+            result = evaluate(Engine(model_dir, max_num_seqs=128), problems, k=r.eval_k,
                               max_tokens=r.max_new_tokens)
-        print(f"{stage}{label}: greedy {result['greedy']:.3f}  pass@1 {result.get('pass@1', 0):.3f}  "
-              f"({result['eval_time_s']:.0f}s)")
+        print(f"{model_dir.relative_to(self.out)}{label}: greedy {result['greedy']:.3f}  "
+              f"pass@1 {result.get('pass@1', 0):.3f}  ({result['eval_time_s']:.0f}s)")
         return result
 
-    def evaluate(self, stage: str) -> None:
+    def evaluate(self, stage: str, seed: int = 0) -> None:
         from seekling.eval import eval_problems
 
-        self.results["stages"][stage] = self.score(stage, eval_problems(self.recipe.eval_n))
+        self.seed_results(seed)["stages"][stage] = self.score(self.seed_dir(seed) / stage,
+                                                              eval_problems(self.recipe.eval_n))
 
-    def evaluate_rl_cells(self) -> None:
+    def evaluate_rl_cells(self, seed: int = 0) -> None:
         """RL's verdict on its own cells, on rl_eval_n held-out problems per cell (the overview's eval_n
-        per cell is too few to see a 10-point change): base, SFT, the equal-time control and RL, same problems."""
+        per cell is too few to see a 10-point change): base, SFT, the equal-time control and RL, same problems.
+        The replicates share seed 0's base (one pretraining), so its scores are not recomputed."""
         from seekling.tasks import sample_problems
 
         cells = [tuple(c) for c in self.results["rl"]["cells"]]
         problems = [p for t, lv in cells for p in sample_problems(t, self.recipe.rl_eval_n, "test", lv, seed=0)]
-        self.results["rl_cells_eval"] = {stage: self.score(stage, problems, " on the RL cells")
-                                         for stage in ("base", "sft", "sft_control", "rl")}
+        evals = {"base": self.results["rl_cells_eval"]["base"]} if seed else {}
+        for stage in ("base", "sft", "sft_control", "rl"):
+            if stage not in evals:
+                evals[stage] = self.score(self.seed_dir(seed) / stage, problems, " on the RL cells")
+        self.seed_results(seed)["rl_cells_eval"] = evals
 
     def report(self) -> None:
-        from seekling.report import write_report
-
         write_report(self.out)
 
 
 def add_speedrun_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(RECIPES), default="default",
-                   help="smoke: ~2 minutes, every stage on a small model (tests, CI); default: <= 30 minutes")
+                   help="smoke: ~2 minutes, every stage on a small model (tests, CI); default: <= 30 minutes; "
+                        "default-steps: the default at a quiet run's step counts (same models on a loaded machine)")
     p.add_argument("--out", default="runs/speedrun", help="run directory (re-running resumes it)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--r1-zero", type=float, default=None, metavar="SECONDS",
                    help="also run R1-Zero (GRPO straight from the base model) for this long, after the main stages")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="replicate SFT, RL, the control and the evals on this many seeds from the one base; the "
+                        "report gives means with 95%% intervals over seeds and problems (each extra seed adds the "
+                        "post-pretraining time again: ~10 minutes for the default preset)")
 
 
 def run_speedrun(args: argparse.Namespace) -> dict[str, Any]:
     extra = {"r1_zero_s": args.r1_zero} if args.r1_zero is not None else {}
-    run = Speedrun(args.out, args.preset, threads=args.threads, **extra)
+    run = Speedrun(args.out, args.preset, threads=args.threads, seeds=args.seeds, **extra)
     results = run.run()
     out = Path(args.out)
     print(f"\n[speedrun] finished in {results['wall_time_s'] / 60:.1f} min; report: {out / 'report.md'}")

@@ -1,5 +1,6 @@
-"""The main job end to end: `seekling speedrun --preset smoke` through the real command, its
-results.json contract, the report card, resuming, and the command's --help and error paths."""
+"""The main job end to end: `seekling speedrun --preset smoke --seeds 2` through the real command, its
+results.json contract, the replicate seed and the intervals, the report card, resuming, and the command's
+--help and error paths."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 import seekling
-from seekling.report import rl_target_accuracy
+from seekling.report import rl_target_accuracy, run_intervals
 
 COMMANDS = ["speedrun", "tokenizer", "data", "pretrain", "sft", "rl", "distill", "eval", "sample", "chat", "serve",
             "export", "report"]
@@ -24,7 +25,7 @@ def seekling_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("speedrun") / "smoke"
-    proc = seekling_cli("speedrun", "--preset", "smoke", "--out", str(out), "--threads", "1")
+    proc = seekling_cli("speedrun", "--preset", "smoke", "--out", str(out), "--threads", "1", "--seeds", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -61,6 +62,48 @@ def test_smoke_speedrun_writes_the_contract(smoke_run):
     assert rl_target_accuracy(results["stages"]["rl"], cells) is not None
 
 
+def test_replicate_seed_trains_seed_zero_steps_and_intervals_cover_both(smoke_run):
+    out, _ = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    rep = results["replicates"]["1"]
+    # the replicate trains seed 0's step counts (load cannot change it), on seed 0's RL cells, from the one base
+    assert rep["sft"]["step"] == results["sft"]["step"] and rep["sft"]["stopped"] == "max_steps"
+    assert rep["rl"]["steps"] == results["rl"]["steps"] and rep["rl"]["cells"] == results["rl"]["cells"]
+    assert rep["sft_control"]["step"] == results["sft_control"]["step"]
+    assert rep["rl_cells_eval"]["base"] == results["rl_cells_eval"]["base"]
+    for stage in ("sft", "rl", "sft_control"):
+        assert (out / "seed1" / stage / "model.safetensors").exists()
+        assert rep["stages"][stage]["scores"]["cell"] == results["stages"][stage]["scores"]["cell"]
+    iv = results["intervals"]
+    assert iv["seeds"] == 2
+    rl_scores = [results["stages"]["rl"]["scores"]["pass@1"], rep["stages"]["rl"]["scores"]["pass@1"]]
+    ci = iv["stages"]["rl"]["pass@1"]
+    assert ci["seeds"] == 2 and ci["problems"] == 36
+    assert ci["mean"] == pytest.approx(sum(map(sum, rl_scores)) / 72) and ci["lo"] <= ci["mean"] <= ci["hi"]
+    assert iv["stages"]["base"]["pass@1"]["seeds"] == 1  # one pretraining
+    assert set(iv["rl_cells"]["pass@1"]) == {"base", "sft", "sft_control", "rl", "rl-sft", "rl-sft_control",
+                                             "rl-base"}
+    report = (out / "report.md").read_text()
+    assert "over 2 seed(s)" in report and "RL − SFT: **" in report and "seed 1: sft" in report
+
+
+def test_intervals_on_known_scores():
+    """run_intervals on hand-made results: RL solves 20 more of 100 problems than SFT on both seeds."""
+    def ev(solved: int) -> dict:
+        scores = [1.0] * solved + [0.0] * (100 - solved)
+        return {"pass@1": solved / 100, "scores": {"cell": ["word/2"] * 100, "pass@1": scores, "greedy": scores}}
+
+    results = {"stages": {"base": ev(50)}, "rl_cells_eval": {"base": ev(50), "sft": ev(30), "sft_control": ev(25),
+                                                              "rl": ev(50)},
+               "replicates": {"1": {"stages": {}, "rl_cells_eval": {"base": ev(50), "sft": ev(40),
+                                                                    "sft_control": ev(20), "rl": ev(60)}}}}
+    iv = run_intervals(results)["rl_cells"]["pass@1"]
+    assert iv["rl-sft"]["mean"] == pytest.approx(0.2) and iv["rl-sft"]["seeds"] == 2
+    assert 0.0 < iv["rl-sft"]["lo"] < 0.2 < iv["rl-sft"]["hi"]
+    assert iv["rl-base"]["mean"] == pytest.approx(0.05) and iv["rl-sft_control"]["mean"] == pytest.approx(0.325)
+    assert iv["base"]["seeds"] == 1 and iv["base"]["mean"] == 0.5
+
+
 def test_smoke_model_loads_and_generates(smoke_run):
     out, _ = smoke_run
     engine = seekling.Engine(str(out / "rl"))
@@ -72,9 +115,9 @@ def test_smoke_model_loads_and_generates(smoke_run):
 def test_rerun_resumes_instead_of_redoing(smoke_run):
     out, _ = smoke_run
     before = json.loads((out / "results.json").read_text())
-    proc = seekling_cli("speedrun", "--preset", "smoke", "--out", str(out), "--threads", "1")
+    proc = seekling_cli("speedrun", "--preset", "smoke", "--out", str(out), "--threads", "1", "--seeds", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("done already, skipping") == 10
+    assert proc.stdout.count("done already, skipping") == 17  # 10 stages + seed 1's 7
     after = json.loads((out / "results.json").read_text())
     assert after["stages"] == before["stages"]
     # a run directory of another preset is refused, not overwritten
