@@ -35,7 +35,7 @@ from seekling.engine.grammar import Grammars, Matcher
 from seekling.engine.sampling import SamplingParams, probs_from_logits, sample, token_logprobs, uniform
 from seekling.engine.scheduler import Scheduler, Sequence
 from seekling.model.layers import CausalLM, make_batch
-from seekling.model.load import QUANTIZE, load_pretrained
+from seekling.model.load import QUANTIZE, load_pretrained, release_freed_memory
 from seekling.model.model import Transformer
 from seekling.model.quant import use_kernels
 from seekling.tokenizer import load_tokenizer
@@ -124,6 +124,7 @@ class Engine:
                                     quantize=quantize)
             if tokenizer is None and (Path(model_or_path) / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(model_or_path)
+                release_freed_memory()
         elif dtype is not None or max_memory_gb is not None:
             raise ValueError("dtype and max_memory_gb apply when the engine loads a directory; "
                              "convert a model object yourself")

@@ -34,6 +34,7 @@ from seekling.model.layers import (
     alias,
     apply_rope,
     attend,
+    embedding,
     fuse_parameters,
     gather_cache,
     per_sequence,
@@ -112,7 +113,8 @@ def rope_inv_freq(cfg: DenseConfig) -> torch.Tensor:
     `_compute_llama3_parameters`): long wavelengths are divided by `factor`, short ones kept,
     and the band between is interpolated smoothly."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # on the CPU whatever the ambient device, as seekling.model.mla.rope_inv_freq (meta arange imports dynamo)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     if cfg.rope_scaling is None:
         return inv_freq
     s = cfg.rope_scaling
@@ -211,7 +213,7 @@ class DenseBody(nn.Module):
 
     def __init__(self, cfg: DenseConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

@@ -67,6 +67,16 @@ class RMSNorm(nn.Module):
         return self._rows_consts
 
 
+def embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, initialised N(0, 1) as torch's own, except on the meta device (the loader builds there):
+    nothing to initialise, and meta normal_ runs through torch._refs, whose first use imports torch._dynamo
+    (sympy, triton): ~150 MB resident in an engine that never compiles."""
+    weight = torch.empty(num_embeddings, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(num_embeddings, dim, _weight=weight)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate the pairs of x [..., heads, d] by the angles whose cos/sin are [..., 1, d/2] (the rotary modules
     make them so: one head axis, broadcast over the heads).
@@ -302,7 +312,9 @@ def free_parameters(root: nn.Module, params: list[nn.Parameter]) -> None:
     for module in root.modules():
         for name, p in module._parameters.items():
             if p is not None and id(p) in gone:
-                module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                # torch.empty, not empty_like: meta empty_like runs through torch._refs (imports torch._dynamo)
+                meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+                module._parameters[name] = nn.Parameter(meta, requires_grad=False)
 
 
 class CausalLM(nn.Module):

@@ -50,7 +50,9 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     the softmax scale instead (config.softmax_scale).
     """
     d, base = config.qk_rope_head_dim, config.rope_theta
-    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    # On the CPU whatever the ambient device (a buffer moves with its module): the loader builds on meta, where
+    # arange runs through torch._refs and its first use imports torch._dynamo (+150 MB resident).
+    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d)
     rs = config.rope_scaling
     if not rs or rs.get("rope_type", rs.get("type")) in (None, "default"):
         return 1.0 / pos_freqs, 1.0
@@ -67,7 +69,7 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
     extrapolation = 1.0 - ramp  # 1: keep the original frequency (high-frequency dims)
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     if rs.get("attention_factor") is not None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from seekling.checkpoint import save_pretrained
 from seekling.config import ModelConfig
-from seekling.model.layers import MLP, Batch, CausalLM, RMSNorm, alias
+from seekling.model.layers import MLP, Batch, CausalLM, RMSNorm, alias, embedding
 from seekling.model.mla import MLA, RotaryEmbedding
 from seekling.model.moe import MoE
 from seekling.model.quant import Int8Weight, embed, linear, quantize
@@ -118,7 +118,7 @@ class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         n, d = config.num_hidden_layers, config.num_nextn_predict_layers
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             [Block(config, i) for i in range(n)] + [MTPLayer(config, n + k) for k in range(d)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -136,6 +136,8 @@ class Transformer(CausalLM):
         self.eos_token_ids: list[int] = []  # generation_config.json's, when loaded (else config.eos_token_id)
         self.generation_defaults: dict[str, Any] = {}  # from generation_config.json when loaded from a directory
         self.init_inference()
+        if self.lm_head.weight.is_meta:  # the loader's build: the checkpoint fills every weight
+            return
         self.apply(self._init_weights)
         # Scale the residual-branch outputs down with depth (GPT-2 style) for a stable start.
         std = config.initializer_range / (2 * max(config.num_hidden_layers, 1)) ** 0.5
