@@ -94,6 +94,9 @@ RECIPES: dict[str, Recipe] = {
     # the default recipe at the step counts a quiet default run reaches (runs/speedrun7-8), so that a loaded
     # or slower machine gives the same models, only later: for replicates and experiments (docs/science.md)
     "default-steps": Recipe(pretrain_steps=1731, sft_steps=336, rl_steps=125, control_steps=428),
+    # default-steps with 3x the RL steps (and the control 3x longer, for the same time as RL): the recipe whose RL
+    # ends above the base model (docs/science.md, Table 2). ~40 minutes for one seed on a quiet 2-core machine.
+    "rl-long": Recipe(pretrain_steps=1731, sft_steps=336, rl_steps=375, control_steps=1284, rl_val_n=50),
 }
 
 
@@ -427,7 +430,8 @@ class Speedrun:
 def add_speedrun_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(RECIPES), default="default",
                    help="smoke: ~2 minutes, every stage on a small model (tests, CI); default: <= 30 minutes; "
-                        "default-steps: the default at a quiet run's step counts (same models on a loaded machine)")
+                        "default-steps: the default at a quiet run's step counts (same models on a loaded machine); "
+                        "rl-long: default-steps with 3x the RL (and control) steps, ~40 minutes a seed")
     p.add_argument("--out", default="runs/speedrun", help="run directory (re-running resumes it)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--r1-zero", type=float, default=None, metavar="SECONDS",
