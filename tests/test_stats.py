@@ -69,3 +69,43 @@ def test_inputs_and_formatting():
     ci = {"mean": 0.621, "lo": 0.57, "hi": 0.672}
     assert fmt(ci) == "62.1% [57.0, 67.2]"
     assert fmt({"mean": 0.123, "lo": -0.01, "hi": 0.2}, signed=True) == "+12.3 [-1.0, +20.0]"
+
+
+def test_rl_curves_tell_a_rise_from_noise(tmp_path):
+    """scripts/rl_curves.py on synthetic rl_log.jsonl files: accuracy that climbs 20 -> 60% over 100 steps is
+    called rising, with the right windows; a flat noisy curve is not; the length's trend is judged apart."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = np.random.default_rng(0)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rl_curves.py"
+
+    def run(acc_fn) -> dict:
+        dirs = []
+        for seed in range(3):
+            d = tmp_path / f"{acc_fn.__name__}{seed}"
+            d.mkdir()
+            rows = [{"step": s, "accuracy": float(np.clip(acc_fn(s) + rng.normal(0, 0.05), 0, 1)),
+                     "len_mean": 40 + rng.normal(0, 1)} for s in range(1, 101)]
+            (d / "rl_log.jsonl").write_text("\n".join(json.dumps(r) for r in rows + rows[-3:]))  # resumed: repeats
+            dirs.append(str(d))
+        out = tmp_path / f"{acc_fn.__name__}.json"
+        done = subprocess.run([sys.executable, str(script), *dirs, "--window", "20", "--json", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(out.read_text())
+
+    def climbing(s):
+        return 0.2 + 0.4 * s / 100
+
+    def flat(s):
+        return 0.4
+
+    up, level = run(climbing), run(flat)
+    acc = up["metrics"]["accuracy"]
+    assert [(w["from"], w["to"]) for w in acc["windows"]] == [(1, 20), (21, 40), (41, 60), (61, 80), (81, 100)]
+    assert acc["rises"] and 0.28 < acc["last_minus_first"]["mean"] < 0.36  # 0.32 expected
+    assert not level["metrics"]["accuracy"]["rises"] and not level["metrics"]["accuracy"]["falls"]
+    assert not up["metrics"]["len_mean"]["rises"] and not up["metrics"]["len_mean"]["falls"]
