@@ -231,6 +231,43 @@ def test_json_schema_response_validates(live):
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": empty}})
 
 
+def test_a_slow_grammar_compile_holds_up_no_other_request(live, monkeypatch):
+    """A new grammar can take seconds to compile; it runs off the event loop and outside the engine's lock, so a
+    plain request sent meanwhile is answered before the constrained one."""
+    import threading
+    import time
+
+    engine, server = live
+    compile_ = engine.grammars.compile
+    started = threading.Event()
+
+    def slow(constraint):
+        started.set()
+        time.sleep(2.0)
+        return compile_(constraint)
+
+    monkeypatch.setattr(engine.grammars, "compile", slow)  # what both the server and add_request call
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    done = {}
+
+    def constrained():
+        client(server).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "n?"}], temperature=0, max_tokens=16,
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+        done["constrained"] = time.monotonic()
+
+    worker = threading.Thread(target=constrained)
+    worker.start()
+    assert started.wait(10)
+    t0 = time.monotonic()
+    r = client(server).chat.completions.create(model="tiny", messages=ASK, temperature=0, max_tokens=4)
+    plain = time.monotonic()
+    worker.join(30)
+    assert r.choices[0].message.content is not None and "constrained" in done
+    assert plain - t0 < 1.5 and plain < done["constrained"]
+
+
 def test_required_tool_call_validates_on_a_real_model(live):
     engine, server = live
     r = client(server).chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",

@@ -32,7 +32,14 @@ from seekling.engine.cache import BlockManager
 from seekling.engine.compiled import CompiledDecode
 from seekling.engine.detok import IncrementalDecoder, TextStream, prompt_opens_think
 from seekling.engine.grammar import Grammars, Matcher
-from seekling.engine.sampling import SamplingParams, probs_from_logits, sample, token_logprobs, uniform
+from seekling.engine.sampling import (
+    SamplingParams,
+    StructuredOutputsParams,
+    probs_from_logits,
+    sample,
+    token_logprobs,
+    uniform,
+)
 from seekling.engine.scheduler import Scheduler, Sequence
 from seekling.model.layers import CausalLM, make_batch
 from seekling.model.load import QUANTIZE, load_pretrained, release_freed_memory
@@ -194,6 +201,11 @@ class Engine:
         raise ValueError("a prompt is a string, a list of chat messages ({'role', 'content'}) or a list of "
                          f"token ids; got {type(prompt).__name__}")
 
+    def compile_constraint(self, constraint: StructuredOutputsParams) -> None:
+        """Compile a request's constraint into the engine's cache (ValueError if it does not compile). add_request
+        does this itself; a server calls it first on a worker thread, since a new grammar can take seconds."""
+        self.grammars.compile(constraint)
+
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Queue a request (thread-safe); returns its id. Bad input raises ValueError here, at once."""
@@ -217,7 +229,7 @@ class Engine:
                              f"{self.blocks.num_blocks * self.block_size}: it can never fit (lower "
                              "max_tokens or enlarge the cache)")
         if params.structured_outputs is not None:  # compiled here (cached), so a bad grammar is refused at once
-            self.grammars.compile(params.structured_outputs)
+            self.compile_constraint(params.structured_outputs)
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
             if request_id in self._live:

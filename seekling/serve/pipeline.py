@@ -9,6 +9,7 @@ after it, `<think>\\n\\n</think>\\n\\n`, the way Qwen3 turns thinking off: the m
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -85,8 +86,13 @@ class Context:
                       param)
         return len(prompt_ids)
 
-    def admit(self, prompt, params: SamplingParams, prompt_tokens: int) -> Ticket:
+    async def admit(self, prompt, params: SamplingParams, prompt_tokens: int) -> Ticket:
         try:
+            if params.structured_outputs is not None:
+                # A new grammar compiles for up to seconds (a first one also imports xgrammar): on a worker thread,
+                # so that the event loop and the engine's lock keep serving everyone else; add_request then finds
+                # it in the cache.
+                await asyncio.to_thread(self.worker.engine.compile_constraint, params.structured_outputs)
             ticket = self.worker.submit(prompt, params, params.n)
         except ValueError as e:  # the engine refused the request (e.g. longer than the model's context)
             raise bad(str(e)) from e
