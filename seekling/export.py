@@ -165,17 +165,24 @@ def halves_to_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- metadata
 
 
-def deepseek2_keys(cfg: ModelConfig) -> dict[str, Any]:
-    n_dense = cfg.num_hidden_layers if cfg.n_routed_experts == 0 else cfg.first_k_dense_replace
-    # llama.cpp asserts topk_group < n_group; keeping every group (topk_group == n_group) is no grouping.
-    groups = (cfg.n_group, cfg.topk_group) if cfg.topk_group < cfg.n_group else (1, 1)
-    keys = {
+def _shape_keys(cfg: ModelConfig | DenseConfig) -> dict[str, Any]:
+    """The GGUF keys both families fill from the same config fields."""
+    return {
         "context_length": cfg.max_position_embeddings,
         "embedding_length": cfg.hidden_size,
         "feed_forward_length": cfg.intermediate_size,
         "block_count": cfg.num_hidden_layers,
         "vocab_size": cfg.vocab_size,
         "attention.head_count": cfg.num_attention_heads,
+    }
+
+
+def deepseek2_keys(cfg: ModelConfig) -> dict[str, Any]:
+    n_dense = cfg.num_hidden_layers if cfg.n_routed_experts == 0 else cfg.first_k_dense_replace
+    # llama.cpp asserts topk_group < n_group; keeping every group (topk_group == n_group) is no grouping.
+    groups = (cfg.n_group, cfg.topk_group) if cfg.topk_group < cfg.n_group else (1, 1)
+    keys = {
+        **_shape_keys(cfg),
         "attention.head_count_kv": 1,
         "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
         "attention.q_lora_rank": cfg.q_lora_rank or 0,
@@ -220,12 +227,7 @@ def yarn_keys(rs: dict[str, Any] | None) -> dict[str, Any]:
 
 def dense_keys(cfg: DenseConfig) -> dict[str, Any]:
     keys = {
-        "context_length": cfg.max_position_embeddings,
-        "embedding_length": cfg.hidden_size,
-        "feed_forward_length": cfg.intermediate_size,
-        "block_count": cfg.num_hidden_layers,
-        "vocab_size": cfg.vocab_size,
-        "attention.head_count": cfg.num_attention_heads,
+        **_shape_keys(cfg),
         "attention.head_count_kv": cfg.num_key_value_heads,
         "attention.key_length": cfg.head_dim,
         "attention.value_length": cfg.head_dim,
