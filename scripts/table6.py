@@ -44,6 +44,7 @@ from seekling.tokenizer import load_tokenizer
 from seekling.train.collect import load_traces
 from seekling.train.distill import check_compatible, make_kd_loss, teacher_samples
 from seekling.train.grpo import RLConfig, train_rl
+from seekling.train.scaffold import state_dir_for
 from seekling.train.trainer import TrainConfig, train
 
 STUDENT = dict(hidden_size=96, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
@@ -116,7 +117,7 @@ def rl_only(base: Path, dst: Path, budget_s: float, steps: int, seed: int, args:
     cfg = RLConfig(recipe="r1", steps=steps or 10_000, prompts_per_step=8, group_size=8,
                    max_new_tokens=args.max_new_tokens, lr=args.rl_lr, time_budget_s=None if steps else budget_s,
                    save_every=10, eval_every=0, seed=seed)
-    summary = train_rl(base, dst, dst.parent / "train_state" / dst.name, cfg, tasks=sorted(TASKS),
+    summary = train_rl(base, dst, state_dir_for(dst), cfg, tasks=sorted(TASKS),
                        difficulties=args.levels)
     load_tokenizer(base).save_pretrained(dst)
     return {"steps": summary["steps"]}

@@ -15,6 +15,7 @@ import numpy as np
 from seekling.atomic import write_text
 from seekling.eval import format_table, score_table
 from seekling.stats import fmt, interval
+from seekling.train.scaffold import state_dir_for
 
 STAGE_ORDER = ("base", "sft", "sft_control", "rl")
 
@@ -40,7 +41,7 @@ def _plot_training(run: Path, plots: Path, plt: Any) -> list[str]:
     made = []
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for ax, stage in zip(axes, ("base", "sft", "sft_control"), strict=True):
-        rows = _jsonl(run / "train_state" / stage / "metrics.jsonl")
+        rows = _jsonl(state_dir_for(run / stage) / "metrics.jsonl")
         for key, style in (("loss", "-"), ("eval_loss", "o-")):
             x, y = _series(rows, key)
             if x:
@@ -54,7 +55,7 @@ def _plot_training(run: Path, plots: Path, plt: Any) -> list[str]:
     plt.close(fig)
     made.append("loss.png")
 
-    rows = _jsonl(run / "train_state" / "base" / "metrics.jsonl")
+    rows = _jsonl(state_dir_for(run / "base") / "metrics.jsonl")
     loads = [(r["step"], r["expert_load_max_mean"]) for r in rows if r.get("expert_load_max_mean")]
     if loads:
         fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -75,7 +76,7 @@ def _plot_training(run: Path, plots: Path, plt: Any) -> list[str]:
 
 
 def _plot_rl(run: Path, plots: Path, plt: Any, name: str, title: str) -> list[str]:
-    rows = _jsonl(run / "train_state" / name / "rl_log.jsonl")
+    rows = _jsonl(state_dir_for(run / name) / "rl_log.jsonl")
     if not rows:
         return []
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
@@ -321,7 +322,9 @@ def r1_zero_curves(run: Path, results: dict[str, Any]) -> dict[str, Any] | None:
     means with 95% intervals over seeds and the steps of the window; and the change from the first window to
     the last (does it rise?). None without an R1-Zero run."""
     dirs = [run] + [run / f"seed{k}" for k in sorted(results.get("replicates", {}), key=int)]
-    logs = [rows for rows in (_jsonl(d / "train_state" / "r1_zero" / "rl_log.jsonl") for d in dirs) if rows]
+    logs = [[r for r in rows if "lr" in r]  # the step records (evals have records of their own)
+            for rows in (_jsonl(state_dir_for(d / "r1_zero") / "rl_log.jsonl") for d in dirs)]
+    logs = [rows for rows in logs if rows]
     if not logs:
         return None
     n = min(len(rows) for rows in logs) // R1_ZERO_WINDOW * R1_ZERO_WINDOW

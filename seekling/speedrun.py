@@ -34,6 +34,7 @@ import torch
 from seekling.atomic import write_text
 from seekling.config import preset as model_preset
 from seekling.report import run_intervals, write_report
+from seekling.train.scaffold import state_dir_for
 
 R1_ZERO_SHARE = 0.1  # share of pretraining documents written in the R1-Zero template (see pretrain_documents)
 
@@ -279,7 +280,7 @@ class Speedrun:
         tc = TrainConfig(max_steps=r.pretrain_steps or 100_000, lr=r.pretrain_lr, min_lr=r.pretrain_lr / 10,
                          time_budget_s=None if r.pretrain_steps else r.pretrain_s, warmup_steps=30, schedule="wsd",
                          eval_every=200, eval_batches=4, checkpoint_every=200, log_every=25)
-        summary = train(model, loader, tc, self.out / "base", self.out / "train_state" / "base",
+        summary = train(model, loader, tc, self.out / "base", state_dir_for(self.out / "base"),
                         eval_batches=held, resume=True)
         stop_if_interrupted(summary)
         tok.save_pretrained(self.out / "base")
@@ -308,7 +309,7 @@ class Speedrun:
                          min_lr=lr / 20, warmup_steps=warmup, schedule="cosine", checkpoint_every=200, log_every=25,
                          seed=data_seed)
         dst = self.seed_dir(seed) / name
-        summary = train(model, loader, tc, dst, self.seed_dir(seed) / "train_state" / name, resume=True)
+        summary = train(model, loader, tc, dst, state_dir_for(dst), resume=True)
         stop_if_interrupted(summary)
         tok.save_pretrained(dst)
         self.seed_results(seed)[name] = summary
@@ -340,7 +341,7 @@ class Speedrun:
         cells = self.rl_cells() if seed == 0 else [tuple(c) for c in self.results["rl"]["cells"]]
         print(f"RL target cells (task, level): {cells}")
         with one_thread():
-            summary = train_rl(d / "sft", d / "rl", d / "train_state" / "rl", cfg, tasks=sorted(TASKS), cells=cells,
+            summary = train_rl(d / "sft", d / "rl", state_dir_for(d / "rl"), cfg, tasks=sorted(TASKS), cells=cells,
                                eval_fn=self.validation_fn(cells, r.rl_val_n) if r.rl_val_n else None)
         stop_if_interrupted(summary)
         self.tokenizer().save_pretrained(d / "rl")
@@ -387,7 +388,7 @@ class Speedrun:
         cfg = self.rl_config("r1-zero", r.r1_zero_s, self.steps_for("r1_zero", r.r1_zero_steps, seed), seed)
         with one_thread():
             self.seed_results(seed)["r1_zero"] = train_rl(self.out / "base", d / "r1_zero",
-                                                          d / "train_state" / "r1_zero", cfg, tasks=sorted(TASKS))
+                                                          state_dir_for(d / "r1_zero"), cfg, tasks=sorted(TASKS))
         stop_if_interrupted(self.seed_results(seed)["r1_zero"])
 
     def score(self, model_dir: Path, problems: list, label: str = "") -> dict[str, Any]:

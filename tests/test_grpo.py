@@ -315,7 +315,9 @@ def test_run_rl_on_tasks_from_the_command_line(base_dir, tmp_path):
     summary = run_rl(args)
     rows = _log(summary)
     assert summary["log"] == str(tmp_path / "runs" / "train_state" / "rl" / "rl_log.jsonl")
-    assert len(rows) == 2 and "accuracy" in rows[0] and "reward/format_mean" in rows[0]
+    steps = [r for r in rows if "lr" in r]
+    assert len(steps) == 2 and "accuracy" in steps[0] and "reward/format_mean" in steps[0]
+    assert [r["step"] for r in rows if "eval" in r] == [0, 2]  # the starting policy and the last, in the log too
     assert summary["best_eval"] is not None and 0.0 <= summary["best_eval"] <= 1.0
     with pytest.raises(SystemExit, match="reward-fn"):
         run_rl(parser.parse_args(["--policy", str(base_dir), "--out", str(tmp_path / "x"), "--prompts", "p.jsonl"]))

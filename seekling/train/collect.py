@@ -257,112 +257,132 @@ def collect(prompts: list[Prompt], out: str | Path, *, base_url: str, model: str
         raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rej_path = rejected_path(out)
     done = {r["id"] for r in read_records(out, repair=True)}
-    done |= {r["id"] for r in read_records(rej_path, repair=True)}
+    done |= {r["id"] for r in read_records(rejected_path(out), repair=True)}
     todo = [(p, i) for p in prompts for i in range(n) if f"{p.id}#{i}" not in done]
-    stats = {"total": len(prompts) * n, "skipped": len(prompts) * n - len(todo), "accepted": 0,
-             "rejected": 0, "retried": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0,
-             "reasoning_tokens": 0, "not_attempted": 0, "wall_time_s": 0.0}
-    print(f"[collect] {len(prompts)} prompts x {n} samples: {stats['skipped']} already in {out}, "
+    print(f"[collect] {len(prompts)} prompts x {n} samples: {len(prompts) * n - len(todo)} already in {out}, "
           f"{len(todo)} to ask {model} at {base_url}", flush=True)
-
-    url = base_url.rstrip("/") + "/chat/completions"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    queue = list(reversed(todo))  # workers pop from the end: prompts go out in file order
-    t0 = last_log = time.monotonic()
-    # A teacher that is down or refuses our key fails every request: stop after this many failures
-    # in a row instead of spending hours of backoff on each remaining sample.
-    max_failures_in_a_row, failures_in_a_row = max(10, 2 * concurrency), 0
-    files = {out: open(out, "a", encoding="utf-8")}
-    if only_correct:
-        files[rej_path] = open(rej_path, "a", encoding="utf-8")
-
-    def write(path: Path, record: dict) -> None:
-        # Called from the event loop only, so records never interleave; fsync makes each one
-        # survive a kill or a power cut the moment it is counted.
-        f = files[path]
-        f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-    def progress() -> None:
-        nonlocal last_log
-        now = time.monotonic()
-        finished = stats["accepted"] + stats["rejected"] + stats["failed"] + stats["not_attempted"]
-        if now - last_log < 5.0 and finished < len(todo):
-            return
-        last_log = now
-        rate = finished / max(now - t0, 1e-9)
-        eta = (len(todo) - finished) / rate if rate > 0 else float("inf")
-        print(f"[collect] {finished}/{len(todo)} accepted {stats['accepted']} rejected {stats['rejected']} "
-              f"failed {stats['failed']} retried {stats['retried']} | {rate:.2f} samples/s, "
-              f"ETA {eta:.0f}s", flush=True)
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal failures_in_a_row
-        while queue:
-            prompt, index = queue.pop()
-            rid = f"{prompt.id}#{index}"
-            payload = {"model": model, "messages": with_instruction(prompt.messages, instruction),
-                       "temperature": temperature, "max_tokens": max_tokens, "stream": False}
-            try:
-                body = await post_with_retries(client, url, payload, headers, timeout, max_retries,
-                                               backoff_base, backoff_max, stats)
-            except RequestFailed as e:
-                stats["failed"] += 1
-                failures_in_a_row += 1
-                print(f"[collect] {rid} failed: {e}", flush=True)
-                if failures_in_a_row >= max_failures_in_a_row and queue:
-                    stats["not_attempted"] = len(queue)
-                    queue.clear()
-                    print(f"[collect] {failures_in_a_row} samples failed in a row: stopping; the "
-                          f"{stats['not_attempted']} not yet asked are left for a rerun", flush=True)
-                progress()
-                continue
-            failures_in_a_row = 0
-            choice = body["choices"][0]
-            reasoning, content = split_reasoning(choice["message"])
-            usage = body.get("usage") or {}
-            record = {"id": rid, "prompt_id": prompt.id, "sample_index": index, "messages": prompt.messages,
-                      "reasoning_content": reasoning, "content": content,
-                      "finish_reason": choice.get("finish_reason"), "usage": usage,
-                      "model": body.get("model") or model}
-            if instruction:
-                record["instruction"] = instruction
-            if prompt.problem is not None:
-                p = prompt.problem
-                record.update(task=p.task, difficulty=p.difficulty, answer=p.answer,
-                              score=score(p, content) if score else None)
-            stats["prompt_tokens"] += usage.get("prompt_tokens") or 0
-            stats["completion_tokens"] += usage.get("completion_tokens") or 0
-            details = usage.get("completion_tokens_details") or {}
-            stats["reasoning_tokens"] += details.get("reasoning_tokens") or usage.get("reasoning_tokens") or 0
-            if only_correct and record["score"] < CORRECT:
-                stats["rejected"] += 1
-                write(rej_path, record)
-            else:
-                stats["accepted"] += 1
-                write(out, record)
-            progress()
-
-    async def run_workers() -> None:
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        # The client's timeout is a backstop; the real per-request deadline is in post_with_retries.
-        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
-            await asyncio.gather(*(worker(client) for _ in range(min(concurrency, max(1, len(todo))))))
-
-    try:
-        asyncio.run(run_workers())
-    finally:
-        for f in files.values():
-            f.close()
-    stats["wall_time_s"] = round(time.monotonic() - t0, 3)
+    request = dict(url=base_url.rstrip("/") + "/chat/completions", model=model, temperature=temperature,
+                   max_tokens=max_tokens, timeout=timeout, max_retries=max_retries, backoff_base=backoff_base,
+                   backoff_max=backoff_max, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    collector = Collector(todo, out, len(prompts) * n, request, concurrency, only_correct, score, instruction)
+    stats = collector.run()
     print("[collect] done: " + ", ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
     if stats["failed"] or stats["not_attempted"]:
         print(f"[collect] {stats['failed'] + stats['not_attempted']} samples missing; run the same command "
               "again to ask for them", flush=True)
     return stats
+
+
+class Collector:
+    """One collection: `concurrency` workers take (prompt, sample index) pairs off a queue, ask the teacher and
+    write each answer as it comes (accepted to `out`, rejected by the verifier to its sidecar)."""
+
+    def __init__(self, todo: list[tuple[Prompt, int]], out: Path, total: int, request: dict, concurrency: int,
+                 only_correct: bool, score: Callable[[Any, str], float] | None, instruction: str | None):
+        self.todo, self.out, self.request, self.concurrency = todo, out, request, concurrency
+        self.only_correct, self.score, self.instruction = only_correct, score, instruction
+        self.stats = {"total": total, "skipped": total - len(todo), "accepted": 0, "rejected": 0, "retried": 0,
+                      "failed": 0, "prompt_tokens": 0, "completion_tokens": 0, "reasoning_tokens": 0,
+                      "not_attempted": 0, "wall_time_s": 0.0}
+        self.queue = list(reversed(todo))  # workers pop from the end: prompts go out in file order
+        # A teacher that is down or refuses our key fails every request: stop after this many failures
+        # in a row instead of spending hours of backoff on each remaining sample.
+        self.max_failures_in_a_row, self.failures_in_a_row = max(10, 2 * concurrency), 0
+        self.files: dict[Path, Any] = {}
+
+    def run(self) -> dict:
+        self.t0 = self.last_log = time.monotonic()
+        self.files = {self.out: open(self.out, "a", encoding="utf-8")}
+        if self.only_correct:
+            self.files[rejected_path(self.out)] = open(rejected_path(self.out), "a", encoding="utf-8")
+        try:
+            asyncio.run(self.run_workers())
+        finally:
+            for f in self.files.values():
+                f.close()
+        self.stats["wall_time_s"] = round(time.monotonic() - self.t0, 3)
+        return self.stats
+
+    async def run_workers(self) -> None:
+        c = self.concurrency
+        limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+        # The client's timeout is a backstop; the real per-request deadline is in post_with_retries.
+        async with httpx.AsyncClient(timeout=httpx.Timeout(self.request["timeout"]), limits=limits) as client:
+            await asyncio.gather(*(self.worker(client) for _ in range(min(c, max(1, len(self.todo))))))
+
+    def write(self, path: Path, record: dict) -> None:
+        # Called from the event loop only, so records never interleave; fsync makes each one
+        # survive a kill or a power cut the moment it is counted.
+        f = self.files[path]
+        f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+    def progress(self) -> None:
+        stats, now = self.stats, time.monotonic()
+        finished = stats["accepted"] + stats["rejected"] + stats["failed"] + stats["not_attempted"]
+        if now - self.last_log < 5.0 and finished < len(self.todo):
+            return
+        self.last_log = now
+        rate = finished / max(now - self.t0, 1e-9)
+        eta = (len(self.todo) - finished) / rate if rate > 0 else float("inf")
+        print(f"[collect] {finished}/{len(self.todo)} accepted {stats['accepted']} rejected {stats['rejected']} "
+              f"failed {stats['failed']} retried {stats['retried']} | {rate:.2f} samples/s, "
+              f"ETA {eta:.0f}s", flush=True)
+
+    async def worker(self, client: httpx.AsyncClient) -> None:
+        r = self.request
+        while self.queue:
+            prompt, index = self.queue.pop()
+            payload = {"model": r["model"], "messages": with_instruction(prompt.messages, self.instruction),
+                       "temperature": r["temperature"], "max_tokens": r["max_tokens"], "stream": False}
+            try:
+                body = await post_with_retries(client, r["url"], payload, r["headers"], r["timeout"],
+                                               r["max_retries"], r["backoff_base"], r["backoff_max"], self.stats)
+            except RequestFailed as e:
+                self.failed(f"{prompt.id}#{index}", e)
+            else:
+                self.failures_in_a_row = 0
+                self.keep(prompt, index, body)
+            self.progress()
+
+    def failed(self, rid: str, error: Exception) -> None:
+        self.stats["failed"] += 1
+        self.failures_in_a_row += 1
+        print(f"[collect] {rid} failed: {error}", flush=True)
+        if self.failures_in_a_row >= self.max_failures_in_a_row and self.queue:
+            self.stats["not_attempted"] = len(self.queue)
+            self.queue.clear()
+            print(f"[collect] {self.failures_in_a_row} samples failed in a row: stopping; the "
+                  f"{self.stats['not_attempted']} not yet asked are left for a rerun", flush=True)
+
+    def keep(self, prompt: Prompt, index: int, body: dict) -> None:
+        """Record one answer: its reasoning and content, usage, and the verifier's score."""
+        choice = body["choices"][0]
+        reasoning, content = split_reasoning(choice["message"])
+        usage = body.get("usage") or {}
+        record = {"id": f"{prompt.id}#{index}", "prompt_id": prompt.id, "sample_index": index,
+                  "messages": prompt.messages, "reasoning_content": reasoning, "content": content,
+                  "finish_reason": choice.get("finish_reason"), "usage": usage,
+                  "model": body.get("model") or self.request["model"]}
+        if self.instruction:
+            record["instruction"] = self.instruction
+        if prompt.problem is not None:
+            p = prompt.problem
+            record.update(task=p.task, difficulty=p.difficulty, answer=p.answer,
+                          score=self.score(p, content) if self.score else None)
+        stats = self.stats
+        stats["prompt_tokens"] += usage.get("prompt_tokens") or 0
+        stats["completion_tokens"] += usage.get("completion_tokens") or 0
+        details = usage.get("completion_tokens_details") or {}
+        stats["reasoning_tokens"] += details.get("reasoning_tokens") or usage.get("reasoning_tokens") or 0
+        if self.only_correct and record["score"] < CORRECT:
+            stats["rejected"] += 1
+            self.write(rejected_path(self.out), record)
+        else:
+            stats["accepted"] += 1
+            self.write(self.out, record)
 
 
 # ---------------------------------------------------------------------------------------------

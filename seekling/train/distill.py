@@ -23,7 +23,7 @@ The sequences the divergence is measured on come from one of two places, mixed p
   student with the engine, and the teacher scores it. The engine runs on the live student
   module, so each batch reflects the latest optimizer step.
 
-The trainer (`seekling.train.trainer.train`) runs the loop through its `loss_fn` hook, so
+The trainer (`seekling.train.trainer.train`, a job on the scaffold's one Loop) runs it through its `loss_fn` hook, so
 checkpoints, resume, progress, Ctrl-C and scaling out (torchrun with `--parallel ddp|fsdp`, `--ep N`)
 work as for SFT; the teacher is a whole copy on every rank.
 """
@@ -45,7 +45,7 @@ from torch import nn
 
 from seekling.atomic import write_bytes
 from seekling.data import IGNORE_INDEX, BatchLoader, SFTDataset
-from seekling.train.scaffold import inference_view
+from seekling.train.scaffold import inference_view, state_dir_for
 from seekling.train.trainer import add_train_flags, train_config
 
 KINDS = ("forward", "reverse", "mix")
@@ -282,7 +282,7 @@ def run_logits(args: argparse.Namespace) -> dict:
     tok = load_tokenizer(args.student)
     check_compatible(teacher, student, load_tokenizer(args.teacher), tok)
     out = Path(args.out)
-    state_dir = out.parent / "train_state" / out.name
+    state_dir = state_dir_for(out)
     state_dir.mkdir(parents=True, exist_ok=True)
 
     # fixed data and the prompts for on-policy samples

@@ -37,16 +37,12 @@ from seekling.train.rewards import (
 from seekling.train.scaffold import (
     PARALLEL,
     SCHEDULES,
-    Checkpointer,
     Dist,
-    GracefulStop,
-    MetricsLog,
+    Loop,
     Parallelized,
     autocast,
-    lr_at,
-    seed_everything,
-    set_lr,
     setup,
+    state_dir_for,
 )
 
 AGGREGATIONS = ("seq-mean", "token-mean", "dr-grpo")
@@ -303,158 +299,135 @@ def train_rl(policy_dir: str | Path, out_dir: str | Path, state_dir: str | Path,
             raise ValueError(f"prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world} ranks")
         draw = task_sampler(tasks, difficulties, cfg.seed, cells) if tasks is not None \
             else prompt_sampler(prompts, cfg.seed)
-        return _train_rl(policy_dir, Path(out_dir), Path(state_dir), cfg, draw, tasks is not None, reward_fn,
-                         eval_fn, log if d.master else lambda s: None, d)
+        loop = Loop(d, Path(state_dir), cfg, cfg.steps, seed=cfg.seed + d.rank, time_budget_s=cfg.time_budget_s,
+                    clock="session", log_every=1, eval_every=cfg.eval_every, save_every=cfg.save_every,
+                    metrics_file="rl_log.jsonl", config=dataclasses.asdict(cfg),
+                    log=log if d.master else lambda s: None)
+        job = GRPOJob(policy_dir, Path(out_dir), cfg, draw, tasks is not None, reward_fn, eval_fn, d)
+        return loop.run(job)  # each rank samples its own rollouts: the seed is cfg.seed + rank
     finally:
         d.close()
 
 
-def _train_rl(policy_dir: str | Path, out_dir: Path, state_dir: Path, cfg: RLConfig,
-              draw: Callable[[int, int], list], on_tasks: bool, reward_fn: RewardFn | None,
-              eval_fn: Callable[[nn.Module, Any], float] | None, log: Callable[[str], None], d: Dist
-              ) -> dict[str, Any]:
-    from seekling.model.load import load_pretrained
-    from seekling.tokenizer import load_tokenizer
+class GRPOJob:
+    """GRPO on the Loop: a step is one batch of rollouts (dynamic sampling refills it with groups that carry a
+    signal) and the policy update on it; the state is the prompt cursor and the best eval. The model directory
+    holds the best model by `eval_fn`, or without one the last."""
 
-    t_session = time.perf_counter()  # the budget counts everything: loading, evals, saving
-    if d.master:
-        state_dir.mkdir(parents=True, exist_ok=True)
-    policy = load_pretrained(policy_dir)
-    tok = load_tokenizer(policy_dir)
-    ref = load_pretrained(policy_dir, device=d.device).requires_grad_(False) if cfg.beta > 0 else None
-    pm = Parallelized(policy, d, cfg.parallel, cfg.ep)
-    opt = torch.optim.AdamW(pm.module.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    answer_ok = None
-    if on_tasks and cfg.recipe == "r1":
-        from seekling.tasks import extract_answer
+    eval_at_start = True  # the starting policy is the score the best checkpoint must beat
 
-        answer_ok = lambda a: extract_answer(a) is not None  # the tasks' answer format: \boxed{...}
+    def __init__(self, policy_dir: str | Path, out_dir: Path, cfg: RLConfig, draw: Callable[[int, int], list],
+                 on_tasks: bool, reward_fn: RewardFn | None, eval_fn: Callable[[nn.Module, Any], float] | None,
+                 d: Dist):
+        from seekling.model.load import load_pretrained
+        from seekling.tokenizer import load_tokenizer
 
-    ckpt = Checkpointer(state_dir, d)
-    step, cursor, elapsed, best, last_eval_step = 0, 0, 0.0, None, -1  # cursor: prompts drawn so far, all ranks
-    seed_everything(cfg.seed + d.rank)  # each rank samples its own rollouts
-    resumed = ckpt.latest() is not None
-    if resumed:
-        state = ckpt.load(pm, [opt], log)
-        step, cursor, elapsed, best = state["step"], state["cursor"], state["elapsed"], state["best"]
-        log(f"resumed from {ckpt.latest()} at step {step}")
-    rl_log = MetricsLog(state_dir / "rl_log.jsonl", d.master, step if resumed else None)
+        self.out_dir, self.cfg, self.draw, self.reward_fn, self.eval_fn, self.d = out_dir, cfg, draw, reward_fn, \
+            eval_fn, d
+        self.can_evaluate = eval_fn is not None
+        policy = load_pretrained(policy_dir)
+        self.tok = load_tokenizer(policy_dir)
+        self.ref = load_pretrained(policy_dir, device=d.device).requires_grad_(False) if cfg.beta > 0 else None
+        self.pm = Parallelized(policy, d, cfg.parallel, cfg.ep)
+        self.opts = [torch.optim.AdamW(self.pm.module.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                                       weight_decay=cfg.weight_decay)]
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self.answer_ok = None
+        if on_tasks and cfg.recipe == "r1":
+            from seekling.tasks import extract_answer
 
-    def save_state() -> None:
-        ckpt.save(pm, [opt], {"step": step, "cursor": cursor, "elapsed": elapsed, "best": best,
-                              "config": dataclasses.asdict(cfg)})
+            self.answer_ok = lambda a: extract_answer(a) is not None  # the tasks' answer format: \boxed{...}
+        self.P = cfg.prompts_per_step // d.world  # this rank's prompts per step
+        self.cursor, self.best = 0, None  # cursor: prompts drawn so far, all ranks
 
-    def save_model() -> None:
-        pm.save_pretrained(out_dir)
-        if d.master:
-            tok.save_pretrained(out_dir)
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self.cursor, "best": self.best}
 
-    eval_s = 0.0
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.cursor, self.best = state["cursor"], state["best"]
 
-    def evaluate() -> float:
-        """eval_fn on rank 0 (on the unsharded weights), its score on every rank; keeps the best model."""
-        nonlocal best, last_eval_step, eval_s
-        t = time.perf_counter()
-        view = pm.inference_view().eval()
-        score = d.broadcast(float(eval_fn(view, tok)) if d.master else None)
-        last_eval_step = step
-        eval_s = time.perf_counter() - t
-        if best is None or score > best:
-            best = score
-            save_model()
-        return score
+    def begin(self, loop: Loop) -> None:
+        self.engine = make_engine(self.pm.inference_view(), self.tok, max_num_seqs=self.P * self.cfg.group_size)
 
-    P = cfg.prompts_per_step // d.world  # this rank's prompts per step
-    engine = make_engine(pm.inference_view(), tok, max_num_seqs=P * cfg.group_size)
-    if eval_fn is not None and step == 0:
-        log(f"step 0 eval {evaluate():.4f}")
-    elapsed_at_start, last_step_s = elapsed, 0.0
-    stop_reason = "steps"
-    with GracefulStop(log) as stop_signal:
-        while step < cfg.steps:
-            elapsed = elapsed_at_start + (time.perf_counter() - t_session)
-            # Stop when asked (after the step that was running), or when one more step (and the final
-            # eval) would overrun the budget; all ranks together.
-            over_budget = bool(cfg.time_budget_s and elapsed + last_step_s + eval_s > cfg.time_budget_s)
-            if d.agree(over_budget or stop_signal.requested):
-                stop_reason = "interrupted" if d.agree(stop_signal.requested) else "time_budget"
+    def train_step(self, loop: Loop) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.pm.inference_view()  # the engine's module: refreshed from the shards when sharded
+        self.pm.module.eval()
+        kept, seen = self.rollouts()
+        t_rollout, t1 = time.perf_counter() - t0, time.perf_counter()
+        # the policy update: mu optimizer steps on this batch (every rank takes part, so that the gradients and
+        # the update are the same everywhere)
+        cfg = self.cfg
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+        adv = group_advantages(torch.tensor([r for _, _, r in kept]), cfg.scale_std).flatten() if kept \
+            else torch.zeros(0)
+        if self.d.agree(bool(kept) and (adv.abs().max() > 0 or cfg.beta > 0)):
+            stats = update_policy(self.pm.module, self.ref, self.opts[0], kept, adv, cfg, self.pad_id, self.pm)
+        return {**seen, "n_kept": len(kept), "stats": stats, "t_rollout": t_rollout,
+                "t_update": time.perf_counter() - t1}
+
+    def rollouts(self) -> tuple[list[Group], dict[str, Any]]:
+        """This rank's groups for one step and what was seen drawing them (rewards, lengths, zero-variance
+        groups): with dynamic sampling, rounds of fresh prompts until P groups carry a signal."""
+        cfg, d, P = self.cfg, self.d, self.P
+        kept: list[Group] = []
+        seen: dict[str, Any] = {"rewards": {}, "lengths": [], "truncated": 0, "n_groups": 0, "n_zero": 0}
+        for _ in range(cfg.max_sampling_rounds):
+            need = P - len(kept) if cfg.dynamic_sampling else P
+            width = int(max(d.gather(need)))  # each rank's slice of this round's prompts
+            batch = self.draw(self.cursor + d.rank * width, need)
+            self.cursor += width * d.world
+            if need:
+                groups = rollout_and_score(self.engine, self.tok, batch, cfg, self.reward_fn, self.answer_ok,
+                                           seen["rewards"])
+                seen["lengths"] += [len(c.token_ids) for _, g, _ in groups for c in g]
+                seen["truncated"] += sum(c.finish_reason == "length" for _, g, _ in groups for c in g)
+                for group in groups:
+                    zero = max(group[2]) - min(group[2]) < 1e-9
+                    seen["n_groups"] += 1
+                    seen["n_zero"] += zero
+                    if not (zero and cfg.dynamic_sampling):
+                        kept.append(group)
+            if not cfg.dynamic_sampling or not d.agree(len(kept) < P):
                 break
-            t0 = time.perf_counter()
-            progress = step / cfg.steps
-            if cfg.time_budget_s:
-                progress = max(progress, elapsed / cfg.time_budget_s)
-            lr = lr_at(cfg, step, progress)
-            set_lr([opt], lr)
+        return kept[:P], seen
 
-            # 1. rollouts and rewards on this rank's prompts; dynamic sampling refills the batch with groups
-            #    that carry a signal
-            pm.inference_view()  # the engine's module: refreshed from the shards when sharded
-            pm.module.eval()
-            kept: list[Group] = []
-            seen: dict[str, list[float]] = {}
-            lengths: list[int] = []
-            truncated = n_groups = n_zero = 0
-            for _ in range(cfg.max_sampling_rounds):
-                need = P - len(kept) if cfg.dynamic_sampling else P
-                width = int(max(d.gather(need)))  # each rank's slice of this round's prompts
-                batch = draw(cursor + d.rank * width, need)
-                cursor += width * d.world
-                if need:
-                    groups = rollout_and_score(engine, tok, batch, cfg, reward_fn, answer_ok, seen)
-                    lengths += [len(c.token_ids) for _, g, _ in groups for c in g]
-                    truncated += sum(c.finish_reason == "length" for _, g, _ in groups for c in g)
-                    for group in groups:
-                        zero = max(group[2]) - min(group[2]) < 1e-9
-                        n_groups += 1
-                        n_zero += zero
-                        if not (zero and cfg.dynamic_sampling):
-                            kept.append(group)
-                if not cfg.dynamic_sampling or not d.agree(len(kept) < P):
-                    break
-            kept = kept[:P]
-            t_rollout = time.perf_counter() - t0
-
-            # 2. the policy update: mu optimizer steps on this batch (every rank takes part, so that the
-            #    gradients and the update are the same everywhere)
-            t1 = time.perf_counter()
-            stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
-            adv = group_advantages(torch.tensor([r for _, _, r in kept]), cfg.scale_std).flatten() if kept \
-                else torch.zeros(0)
-            if d.agree(bool(kept) and (adv.abs().max() > 0 or cfg.beta > 0)):
-                stats = update_policy(pm.module, ref, opt, kept, adv, cfg, pad_id, pm)
-            step += 1
-            elapsed = elapsed_at_start + (time.perf_counter() - t_session)
-
-            record = step_record(d, step, lr, seen, lengths, truncated, n_groups, n_zero, len(kept), stats)
-            record.update(t_rollout=t_rollout, t_update=time.perf_counter() - t1,
-                          rollouts_per_s=record.pop("rollouts") / t_rollout, elapsed_s=elapsed)
-            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                record["eval"] = evaluate()
-                record["t_eval"] = eval_s
-            rl_log.append(record)
-            last_step_s = time.perf_counter() - t0 - record.get("t_eval", 0.0)
-            eta = (cfg.steps - step) * last_step_s
-            if cfg.time_budget_s:
-                eta = min(eta, cfg.time_budget_s - elapsed)
-            log(f"step {step}/{cfg.steps} reward {record['reward/total_mean']:.3f} "
+    def record(self, loop: Loop, out: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        stats = out["stats"]
+        record = step_record(self.d, loop.step, loop.lr, out["rewards"], out["lengths"], out["truncated"],
+                             out["n_groups"], out["n_zero"], out["n_kept"], stats)
+        record.update(t_rollout=out["t_rollout"], t_update=out["t_update"],
+                      rollouts_per_s=record.pop("rollouts") / out["t_rollout"], elapsed_s=loop.elapsed())
+        text = (f"reward {record['reward/total_mean']:.3f} "
                 + (f"acc {record['accuracy']:.3f} " if "accuracy" in record else "")
                 + f"len {record['len_mean']:.0f} zero-var {record['zero_var_frac']:.2f} kl {stats['kl']:.4f} "
-                + f"clip {stats['clip_frac']:.3f} | rollout {t_rollout:.1f}s update {record['t_update']:.1f}s "
-                + f"{record['rollouts_per_s']:.0f} rollouts/s | ETA {max(eta, 0):.0f}s"
-                + (f" | eval {record['eval']:.4f}" if "eval" in record else ""))
-            if step % cfg.save_every == 0:
-                save_state()
+                + f"clip {stats['clip_frac']:.3f} | rollout {out['t_rollout']:.1f}s update {out['t_update']:.1f}s "
+                + f"{record['rollouts_per_s']:.0f} rollouts/s")
+        return record, text
 
-        if eval_fn is not None and last_eval_step != step and stop_reason != "interrupted":
-            log(f"final eval {evaluate():.4f}")
-        if eval_fn is None:
-            save_model()
-        elapsed = elapsed_at_start + (time.perf_counter() - t_session)
-        save_state()
-    log(f"RL done ({stop_reason}) after {step} steps, {elapsed:.0f}s; model in {out_dir}")
-    return {"steps": step, "stop_reason": stop_reason, "wall_time_s": elapsed, "best_eval": best,
-            "log": str(rl_log.path), "out_dir": str(out_dir)}
+    def evaluate(self, loop: Loop) -> dict[str, float]:
+        """eval_fn on rank 0 (on the unsharded weights), its score on every rank; keeps the best model."""
+        t = time.perf_counter()
+        view = self.pm.inference_view().eval()
+        score = self.d.broadcast(float(self.eval_fn(view, self.tok)) if self.d.master else None)
+        if self.best is None or score > self.best:
+            self.best = score
+            self.write_model()
+        return {"eval": score, "t_eval": time.perf_counter() - t}
+
+    def write_model(self) -> None:
+        self.pm.save_pretrained(self.out_dir)
+        if self.d.master:
+            self.tok.save_pretrained(self.out_dir)
+
+    def save_model(self, loop: Loop, final: bool) -> None:
+        if final and self.eval_fn is None:  # with an eval, the model directory holds the best model already
+            self.write_model()
+
+    def summary(self, loop: Loop) -> dict[str, Any]:
+        return {"steps": loop.step, "stop_reason": "steps" if loop.stopped == "max_steps" else loop.stopped,
+                "wall_time_s": loop.elapsed(), "best_eval": self.best, "log": str(loop.metrics.path),
+                "out_dir": str(self.out_dir)}
 
 
 def rollout_and_score(engine: Any, tok: Any, batch: list[dict[str, Any]], cfg: RLConfig,
@@ -629,7 +602,7 @@ def add_rl_args(parser: argparse.ArgumentParser) -> None:
 def run_rl(args: argparse.Namespace) -> dict[str, Any]:
     cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
     out = Path(args.out)
-    state_dir = Path(args.state_dir) if args.state_dir else out.parent / "train_state" / out.name
+    state_dir = Path(args.state_dir) if args.state_dir else state_dir_for(out)
     difficulties = [int(d) for d in args.difficulty.split(",")] if args.difficulty else None
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None

@@ -12,6 +12,9 @@
     pm.inference_view()                          an unsharded module for the engine (rollouts, on-policy data)
     with GracefulStop(log) as stop: ...          SIGINT / SIGTERM: finish the step, save, stop
     lr_at(cfg, step, progress), MetricsLog, peak_flops, fmt_time
+    Loop(d, state_dir, cfg, steps, ...).run(job) the one training loop: resume and RNG, lr progress, signal and
+                                                 time-budget stops, ETA, logging and metrics, periodic eval and save,
+                                                 the summary; a job (trainer.LMJob, grpo.GRPOJob) supplies the step
 
 Under torchrun every rank runs the same loop: gloo on CPU, nccl on CUDA. A plain `python` process (no
 torchrun) trains alone with no process group and no wrapper, exactly as before the scaffold existed.
@@ -563,3 +566,182 @@ class GracefulStop:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def state_dir_for(out_dir: str | Path) -> Path:
+    """Where a run's training state lives: `<out_dir>/../train_state/<out_dir name>`, beside the model directory
+    and never inside it (a model directory is a plain Hugging Face checkpoint)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / "train_state" / out_dir.name
+
+
+def check_state_dir(out_dir: str | Path, state_dir: str | Path) -> None:
+    if Path(state_dir).resolve().is_relative_to(Path(out_dir).resolve()):
+        raise ValueError(f"state_dir {state_dir} is inside the model directory {out_dir}: keep it beside it")
+
+
+# --- the one training loop ------------------------------------------------------------------------------
+CLOCKS = ("train", "session")
+
+
+class Job(Protocol):
+    """What a training job gives the Loop: its model on the mesh and its optimizers, one step, its evaluation and
+    its own resumable state. `trainer.LMJob` (pretraining, SFT, distillation) and `grpo.GRPOJob` are the two."""
+
+    pm: Parallelized
+    opts: list[torch.optim.Optimizer]
+    out_dir: Path
+    can_evaluate: bool  # evaluate() exists for this run (held-out batches, an eval function)
+    eval_at_start: bool  # evaluate once before the first step (GRPO: the baseline its best checkpoint must beat)
+
+    def begin(self, loop: Loop) -> None: ...  # after the resume, before the first step
+    def train_step(self, loop: Loop) -> Any: ...  # one optimizer (or RL) step at loop.lr; None: the data ran out
+    def record(self, loop: Loop, out: Any) -> tuple[dict[str, Any], str]: ...  # the step's record and log text
+    def evaluate(self, loop: Loop) -> dict[str, float]: ...
+    def save_model(self, loop: Loop, final: bool) -> None: ...  # the Hugging Face directory, when the job wants it
+    def state_dict(self) -> dict[str, Any]: ...  # saved with each checkpoint (data cursor, best score, ...)
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None: ...
+    def summary(self, loop: Loop) -> dict[str, Any]: ...
+
+
+@dataclass
+class Loop:
+    """The one training loop (torchtitan's Trainer.train): each concern one call, the job supplies the step.
+
+    - resume: the latest checkpoint in `state_dir/checkpoints/` (model, optimizers, every RNG, the job's state);
+      a fresh start seeds python / numpy / torch with `seed`;
+    - lr progress: `lr_at(schedule, step, progress)`, progress = steps done over `steps`, or time over the
+      budget when that is further;
+    - stops: `steps`, the data running out, SIGINT / SIGTERM (the step finishes, the state is saved) and the time
+      budget, all ranks together. The `clock` says what the budget counts: "train", the steps' own time (the step
+      that reaches the budget is the last); "session", everything since the job started, loading, evals and saves
+      included (the loop stops when one more step and the final eval would overrun);
+    - every `log_every` steps (and the first, the last and before each save) a record in `state_dir/metrics_file`
+      and a line with the ETA; evals every `eval_every` steps and at the end; checkpoints every `save_every`.
+    """
+
+    d: Dist
+    state_dir: Path
+    schedule: ScheduleConfig
+    steps: int
+    seed: int = 0
+    time_budget_s: float | None = None
+    clock: str = "train"
+    resume: bool = True
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    metrics_file: str = "metrics.jsonl"
+    config: dict[str, Any] | None = None  # saved with each checkpoint: what the run was asked to do
+    log: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {CLOCKS}, not {self.clock!r}")
+        self.state_dir = Path(self.state_dir)
+        self.t_start = time.perf_counter()  # the session clock starts when the job is set up (loading counts)
+        self.step = self.start_step = self.session_steps = 0
+        self.time_at_start = self.train_time = self.session_step_s = self.window_s = 0.0
+        self.last_step_s = self.eval_s = 0.0
+        self.last_eval_step, self.lr, self.stopped = -1, 0.0, None
+
+    def elapsed(self) -> float:
+        """Seconds on the budget's clock, resumed sessions included."""
+        if self.clock == "train":
+            return self.train_time
+        return self.time_at_start + time.perf_counter() - self.t_start
+
+    def progress(self) -> float:
+        p = self.step / self.steps
+        return max(p, self.elapsed() / self.time_budget_s) if self.time_budget_s else p
+
+    def run(self, job: Job) -> dict[str, Any]:
+        self.restore(job)
+        job.begin(self)
+        if job.can_evaluate and job.eval_at_start and self.step == 0:
+            self.evaluate(job)
+        with GracefulStop(self.log) as self.signal:
+            while self.stopped is None:
+                self.stopped = self.one_step(job)
+            if job.can_evaluate and self.last_eval_step != self.step and self.stopped != "interrupted":
+                self.evaluate(job)
+            self.save(job, final=True)
+        self.log(f"{self.stopped} at step {self.step} ({fmt_time(self.elapsed())}): model in {job.out_dir}, "
+                 f"training state in {self.state_dir}")
+        return job.summary(self)
+
+    def restore(self, job: Job) -> None:
+        """Seed, then resume from the latest checkpoint when there is one (and `resume`)."""
+        seed_everything(self.seed)
+        self.ckpt = Checkpointer(self.state_dir, self.d)
+        resumed = self.resume and self.ckpt.latest() is not None
+        if resumed:
+            state = self.ckpt.load(job.pm, job.opts, self.log)
+            self.step = self.start_step = state["step"]
+            # (train_time / elapsed: the keys of the two loops before there was one)
+            self.time_at_start = state.get("time_s", state.get("train_time", state.get("elapsed", 0.0)))
+            self.train_time = self.time_at_start
+            job.load_state_dict(state, self.step)
+            self.log(f"resumed from {self.ckpt.latest()} at step {self.step}")
+        elif self.resume:
+            self.log(f"no saved state in {self.state_dir}: starting from scratch")
+        self.metrics = MetricsLog(self.state_dir / self.metrics_file, self.d.master, self.step if resumed else None)
+
+    def one_step(self, job: Job) -> str | None:
+        """One step, then its record, eval and checkpoint when due; the reason to stop, or None to go on."""
+        if self.step >= self.steps:
+            return "max_steps"
+        t0 = time.perf_counter()
+        self.lr = lr_at(self.schedule, self.step, self.progress())
+        set_lr(job.opts, self.lr)
+        out = job.train_step(self)
+        if out is None:
+            return "data_exhausted"
+        self.step += 1
+        self.last_step_s = time.perf_counter() - t0
+        self.train_time += self.last_step_s
+        self.window_s += self.last_step_s
+        self.session_steps += 1
+        self.session_step_s += self.last_step_s
+        stop = self.d.agree(self.signal.requested or self.out_of_time())
+        save_due = bool(self.save_every) and self.step % self.save_every == 0
+        eval_due = job.can_evaluate and bool(self.eval_every) and self.step % self.eval_every == 0
+        evals = self.evaluate(job, record=False) if eval_due else {}
+        if self.step % self.log_every == 0 or self.step in (self.start_step + 1, self.steps) or stop or save_due:
+            record, text = job.record(self, out)
+            self.metrics.append({**record, **evals})
+            self.log(f"step {self.step}/{self.steps} | {text} | eta {fmt_time(self.eta())}")
+            self.window_s = 0.0
+        elif evals:
+            self.metrics.append({"step": self.step, **evals})
+        if stop:
+            return "interrupted" if self.d.agree(self.signal.requested) else "time_budget"
+        if save_due:
+            self.save(job)
+        return None
+
+    def out_of_time(self) -> bool:
+        if not self.time_budget_s:
+            return False
+        if self.clock == "train":
+            return self.train_time >= self.time_budget_s
+        return self.elapsed() + self.last_step_s + self.eval_s > self.time_budget_s
+
+    def eta(self) -> float:
+        """This session's pace over the steps left, and never past the time budget."""
+        remaining = (self.steps - self.step) * self.session_step_s / max(self.session_steps, 1)
+        return min(remaining, self.time_budget_s - self.elapsed()) if self.time_budget_s else remaining
+
+    def evaluate(self, job: Job, record: bool = True) -> dict[str, float]:
+        t = time.perf_counter()
+        result = job.evaluate(self)
+        self.eval_s, self.last_eval_step = time.perf_counter() - t, self.step
+        self.log(f"step {self.step} | " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        if record:
+            self.metrics.append({"step": self.step, **result})
+        return result
+
+    def save(self, job: Job, final: bool = False) -> None:
+        job.save_model(self, final)
+        self.ckpt.save(job.pm, job.opts, {"step": self.step, "time_s": self.elapsed(), "config": self.config,
+                                          **job.state_dict()})

@@ -1,4 +1,4 @@
-"""The one training loop, for pretraining, SFT and distillation (nanoGPT style, top to bottom).
+"""Pretraining, SFT and distillation (nanoGPT style, top to bottom): a job on the scaffold's one Loop.
 
     summary = train(model, BatchLoader(...), TrainConfig(max_steps=2000), "runs/x/base")
 
@@ -6,10 +6,12 @@
 the default is the model's own loss (language modelling, SFT labels with -100), distillation
 passes a KD loss. The model goes to `out_dir` (Hugging Face layout); everything needed to resume
 exactly (weights, optimizer, step, RNG, data cursor) goes to `state_dir/checkpoints/` and the
-metrics to `state_dir/metrics.jsonl`, beside it and never inside it. Devices, process groups,
-DDP / FSDP2 / expert parallelism, the schedule, checkpoints and signals are the scaffold's
-(`seekling/train/scaffold.py`), shared with GRPO. Under torchrun every rank runs this same
-function, each on its slice of the data; rank 0 logs and writes the model directory.
+metrics to `state_dir/metrics.jsonl`, beside it and never inside it. `LMJob` is the step (forward,
+backward, optimizer over the micro-batches), its record and its eval; resume, the schedule, stops,
+logging, periodic eval and save are the Loop's, devices, process groups, DDP / FSDP2 / expert
+parallelism and checkpoints the scaffold's (`seekling/train/scaffold.py`), shared with GRPO. Under
+torchrun every rank runs this same job, each on its slice of the data; rank 0 logs and writes the
+model directory.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
@@ -31,19 +32,15 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from seekling.train.scaffold import (
     PARALLEL,
     SCHEDULES,
-    Checkpointer,
     Dist,
-    GracefulStop,
-    MetricsLog,
+    Loop,
     Parallelized,
     autocast,
-    fmt_time,
-    lr_at,
+    check_state_dir,
     peak_flops,
     precision,
-    seed_everything,
-    set_lr,
     setup,
+    state_dir_for,
 )
 
 Batch = dict[str, torch.Tensor]
@@ -176,161 +173,136 @@ def train(
     the module is sharded in place: read the result from `out_dir`.
     """
     out_dir = Path(out_dir)
-    state_dir = Path(state_dir) if state_dir is not None else out_dir.parent / "train_state" / out_dir.name
-    if state_dir.resolve().is_relative_to(out_dir.resolve()):
-        raise ValueError(f"state_dir {state_dir} is inside the model directory {out_dir}: keep it beside it")
+    state_dir = Path(state_dir) if state_dir is not None else state_dir_for(out_dir)
+    check_state_dir(out_dir, state_dir)
     d = setup(cfg.device, cfg.ep)
     try:
-        return _train(model, train_batches, cfg, out_dir, state_dir, eval_batches, loss_fn or lm_loss, resume, d)
+        job = LMJob(model, train_batches, cfg, out_dir, eval_batches, loss_fn or lm_loss, d)
+        loop = Loop(d, state_dir, cfg, cfg.max_steps, seed=cfg.seed, time_budget_s=cfg.time_budget_s, clock="train",
+                    resume=resume, log_every=cfg.log_every, eval_every=cfg.eval_every,
+                    save_every=cfg.checkpoint_every, config=dataclasses.asdict(cfg), log=d.log)
+        return loop.run(job)
     finally:
         d.close()
 
 
-def _train(model: nn.Module, train_batches: Iterable[Batch], cfg: TrainConfig, out_dir: Path, state_dir: Path,
-           eval_batches: Iterable[Batch] | None, loss_fn: LossFn, resume: bool, d: Dist) -> dict:
-    log, device = d.log, d.device
-    seed_everything(cfg.seed)
-    pm = Parallelized(model, d, cfg.parallel, cfg.ep)
-    raw = pm.module
-    raw.train()
-    opts = make_optimizers(raw, cfg)
-    ckpt = Checkpointer(state_dir, d)
-    step, tokens_seen, train_time = 0, 0, 0.0
-    resumed = resume and ckpt.latest() is not None
-    if resumed:
-        state = ckpt.load(pm, opts, log)
-        step, tokens_seen, train_time = state["step"], state["tokens"], state["train_time"]
-        if state["data"] is not None and hasattr(train_batches, "load_state_dict"):
-            train_batches.load_state_dict(state["data"])
+class LMJob:
+    """Pretraining, SFT and distillation on the Loop: a step is one optimizer step over `grad_accum` micro-batches
+    of `loss_fn`; the state is the data cursor and the tokens seen; every checkpoint writes the model too."""
+
+    eval_at_start = False
+
+    def __init__(self, model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir: Path,
+                 eval_batches: Iterable[Batch] | None, loss_fn: LossFn, d: Dist):
+        self.cfg, self.out_dir, self.d, self.device = cfg, out_dir, d, d.device
+        self.source, self.eval_batches, self.loss_fn = batches, eval_batches, loss_fn
+        self.can_evaluate = eval_batches is not None
+        self.pm = Parallelized(model, d, cfg.parallel, cfg.ep)
+        self.raw = self.pm.module
+        self.raw.train()
+        self.opts = make_optimizers(self.raw, cfg)
+        self.fwd = torch.compile(self.pm.fwd) if cfg.compile else self.pm.fwd
+        self.n_params, self.peak = active_params(self.raw), cfg.peak_flops or peak_flops(d.device)
+        self.tokens = self.window_tokens = 0
+        self.last_loss, self.last_eval = float("nan"), None
+
+    def state_dict(self) -> dict:
+        return {"tokens": self.tokens,
+                "data": self.source.state_dict() if hasattr(self.source, "state_dict") else None}
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        self.tokens = state["tokens"]
+        if state["data"] is not None and hasattr(self.source, "load_state_dict"):
+            self.source.load_state_dict(state["data"])
         else:  # a plain iterable: replay it up to where we were
-            train_batches = islice(train_batches, step * cfg.grad_accum, None)
-        log(f"resumed from {ckpt.latest()} at step {step}")
-    elif resume:
-        log(f"no saved state in {state_dir}: starting from scratch")
-    metrics = MetricsLog(state_dir / "metrics.jsonl", d.master, step if resumed else None)
-    fwd = torch.compile(pm.fwd) if cfg.compile else pm.fwd
+            self.source = islice(self.source, step * self.cfg.grad_accum, None)
 
-    # MFU: ~6 FLOPs per active (non-embedding) parameter per token, forward + backward
-    mcfg = getattr(raw, "config", None)
-    if hasattr(mcfg, "num_parameters"):
-        mtp_trained = getattr(mcfg, "mtp_loss_weight", 0) > 0
-        n_params = mcfg.num_parameters(include_mtp=mtp_trained, active=True) - mcfg.vocab_size * mcfg.hidden_size
-    else:
-        n_params = sum(p.numel() for n, p in raw.named_parameters() if "embed" not in n)
-    peak = cfg.peak_flops or peak_flops(device)
+    def begin(self, loop: Loop) -> None:
+        self.batches = iter(self.source)
+        d, cfg = self.d, self.cfg
+        how = f"{cfg.parallel}{f', ep {cfg.ep}' if cfg.ep > 1 else ''} over {dist.get_backend()}" if d.distributed \
+            else "one process"
+        loop.log(f"training {self.n_params / 1e6:.2f}M active params on {self.device} x{d.world} ({how}, "
+                 f"{precision(self.device)}), steps {loop.step}->{loop.steps}")
 
-    def evaluate() -> float:
-        raw.eval()
+    def train_step(self, loop: Loop) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor] | None:
+        """Forward / backward over the micro-batches (DDP syncs gradients on the last one only), then the
+        optimizer step. Returns the summed loss, the summed metrics and the gradient norm, or None at the end."""
+        cfg, device = self.cfg, self.device
+        try:
+            micro = [next(self.batches) for _ in range(cfg.grad_accum)]
+        except StopIteration:
+            return None
+        loss_sum = torch.zeros((), device=device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        step_tokens = 0
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            step_tokens += batch["input_ids"].numel()
+            with self.pm.no_sync(last=i == cfg.grad_accum - 1):
+                with autocast(device):
+                    loss, parts = self.loss_fn(self.fwd, batch)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+            for k, v in parts.items():
+                v = torch.as_tensor(v, dtype=torch.float32, device=device).detach()
+                metric_sums[k] = metric_sums.get(k, 0.0) + v
+        grad_norm = self.pm.optimizer_step(self.opts, cfg.grad_clip)
+        self.tokens += step_tokens * self.d.world
+        self.window_tokens += step_tokens * self.d.world
+        return loss_sum, metric_sums, grad_norm
+
+    def record(self, loop: Loop, out: tuple) -> tuple[dict, str]:
+        """The step's record (loss and metrics averaged over ranks; tokens/s and MFU since the last record)."""
+        loss_sum, metric_sums, grad_norm = out
+        names = sorted(metric_sums)
+        vals = torch.stack([loss_sum] + [metric_sums[k].to(self.device) for k in names]) / self.cfg.grad_accum
+        if self.d.distributed:
+            dist.all_reduce(vals, op=dist.ReduceOp.AVG)
+        self.last_loss = vals[0].item()
+        if not math.isfinite(self.last_loss):  # stop before a diverged run overwrites the last good checkpoint
+            raise FloatingPointError(f"loss is {self.last_loss} at step {loop.step}: lower the lr or check the data "
+                                     f"(the last good state is in {loop.state_dir})")
+        tps = self.window_tokens / max(loop.window_s, 1e-9)
+        self.window_tokens = 0
+        record = {"step": loop.step, "loss": self.last_loss, "lr": loop.lr, "grad_norm": grad_norm.item(),
+                  "tokens": self.tokens, "tokens_per_s": tps, "mfu": 6 * self.n_params * tps / self.peak,
+                  "time_s": loop.elapsed(), **{k: v.item() for k, v in zip(names, vals[1:], strict=True)}}
+        loads = self.raw.expert_load() if hasattr(self.raw, "expert_load") else []
+        if loads:  # per MoE layer: the busiest expert's load over the mean (1.0 = balanced)
+            record["expert_load_max_mean"] = [(lo.max() / lo.mean().clamp_min(1e-9)).item() for lo in loads]
+        text = f"loss {self.last_loss:.4f} | lr {loop.lr:.2e} | {tps:,.0f} tok/s | mfu {100 * record['mfu']:.1f}%"
+        return record, text
+
+    def evaluate(self, loop: Loop) -> dict[str, float]:
+        self.raw.eval()
         losses = []
-        with torch.no_grad(), autocast(device):
-            for batch in islice(eval_batches, cfg.eval_batches):
-                losses.append(loss_fn(fwd, {k: v.to(device) for k, v in batch.items()})[0].float())
-        raw.train()
+        with torch.no_grad(), autocast(self.device):
+            for batch in islice(self.eval_batches, self.cfg.eval_batches):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                losses.append(self.loss_fn(self.fwd, batch)[0].float())
+        self.raw.train()
         if not losses:
             raise ValueError("eval_batches is empty (or an exhausted iterator: pass a list)")
-        mean = d.sum([torch.stack(losses).mean().item()])[0] / d.world
-        metrics.append({"step": step, "eval_loss": mean})
-        log(f"step {step} | eval loss {mean:.4f}")
-        return mean
+        self.last_eval = self.d.sum([torch.stack(losses).mean().item()])[0] / self.d.world
+        return {"eval_loss": self.last_eval}
 
-    def save() -> None:
-        pm.save_pretrained(out_dir)
-        ckpt.save(pm, opts, {"step": step, "tokens": tokens_seen, "train_time": train_time,
-                             "data": train_batches.state_dict() if hasattr(train_batches, "state_dict") else None,
-                             "config": dataclasses.asdict(cfg)})
+    def save_model(self, loop: Loop, final: bool) -> None:
+        self.pm.save_pretrained(self.out_dir)
 
-    batches = iter(train_batches)
-    stop_reason, last_loss, last_eval = "max_steps", float("nan"), None
-    window_tokens, window_time = 0, 0.0  # for tokens/s since the last log line
-    start_step, start_time = step, train_time  # for the ETA: this session's pace
-    how = f"{cfg.parallel}{f', ep {cfg.ep}' if cfg.ep > 1 else ''} over {dist.get_backend()}" if d.distributed \
-        else "one process"
-    log(f"training {n_params / 1e6:.2f}M active params on {device} x{d.world} ({how}, {precision(device)}), "
-        f"steps {step}->{cfg.max_steps}")
-    with GracefulStop(log) as stop_signal:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            progress = step / cfg.max_steps
-            if cfg.time_budget_s:
-                progress = max(progress, train_time / cfg.time_budget_s)
-            lr = lr_at(cfg, step, progress)
-            set_lr(opts, lr)
+    def summary(self, loop: Loop) -> dict:
+        return {"step": loop.step, "tokens": self.tokens, "loss": self.last_loss, "eval_loss": self.last_eval,
+                "train_time_s": loop.train_time, "tokens_per_s": self.tokens / max(loop.train_time, 1e-9),
+                "stopped": loop.stopped, "history": loop.metrics.records}
 
-            # forward / backward over the micro-batches; DDP syncs gradients on the last one only
-            loss_sum = torch.zeros((), device=device)
-            metric_sums: dict[str, torch.Tensor] = {}
-            step_tokens = 0
-            try:
-                micro = [next(batches) for _ in range(cfg.grad_accum)]
-            except StopIteration:
-                stop_reason = "data_exhausted"
-                break
-            for i, batch in enumerate(micro):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                step_tokens += batch["input_ids"].numel()
-                with pm.no_sync(last=i == cfg.grad_accum - 1):
-                    with autocast(device):
-                        loss, parts = loss_fn(fwd, batch)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float()
-                for k, v in parts.items():
-                    v = torch.as_tensor(v, dtype=torch.float32, device=device).detach()
-                    metric_sums[k] = metric_sums.get(k, 0.0) + v
 
-            grad_norm = pm.optimizer_step(opts, cfg.grad_clip)
-            step += 1
-            step_tokens *= d.world
-            tokens_seen += step_tokens
-            dt = time.perf_counter() - t0
-            train_time += dt
-            window_tokens += step_tokens
-            window_time += dt
-
-            out_of_time = bool(cfg.time_budget_s and train_time >= cfg.time_budget_s)
-            stop = d.agree(stop_signal.requested or out_of_time)
-
-            checkpoint_due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
-            # log (and check the loss) at least before every save
-            if step % cfg.log_every == 0 or step in (start_step + 1, cfg.max_steps) or stop or checkpoint_due:
-                names = sorted(metric_sums)
-                vals = torch.stack([loss_sum] + [metric_sums[k].to(device) for k in names]) / cfg.grad_accum
-                if d.distributed:
-                    dist.all_reduce(vals, op=dist.ReduceOp.AVG)
-                last_loss = vals[0].item()
-                if not math.isfinite(last_loss):  # stop before a diverged run overwrites the last good checkpoint
-                    raise FloatingPointError(f"loss is {last_loss} at step {step}: lower the lr or check the data "
-                                             f"(the last good state is in {state_dir})")
-                tps = window_tokens / max(window_time, 1e-9)
-                record = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                          "tokens": tokens_seen, "tokens_per_s": tps, "mfu": 6 * n_params * tps / peak,
-                          "time_s": train_time, **{k: v.item() for k, v in zip(names, vals[1:], strict=True)}}
-                loads = raw.expert_load() if hasattr(raw, "expert_load") else []
-                if loads:  # per MoE layer: the busiest expert's load over the mean (1.0 = balanced)
-                    record["expert_load_max_mean"] = [(lo.max() / lo.mean().clamp_min(1e-9)).item()
-                                                      for lo in loads]
-                remaining = (cfg.max_steps - step) * (train_time - start_time) / (step - start_step)
-                if cfg.time_budget_s:
-                    remaining = min(remaining, cfg.time_budget_s - train_time)
-                log(f"step {step}/{cfg.max_steps} | loss {last_loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
-                    f"mfu {100 * record['mfu']:.1f}% | eta {fmt_time(remaining)}", flush=True)
-                window_tokens, window_time = 0, 0.0
-                metrics.append(record)
-
-            if eval_batches is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                last_eval = evaluate()
-            if stop:
-                stop_reason = "interrupted" if stop_signal.requested else "time_budget"
-                break
-            if checkpoint_due:
-                save()
-
-        if eval_batches is not None and (not cfg.eval_every or step % cfg.eval_every):
-            last_eval = evaluate()
-        save()
-    log(f"{stop_reason} at step {step}: saved the model to {out_dir}, the training state to {state_dir}")
-    return {"step": step, "tokens": tokens_seen, "loss": last_loss, "eval_loss": last_eval,
-            "train_time_s": train_time, "tokens_per_s": tokens_seen / max(train_time, 1e-9),
-            "stopped": stop_reason, "history": metrics.records}
+def active_params(model: nn.Module) -> int:
+    """For MFU: the active non-embedding parameters (~6 FLOPs each per token, forward + backward)."""
+    mcfg = getattr(model, "config", None)
+    if hasattr(mcfg, "num_parameters"):
+        mtp_trained = getattr(mcfg, "mtp_loss_weight", 0) > 0
+        return mcfg.num_parameters(include_mtp=mtp_trained, active=True) - mcfg.vocab_size * mcfg.hidden_size
+    return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
 
 
 # --- command-line flags shared by the training commands ------------------------------------------------
