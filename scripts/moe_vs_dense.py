@@ -85,10 +85,14 @@ def shapes() -> dict[str, dict]:
     return out
 
 
-def family(shape: str) -> list[str]:
+PARTNERS = ("dense_active", "dense_total")
+ARMS = ("time", "flops")
+
+
+def family(shape: str, partners: tuple[str, ...] = PARTNERS) -> list[str]:
     """An MoE shape and its dense partners, the MoE first (the reference of the budgets)."""
     prefix = "" if shape == "moe" else f"{shape}-"
-    return [shape, prefix + "dense_active", prefix + "dense_total"]
+    return [shape] + [prefix + p for p in partners]
 
 
 def model_config(name: str, tok) -> ModelConfig:
@@ -160,15 +164,17 @@ def calibrate(names: list[str], tok, data: PackedDataset, rounds: int = 2) -> di
     return out
 
 
-def plan(cal: dict, moe: str, budget_s: float) -> dict[str, int]:
+def plan(cal: dict, moe: str, budget_s: float, arms: tuple[str, ...] = ARMS) -> dict[str, int]:
     """Step counts per run: the MoE's (budget_s of CPU time), then '<model>@time' (equal CPU time) and
-    '<model>@flops' (the MoE's FLOPs) for each dense partner."""
+    '<model>@flops' (the MoE's FLOPs) for each dense partner, for the arms asked for."""
     moe_steps = round(budget_s / cal[moe]["cpu_s"])
     runs = {moe: moe_steps}
     for n in cal:
         if n != moe:
-            runs[f"{n}@time"] = round(budget_s / cal[n]["cpu_s"])
-            runs[f"{n}@flops"] = round(moe_steps * cal[moe]["flops_per_step"] / cal[n]["flops_per_step"])
+            if "time" in arms:
+                runs[f"{n}@time"] = round(budget_s / cal[n]["cpu_s"])
+            if "flops" in arms:
+                runs[f"{n}@flops"] = round(moe_steps * cal[moe]["flops_per_step"] / cal[n]["flops_per_step"])
     return runs
 
 
@@ -245,6 +251,8 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=400, help="the wall budget of the MoE run, in CPU seconds")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--shape", default="moe", choices=sorted(MOE_SHAPES), help="the MoE (with its dense partners)")
+    p.add_argument("--partners", default=",".join(PARTNERS), help="the dense partners to train, comma-separated")
+    p.add_argument("--arms", default=",".join(ARMS), help="equal CPU time and/or equal FLOPs, comma-separated")
     p.add_argument("--eval-n", type=int, default=25, help="held-out problems per task and level (levels 1-2)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="only the MoE layer's time split, expert utilisation "
@@ -265,8 +273,8 @@ def main() -> None:
     data = PackedDataset(Path(args.data) / "data" / "pretrain", SEQ_LEN)
     train_set, val = Windows(data, 0, len(data) - VAL_WINDOWS), Windows(data, len(data) - VAL_WINDOWS, len(data))
     if "calibration" not in results:  # once: the step counts must not change on a resume
-        results["calibration"] = calibrate(family(args.shape), tok, data)
-        results["plan"] = plan(results["calibration"], args.shape, args.budget_s)
+        results["calibration"] = calibrate(family(args.shape, tuple(args.partners.split(","))), tok, data)
+        results["plan"] = plan(results["calibration"], args.shape, args.budget_s, tuple(args.arms.split(",")))
         save()
     print("plan (steps):", results["plan"])
     for seed in range(args.seeds):
