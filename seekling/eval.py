@@ -89,6 +89,32 @@ def evaluate(engine: Any, problems: list[Problem], k: int = 4, max_tokens: int =
     return result
 
 
+def chat_eval(engine: Any, n: int = 100, seed: int = 0, max_tokens: int = 200) -> dict[str, Any]:
+    """The model on held-out conversations (seekling.tasks.chat: phrasings SFT never saw), greedy: the share whose
+    reply passes `chat.passes` (words, no \\boxed{}, finished; identity questions answered with the name, requests
+    outside its domain declined), overall and per kind, with per-conversation scores (for intervals) and a few
+    examples for the report."""
+    from seekling.engine import SamplingParams
+    from seekling.tasks.chat import KINDS, conversations, passes
+
+    t0 = time.time()
+    convs = conversations(n, "test", seed)
+    outs = engine.generate([c.prompt() for c in convs], SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    scores, examples = [], []
+    for c, o in zip(convs, outs, strict=True):
+        out = o.outputs[0]
+        ok = passes(c.kind, _completion(out), out.finish_reason)
+        scores.append(float(ok))
+        if len(examples) < 8:
+            examples.append({"kind": c.kind, "prompt": c.prompt()[-1]["content"], "reply": out.text.strip(),
+                             "pass": ok})
+    by_kind = {k: sum(s for c, s in zip(convs, scores, strict=True) if c.kind == k)
+               / max(1, sum(c.kind == k for c in convs)) for k in KINDS}
+    return {"pass": sum(scores) / len(scores), "n": len(scores), "by_kind": by_kind,
+            "scores": {"cell": [f"chat/{c.kind}" for c in convs], "pass": scores}, "examples": examples,
+            "eval_time_s": round(time.time() - t0, 1)}
+
+
 def score_table(results: list[dict[str, Any]], metric: str, cells: set[str] | None = None) -> np.ndarray:
     """[seeds, problems] table of one metric from `evaluate` results on the same problems (one result per
     seed), restricted to the given "task/level" cells (all when None): the input of seekling.stats.interval."""

@@ -156,7 +156,19 @@ def write_report(run: str | Path) -> Path:
     if curves:
         made += _plot_r1_zero_seeds(curves, plots, plt)
 
-    stages = {s: results["stages"][s] for s in STAGE_ORDER if s in results.get("stages", {})}
+    lines = _header(results) + _accuracy_text(results, intervals)
+    if intervals.get("chat"):
+        lines.append(_chat_text(results, intervals["chat"]))
+    if curves:
+        lines.append(_r1_zero_text(curves))
+    lines += ["## Plots", ""] + [f"![{m}](plots/{m})" for m in made] + [""]
+    path = run / "report.md"
+    write_text(path, "\n".join(lines))
+    print(f"report: {path}")
+    return path
+
+
+def _header(results: dict[str, Any]) -> list[str]:
     lines = [f"# seekling speedrun report — preset `{results.get('preset')}`", ""]
     wall = results.get("wall_time_s")
     if wall:
@@ -170,6 +182,13 @@ def write_report(run: str | Path) -> Path:
                      f"{data.get('vocab_size')} tokens; corpus {data.get('pretrain_tokens', 0):,} tokens.")
     lines.append(_steps_line(results))
     lines.append("")
+    return lines
+
+
+def _accuracy_text(results: dict[str, Any], intervals: dict[str, Any]) -> list[str]:
+    """The held-out tables: overall, by task and level, the fixed measure and RL's own cells."""
+    stages = {s: results["stages"][s] for s in STAGE_ORDER if s in results.get("stages", {})}
+    lines: list[str] = []
     by_stage = intervals.get("stages") or None
     if stages:
         n_seeds = intervals.get("seeds", 1)
@@ -188,25 +207,55 @@ def write_report(run: str | Path) -> Path:
         lines += [summary, "### pass@1 by task and level", "", format_table(stages, "pass@1", by_stage),
                   "### greedy by task and level", "", format_table(stages, "greedy", by_stage)]
         cells = [tuple(c) for c in results.get("rl", {}).get("cells") or []]
-        if intervals.get("rl_cells"):
-            lines.append(_rl_verdict_intervals(intervals, cells))
-        elif "rl" in stages and "sft" in stages:
+        if intervals.get("fixed"):
+            lines.append(_cells_verdict(intervals["fixed"], _cells(intervals["fixed"]), "The fixed measure",
+                                        f"the same problems for every stage; RL trained on {_where(cells)}"))
+        same = intervals.get("fixed") and sorted(_cells(intervals["fixed"])) == sorted(cells)
+        if intervals.get("rl_cells") and not same:
+            lines.append(_cells_verdict(intervals["rl_cells"], cells, "RL on its target cells", ""))
+        elif "rl" in stages and "sft" in stages and not intervals.get("rl_cells"):
             lines.append(_rl_verdict(results.get("rl_cells_eval") or stages, cells))
-    if curves:
-        lines.append(_r1_zero_text(curves))
-    lines += ["## Plots", ""] + [f"![{m}](plots/{m})" for m in made] + [""]
-    path = run / "report.md"
-    write_text(path, "\n".join(lines))
-    print(f"report: {path}")
-    return path
+    return lines
+
+
+def _cells(ci: dict[str, Any]) -> list[tuple[str, int]]:
+    return [(c.split("/")[0], int(c.split("/")[1])) for c in ci["by_cell"]]
+
+
+def _where(cells: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{t} {lv}" for t, lv in cells)
+
+
+def _chat_text(results: dict[str, Any], chat: dict[str, Any]) -> str:
+    """Does the model know what it is: the chat eval's pass rate per stage, per kind, and a few of RL's replies."""
+    from seekling.tasks.chat import KINDS
+
+    evals = results.get("chat", {})
+    n = evals.get("rl", {}).get("n", 0)
+    text = (f"## Does it know what it is?\n\n{n} held-out conversations (phrasings SFT never saw), greedy. A reply "
+            "passes when it finished, is words (no `\\boxed{}`, more letters than digits), names the model "
+            "(\"seekling\") when asked who it is or what it can do, and declines a request outside its domain "
+            f"in words. Means over {chat['rl']['seeds']} seed(s) with 95% intervals; by kind: seed 0.\n\n")
+    text += "| stage | pass | " + " | ".join(KINDS) + " |\n|---|---|" + "---|" * len(KINDS) + "\n"
+    for stage, ci in chat.items():
+        kinds = evals.get(stage, {}).get("by_kind", {})
+        text += f"| {stage} | {fmt(ci)} | " + " | ".join(f"{100 * kinds.get(k, 0):.0f}%" for k in KINDS) + " |\n"
+    examples = evals.get("rl", {}).get("examples", [])
+    if examples:
+        text += "\nRL's replies (seed 0):\n\n| kind | prompt | reply | pass |\n|---|---|---|---|\n"
+        clean = lambda t: t.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        text += "".join(f"| {e['kind']} | {clean(e['prompt'])} | {clean(e['reply'])} | "
+                        f"{'yes' if e['pass'] else 'no'} |\n" for e in examples)
+    return text
 
 
 def run_intervals(results: dict[str, Any]) -> dict[str, Any]:
     """Means with 95% intervals over the seeds that finished and the held-out problems (seekling.stats):
-    per stage (greedy, pass@1) and per task/level cell, and on the RL cells per stage, per cell and for
-    RL's differences to SFT, the equal-time control and the base (paired by problem and seed)."""
+    per stage (greedy, pass@1) and per task/level cell; on the RL cells and on the fixed measure per stage, per cell
+    and for RL's differences to SFT, the equal-time control and the base (paired by problem and seed); and the
+    chat eval's pass rate per stage."""
     seeds = [results] + [results["replicates"][k] for k in sorted(results.get("replicates", {}), key=int)]
-    seeds = [s for s in seeds if "rl_cells_eval" in s or "sft_control" in s.get("stages", {})]
+    seeds = [s for s in seeds if "rl_cells_eval" in s or "fixed" in s or "sft_control" in s.get("stages", {})]
 
     def tables(key: str, stage: str, metric: str, cells: set[str] | None = None):
         evals = [s[key][stage] for s in seeds if stage in s.get(key, {})]
@@ -216,7 +265,7 @@ def run_intervals(results: dict[str, Any]) -> dict[str, Any]:
             return None
         return score_table(evals, metric, cells)
 
-    out: dict[str, Any] = {"seeds": len(seeds), "stages": {}, "rl_cells": {}}
+    out: dict[str, Any] = {"seeds": len(seeds), "stages": {}}
     for stage in ("base", "sft", "sft_control", "rl"):
         if tables("stages", stage, "pass@1") is None:
             continue
@@ -225,19 +274,32 @@ def run_intervals(results: dict[str, Any]) -> dict[str, Any]:
         cells = sorted(set(results["stages"][stage]["scores"]["cell"]))
         entry["by_cell"] = {c: {m: interval(tables("stages", stage, m, {c})) for m in ("greedy", "pass@1")}
                             for c in cells}
-    rl_seeds = [s for s in seeds if "rl_cells_eval" in s]
-    if rl_seeds and "scores" in rl_seeds[0]["rl_cells_eval"]["rl"]:
-        evals = {stage: [s["rl_cells_eval"][stage] for s in rl_seeds] for stage in ("base", "sft", "sft_control", "rl")}
-        evals["base"] = evals["base"][:1]  # the shared base: one row, broadcast against the seeds
-        cells = sorted(set(evals["rl"][0]["scores"]["cell"]))
-        rl_out = out["rl_cells"]
-        for metric in ("pass@1", "greedy"):
-            t = {stage: score_table(e, metric) for stage, e in evals.items()}
-            rl_out[metric] = {stage: interval(v) for stage, v in t.items()}
-            rl_out[metric].update({f"rl-{other}": interval(t["rl"] - t[other]) for other in ("sft", "sft_control",
-                                                                                              "base")})
-        rl_out["by_cell"] = {c: {stage: interval(score_table(e, "pass@1", {c})) for stage, e in evals.items()}
-                             for c in cells}
+    out["rl_cells"] = cell_intervals(seeds, "rl_cells_eval")
+    out["fixed"] = cell_intervals(seeds, "fixed")
+    chat_seeds = [s["chat"] for s in seeds if "chat" in s]
+    if chat_seeds:  # the base (no conversations in its training) once; the other stages over the seeds
+        per_stage = {stage: [c[stage] for c in (chat_seeds[:1] if stage == "base" else chat_seeds)]
+                     for stage in STAGE_ORDER if stage in chat_seeds[0]}
+        out["chat"] = {stage: interval(score_table(evals, "pass")) for stage, evals in per_stage.items()}
+    return out
+
+
+def cell_intervals(seeds: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Intervals of one set of cells evaluated for every stage (`key`: "fixed", the fixed measure, or
+    "rl_cells_eval", RL's own cells): per stage, per cell, and RL's differences to SFT, the equal-time control and
+    the base, paired by problem and seed. {} when no seed has it."""
+    seeds = [s for s in seeds if key in s and "scores" in s[key].get("rl", {})]
+    if not seeds:
+        return {}
+    evals = {stage: [s[key][stage] for s in seeds] for stage in ("base", "sft", "sft_control", "rl")}
+    evals["base"] = evals["base"][:1]  # the shared base: one row, broadcast against the seeds
+    cells = sorted(set(evals["rl"][0]["scores"]["cell"]))
+    out: dict[str, Any] = {}
+    for metric in ("pass@1", "greedy"):
+        t = {stage: score_table(e, metric) for stage, e in evals.items()}
+        out[metric] = {stage: interval(v) for stage, v in t.items()}
+        out[metric].update({f"rl-{other}": interval(t["rl"] - t[other]) for other in ("sft", "sft_control", "base")})
+    out["by_cell"] = {c: {stage: interval(score_table(e, "pass@1", {c})) for stage, e in evals.items()} for c in cells}
     return out
 
 
@@ -293,22 +355,20 @@ def _rl_verdict(stages: dict[str, Any], cells: list[tuple[str, int]]) -> str:
     return text
 
 
-def _rl_verdict_intervals(intervals: dict[str, Any], cells: list[tuple[str, int]]) -> str:
-    """The RL verdict with 95% intervals over seeds and problems: per stage, per cell, and RL's paired
-    differences to SFT, the equal-time control and the base."""
-    rl = intervals["rl_cells"]
-    p1, gr = rl["pass@1"], rl["greedy"]
-    where = ", ".join(f"{t} {lv}" for t, lv in cells)
-    text = (f"### RL on its target cells ({where}; {p1['rl']['problems']} held-out problems, "
-            f"{p1['rl']['seeds']} seed(s))\n\n")
-    by_cell = rl["by_cell"]
-    text += "| stage | pass@1 on the RL cells | greedy | " + " | ".join(by_cell) + " |\n"
+def _cells_verdict(ci: dict[str, Any], cells: list[tuple[str, int]], title: str, note: str) -> str:
+    """Cells scored for every stage, with 95% intervals over seeds and problems: per stage, per cell, and RL's
+    paired differences to SFT, the equal-time control and the base."""
+    p1, gr = ci["pass@1"], ci["greedy"]
+    text = (f"### {title}: {_where(cells)} ({p1['rl']['problems']} held-out problems, {p1['rl']['seeds']} seed(s)"
+            + (f"; {note}" if note else "") + ")\n\n")
+    by_cell = ci["by_cell"]
+    text += "| stage | pass@1 | greedy | " + " | ".join(by_cell) + " |\n"
     text += "|---|---|---|" + "---|" * len(by_cell) + "\n"
     for s in ("base", "sft", "sft_control", "rl"):
         text += f"| {s} | {fmt(p1[s])} | {fmt(gr[s])} | " + " | ".join(fmt(by_cell[c][s]) for c in by_cell) + " |\n"
     text += (f"\nRL − SFT: **{fmt(p1['rl-sft'], signed=True)} points**; RL − SFT control (same wall time): "
              f"**{fmt(p1['rl-sft_control'], signed=True)} points**; RL − base: "
-             f"{fmt(p1['rl-base'], signed=True)} points (pass@1; means over seeds with 95% intervals, paired by "
+             f"**{fmt(p1['rl-base'], signed=True)} points** (pass@1; means over seeds with 95% intervals, paired by "
              "problem and seed).\n")
     return text
 

@@ -67,6 +67,16 @@ class Recipe:
     rl_max_acc: float = 0.75
     rl_val_n: int = 16  # validation problems per task and RL level for keeping the best RL checkpoint (0: last)
     rl_eval_n: int = 100  # held-out problems per RL cell for the RL verdict (25 alone leave +-10 points of noise)
+    # explicit RL target cells; () picks them by the SFT model's accuracy (rl_min_acc .. rl_max_acc, above)
+    rl_cells: tuple[tuple[str, int], ...] = ()
+    rl_dynamic_sampling: bool = False  # DAPO: refill each step's batch with groups whose rewards differ
+    # the fixed measure every stage is scored on, whatever cells RL trained: the family SFT never sees, levels 1-2
+    fixed_cells: tuple[tuple[str, int], ...] = (("word", 1), ("word", 2))
+    fixed_n: int = 100  # held-out problems per fixed cell
+    sft_chat: int = 0  # conversations (seekling.tasks.chat: identity, small talk, declining) in the SFT data
+    sft_replay: float = 0.0  # share of the SFT samples that are pretraining documents (LM loss on every token)
+    sft_replay_rl_only: bool = False  # replay the RL-only families' documents too (else they are left out)
+    chat_eval_n: int = 100  # held-out conversations for the chat eval (0 skips it)
     r1_zero_s: float = 0.0  # the separate R1-Zero run (RL straight from base); 0 skips it
     eval_n: int = 25  # held-out problems per task and level
     eval_k: int = 4  # samples for pass@1 at T=0.6
@@ -89,7 +99,8 @@ RECIPES: dict[str, Recipe] = {
                                v_head_dim=16, n_routed_experts=4),
                     vocab_size=512, corpus_per_task=600, seq_len=256, batch_size=8, pretrain_s=25, sft_s=10,
                     sft_per_task_level=100, sft_batch_size=8, rl_s=10, rl_prompts_per_step=4, rl_group_size=4,
-                    rl_val_n=0, rl_eval_n=4, r1_zero_s=0, eval_n=3, eval_k=2, max_new_tokens=48),
+                    rl_val_n=0, rl_eval_n=4, r1_zero_s=0, eval_n=3, eval_k=2, max_new_tokens=48, fixed_n=4,
+                    sft_chat=100, chat_eval_n=10),
     # <= 30 minutes on 2 CPU cores.
     "default": Recipe(r1_zero_s=0.0),
     # the default recipe at the step counts a quiet default run reaches (runs/speedrun7-8), so that a loaded
@@ -124,6 +135,11 @@ def pretrain_documents(n_per_task: int, seed: int = 0) -> list[str]:
     """The pretraining corpus: solved training problems of every family and level, written as
     DeepSeek-R1 chat transcripts, with a share in the R1-Zero plain-text template so that a base
     model has seen that format too (the R1-Zero recipe starts from it)."""
+    return [doc for _, doc in task_documents(n_per_task, seed)]
+
+
+def task_documents(n_per_task: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(task family, document) of the pretraining corpus, in its order (the families interleaved)."""
     from seekling.tasks import TASKS, sample_problems
     from seekling.tokenizer import BOS, EOS, render_chat
     from seekling.train.rewards import R1_ZERO_TEMPLATE
@@ -135,10 +151,10 @@ def pretrain_documents(n_per_task: int, seed: int = 0) -> list[str]:
         for p in group:
             if rng.random() < R1_ZERO_SHARE:
                 answer = f"\\boxed{{{p.answer}}}"
-                docs.append(f"{BOS}{R1_ZERO_TEMPLATE.format(question=p.question)} <think>\n{p.trace}\n</think> "
-                            f"<answer> {answer} </answer>{EOS}")
+                docs.append((p.task, f"{BOS}{R1_ZERO_TEMPLATE.format(question=p.question)} <think>\n{p.trace}\n"
+                                      f"</think> <answer> {answer} </answer>{EOS}"))
             else:
-                docs.append(render_chat(p.messages(with_trace=True), add_generation_prompt=False))
+                docs.append((p.task, render_chat(p.messages(with_trace=True), add_generation_prompt=False)))
     return docs
 
 
@@ -231,12 +247,16 @@ class Speedrun:
 
     def run_seed(self, seed: int) -> None:
         """SFT, RL, the equal-time control and their evals on one seed, from the shared base."""
-        for name, fn in (("sft", self.sft), ("eval_sft", lambda s: self.evaluate("sft", s)),
-                         ("rl", self.rl), ("sft_control", self.sft_control),
-                         ("eval_rl", lambda s: self.evaluate("rl", s)),
-                         ("eval_sft_control", lambda s: self.evaluate("sft_control", s)),
-                         ("eval_rl_cells", self.evaluate_rl_cells)):
-            if name != "eval_rl_cells" or self.recipe.rl_eval_n:
+        r = self.recipe
+        for name, fn, wanted in (
+                ("sft", self.sft, True), ("eval_sft", lambda s: self.evaluate("sft", s), True),
+                ("rl", self.rl, True), ("sft_control", self.sft_control, True),
+                ("eval_rl", lambda s: self.evaluate("rl", s), True),
+                ("eval_sft_control", lambda s: self.evaluate("sft_control", s), True),
+                ("eval_fixed", lambda s: self.evaluate_cells("fixed", r.fixed_cells, r.fixed_n, s), bool(r.fixed_n)),
+                ("eval_rl_cells", self.evaluate_rl_cells, bool(r.rl_eval_n)),
+                ("eval_chat", self.evaluate_chat, bool(r.chat_eval_n))):
+            if wanted:
                 self.stage(self.stage_name(name, seed), lambda fn=fn: fn(seed))
 
     def make_tokenizer(self) -> None:
@@ -299,9 +319,7 @@ class Speedrun:
         from seekling.train.trainer import TrainConfig, train
 
         r, tok = self.recipe, self.tokenizer()
-        samples = [tok.encode_sft(m) for m in sft_messages(r.sft_levels, r.sft_per_task_level, seed=data_seed,
-                                                           tasks=self.sft_tasks())]
-        data = SFTDataset(samples, r.seq_len, pad_id=tok.pad_token_id)
+        data = SFTDataset(self.sft_samples(tok, data_seed), r.seq_len, pad_id=tok.pad_token_id)
         loader = BatchLoader(data, r.sft_batch_size, seed=data_seed)
         model = load_pretrained(src)
         model.config.mtp_loss_weight = 0.3  # SFT trains the MTP module too (speculative decoding drafts with it)
@@ -314,6 +332,24 @@ class Speedrun:
         tok.save_pretrained(dst)
         self.seed_results(seed)[name] = summary
         return summary
+
+    def sft_samples(self, tok: Any, data_seed: int) -> list[tuple[list[int], list[int]]]:
+        """The SFT data as (ids, loss mask): the other families' traces, the conversations that teach the model
+        what it is (sft_chat), and replayed pretraining documents (sft_replay, the loss on every token), shuffled."""
+        from seekling.tasks.chat import conversations
+
+        r = self.recipe
+        samples = [tok.encode_sft(m) for m in sft_messages(r.sft_levels, r.sft_per_task_level, seed=data_seed,
+                                                           tasks=self.sft_tasks())]
+        samples += [tok.encode_sft(list(c.messages)) for c in conversations(r.sft_chat, "train", data_seed)]
+        if r.sft_replay > 0:
+            n = round(len(samples) * r.sft_replay / (1 - r.sft_replay))
+            docs = [d for t, d in task_documents(r.corpus_per_task) if r.sft_replay_rl_only or t not in r.rl_only_tasks]
+            picked = random.Random(data_seed).sample(docs, min(n, len(docs)))
+            samples += [(ids, [1] * len(ids)) for ids in map(tok.encode, picked)]
+        if r.sft_chat or r.sft_replay:  # (the trace samples alone come shuffled already)
+            random.Random(data_seed).shuffle(samples)
+        return samples
 
     def sft_tasks(self) -> list[str]:
         from seekling.tasks import TASKS
@@ -330,7 +366,7 @@ class Speedrun:
         return RLConfig(recipe=recipe, steps=steps or 10_000, prompts_per_step=r.rl_prompts_per_step,
                         group_size=r.rl_group_size, max_new_tokens=r.max_new_tokens, lr=r.rl_lr,
                         time_budget_s=None if steps else budget_s, save_every=10, eval_every=r.rl_eval_every,
-                        seed=seed)
+                        dynamic_sampling=r.rl_dynamic_sampling, seed=seed)
 
     def rl(self, seed: int = 0) -> None:
         from seekling.tasks import TASKS
@@ -353,6 +389,8 @@ class Speedrun:
         What SFT's traces leave out comes first: the RL-only families, then the harder levels
         (rl_levels); the cells SFT trained on only when none of those qualifies."""
         r = self.recipe
+        if r.rl_cells:
+            return [tuple(c) for c in r.rl_cells]
         sft = self.results["stages"].get("sft", {}).get("by_task", {})
         ok = [(t, int(lv)) for t, v in sorted(sft.items()) for lv, c in v["by_level"].items()
               if r.rl_min_acc <= c.get("pass@1", 0.0) <= r.rl_max_acc]
@@ -410,19 +448,44 @@ class Speedrun:
         self.seed_results(seed)["stages"][stage] = self.score(self.seed_dir(seed) / stage,
                                                               eval_problems(self.recipe.eval_n))
 
-    def evaluate_rl_cells(self, seed: int = 0) -> None:
-        """RL's verdict on its own cells, on rl_eval_n held-out problems per cell (the overview's eval_n
-        per cell is too few to see a 10-point change): base, SFT, the equal-time control and RL, same problems.
-        The replicates share seed 0's base (one pretraining), so its scores are not recomputed."""
+    def evaluate_cells(self, key: str, cells: Any, n: int, seed: int = 0) -> None:
+        """base, SFT, the equal-time control and RL on the same n held-out problems per (task, level) cell, into
+        results[key] (the overview's eval_n per cell is too few to see a 10-point change). The replicates share
+        seed 0's base (one pretraining), so its scores are not recomputed."""
         from seekling.tasks import sample_problems
 
-        cells = [tuple(c) for c in self.results["rl"]["cells"]]
-        problems = [p for t, lv in cells for p in sample_problems(t, self.recipe.rl_eval_n, "test", lv, seed=0)]
-        evals = {"base": self.results["rl_cells_eval"]["base"]} if seed else {}
+        cells = [tuple(c) for c in cells]
+        problems = [p for t, lv in cells for p in sample_problems(t, n, "test", lv, seed=0)]
+        evals = {"base": self.results[key]["base"]} if seed else {}
         for stage in ("base", "sft", "sft_control", "rl"):
             if stage not in evals:
-                evals[stage] = self.score(self.seed_dir(seed) / stage, problems, " on the RL cells")
-        self.seed_results(seed)["rl_cells_eval"] = evals
+                evals[stage] = self.score(self.seed_dir(seed) / stage, problems, f" on the {key} cells")
+        self.seed_results(seed)[key] = evals
+
+    def evaluate_rl_cells(self, seed: int = 0) -> None:
+        """RL's verdict on its own cells (rl_eval_n problems each); the fixed measure's scores when they are the same
+        cells and problems."""
+        r, cells = self.recipe, [tuple(c) for c in self.results["rl"]["cells"]]
+        if sorted(cells) == sorted(tuple(c) for c in r.fixed_cells) and r.rl_eval_n == r.fixed_n and r.fixed_n:
+            self.seed_results(seed)["rl_cells_eval"] = self.seed_results(seed)["fixed"]
+        else:
+            self.evaluate_cells("rl_cells_eval", cells, r.rl_eval_n, seed)
+
+    def evaluate_chat(self, seed: int = 0) -> None:
+        """Does the model know what it is? Each stage on the held-out conversations (seekling.eval.chat_eval; the
+        base, which never saw a conversation, once)."""
+        from seekling.engine import Engine
+        from seekling.eval import chat_eval
+
+        evals = {"base": self.results["chat"]["base"]} if seed else {}
+        with one_thread():
+            for stage in ("base", "sft", "sft_control", "rl"):
+                if stage not in evals:
+                    evals[stage] = chat_eval(Engine(self.seed_dir(seed) / stage, max_num_seqs=128),
+                                             self.recipe.chat_eval_n, max_tokens=self.recipe.max_new_tokens)
+                    print(f"{stage}: chat eval {evals[stage]['pass']:.3f} "
+                          + " ".join(f"{k} {v:.2f}" for k, v in evals[stage]["by_kind"].items()))
+        self.seed_results(seed)["chat"] = evals
 
     def report(self) -> None:
         write_report(self.out)

@@ -381,3 +381,36 @@ def test_prompt_streams_depend_only_on_the_cursor():
     got = [s["prompt"] for s in prompt_sampler(rows, seed=1)(0, 10)]
     assert sorted(got[:5]) == sorted(got[5:]) == ["0", "1", "2", "3", "4"]  # each epoch covers every prompt once
     assert got[:5] != got[5:]  # and is shuffled afresh
+
+
+def test_update_skips_zero_advantage_rows_with_the_same_result(base_dir):
+    """Completions with advantage 0 (a group whose rewards are all equal) add nothing to the GRPO loss without a KL
+    term, so update_policy leaves them out of the forward and backward: the update equals the one computed over
+    every completion in one batch, by hand. (The MoE routing bias, a balancing heuristic outside the gradient,
+    counts the tokens of the forwards that ran.)"""
+    from seekling.model.load import load_pretrained
+    from seekling.train.grpo import Completion, completion_logprobs, policy_loss, update_policy
+
+    kept = [([5, 6, 7], [Completion([20, 21, 22], "", "stop"), Completion([30, 31], "", "stop")], [1.0, 0.0]),
+            ([8, 9], [Completion([40, 41], "", "stop"), Completion([50], "", "stop")], [1.0, 1.0])]
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.0])
+    cfg = _cfg(micro_batch=1, lr=1e-2, grad_clip=0.0)
+    model = load_pretrained(base_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0)
+    update_policy(model, None, opt, kept, adv, cfg, 0)
+
+    ref = load_pretrained(base_dir)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0)
+    rows = [(p, c) for p, g, _ in kept for c in g]
+    width = max(len(p) + len(c.token_ids) for p, c in rows)
+    ids = torch.tensor([p + c.token_ids + [0] * (width - len(p) - len(c.token_ids)) for p, c in rows])
+    start = min(len(p) for p, _ in rows)
+    pos = torch.arange(start, width)[None]
+    mask = ((pos >= torch.tensor([len(p) for p, _ in rows])[:, None])
+            & (pos < torch.tensor([len(p) + len(c.token_ids) for p, c in rows])[:, None])).float()
+    logp, _ = completion_logprobs(ref, ids, start)
+    policy_loss(logp, logp.detach(), None, adv, mask, agg="seq-mean")[0].backward()
+    ref_opt.step()
+    for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        if not n.endswith("e_score_correction_bias"):
+            torch.testing.assert_close(a, b, msg=n)

@@ -60,6 +60,16 @@ def test_smoke_speedrun_writes_the_contract(smoke_run):
     cells = [tuple(c) for c in results["rl"]["cells"]]
     assert cells and all(lv in (1, 2, 3) for _, lv in cells)
     assert rl_target_accuracy(results["stages"]["rl"], cells) is not None
+    # the fixed measure (word problems levels 1-2, whatever RL trained) and the chat eval for every stage
+    for stage in ("base", "sft", "sft_control", "rl"):
+        fixed = results["fixed"][stage]
+        assert fixed["n"] == 8 and set(fixed["scores"]["cell"]) == {"word/1", "word/2"}
+        chat = results["chat"][stage]
+        assert chat["n"] == 10 and 0.0 <= chat["pass"] <= 1.0 and chat["examples"]
+    iv = results["intervals"]
+    assert set(iv["fixed"]["pass@1"]) >= {"base", "sft", "sft_control", "rl", "rl-base", "rl-sft"}
+    assert set(iv["chat"]) == {"base", "sft", "sft_control", "rl"}
+    assert "The fixed measure: word 1, word 2" in report and "Does it know what it is?" in report
 
 
 def test_replicate_seed_trains_seed_zero_steps_and_intervals_cover_both(smoke_run):
@@ -117,7 +127,7 @@ def test_rerun_resumes_instead_of_redoing(smoke_run):
     before = json.loads((out / "results.json").read_text())
     proc = seekling_cli("speedrun", "--preset", "smoke", "--out", str(out), "--threads", "1", "--seeds", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("done already, skipping") == 17  # 10 stages + seed 1's 7
+    assert proc.stdout.count("done already, skipping") == 21  # 12 stages + seed 1's 9
     after = json.loads((out / "results.json").read_text())
     assert after["stages"] == before["stages"]
     # a run directory of another preset is refused, not overwritten

@@ -207,3 +207,36 @@ def test_messages_and_corpus_text():
     assert texts[0] == (f"{BOS}{USER}{first.question}{ASSISTANT}<think>\n{first.trace}\n</think>\n\n"
                         f"\\boxed{{{first.answer}}}{EOS}")
     assert texts == list(corpus_text(5, seed=0)) and texts != list(corpus_text(5, seed=1))
+
+
+def test_chat_conversations_hold_out_phrasings():
+    from seekling.tasks.chat import KINDS, PHRASINGS, conversations, phrasings
+
+    for kind in KINDS:
+        train, test = set(phrasings(kind, "train")), set(phrasings(kind, "test"))
+        assert train and test and not train & test and train | test == set(PHRASINGS[kind])
+    sft = conversations(300, "train", seed=1)
+    assert sft == conversations(300, "train", seed=1)  # deterministic
+    assert {c.kind for c in sft} == set(KINDS)
+    assert all(c.messages[-1]["role"] == "assistant" and c.messages[-2]["role"] == "user" for c in sft)
+    held = conversations(100, "test")
+    assert all(c.messages[-1]["role"] == "user" for c in held)
+    # no held-out question is one SFT saw
+    assert not {c.messages[-1]["content"] for c in held} & {c.messages[-2]["content"] for c in sft}
+    assert any(len(c.messages) > 2 for c in sft)  # multi-turn exchanges too
+    # the earlier turns never show a word problem (SFT must not see that family)
+    assert not any("How many" in m["content"] for c in sft for m in c.messages)
+
+
+def test_chat_pass_rule():
+    from seekling.tasks.chat import passes
+
+    assert passes("identity", "The user asks.</think>\n\nI am seekling, a small model.")
+    assert not passes("identity", "The user asks.</think>\n\nI am a small model.")  # no name
+    assert not passes("identity", "I am seekling.</think>\n\n\\boxed{37}")  # the task format
+    assert not passes("greeting", "hi</think>\n\nHello there!", finish_reason="length")  # cut off
+    assert not passes("greeting", "no think block: Hello there!")
+    assert not passes("greeting", "x</think>\n\n12 + 30 = 42")  # numbers, not words
+    assert passes("thanks", "x</think>\n\nYou're welcome!")
+    assert passes("decline", "x</think>\n\nSorry, I can only solve math problems.")
+    assert not passes("decline", "x</think>\n\nParis is the capital of France.")

@@ -478,22 +478,16 @@ def update_policy(policy: nn.Module, ref: nn.Module | None, opt: torch.optim.Opt
     d, device = pm.d, pm.d.device
     rows = [(ids, c, a) for (ids, g, _), a_g in zip(kept, adv.split([len(g) for _, g, _ in kept]), strict=True)
             for c, a in zip(g, a_g.tolist(), strict=True)]
-    rows.sort(key=lambda r: len(r[0]) + len(r[1].token_ids))  # similar lengths share a micro-batch: less padding
-    chunks = []
-    for i in range(0, len(rows), cfg.micro_batch):
-        part = rows[i:i + cfg.micro_batch]
-        ids = _pad([p + c.token_ids for p, c, _ in part], pad_id)
-        start = min(len(p) for p, _, _ in part)
-        pos = torch.arange(start, ids.shape[1])[None]
-        lo = torch.tensor([len(p) for p, _, _ in part])[:, None]
-        hi = torch.tensor([len(p) + len(c.token_ids) for p, c, _ in part])[:, None]
-        keep = torch.tensor([not (cfg.mask_truncated and c.finish_reason == "length") for _, c, _ in part])[:, None]
-        mask = ((pos >= lo) & (pos < hi) & keep).float()
-        chunks.append({"ids": ids, "start": start, "mask": mask, "adv": torch.tensor([a for _, _, a in part]),
-                       "n": len(part)})
-    n_chunks = int(max(d.gather(len(chunks))))
-    n_seq, n_tok = d.sum([len(rows), sum(float(c["mask"].sum()) for c in chunks)])
+    counted = lambda c: not (cfg.mask_truncated and c.finish_reason == "length")  # noqa: E731
+    # the loss is normalised over every completion; those with advantage 0 add exactly 0 to it (and to its gradient)
+    # when there is no KL term, so they are left out of the forward and backward: the same update, less compute
+    n_seq, n_tok = d.sum([len(rows), sum(len(c.token_ids) for _, c, _ in rows if counted(c))])
     n_tok = max(n_tok, 1.0)
+    if cfg.beta == 0:
+        rows = [r for r in rows if r[2] != 0.0]
+    chunks = loss_chunks(rows, cfg, pad_id, counted)
+    n_chunks = int(max(d.gather(len(chunks))))
+    n_live = max(d.sum([sum(float(c["mask"].sum()) for c in chunks)])[0], 1.0)  # for the entropy statistic
     for _ in range(n_chunks - len(chunks)):  # weight 0: no gradient, but the same collectives as the other ranks
         chunks.append({"ids": torch.full((1, 2), pad_id), "start": 1, "mask": torch.zeros(1, 1), "adv": torch.zeros(1),
                        "n": 0})
@@ -525,10 +519,30 @@ def update_policy(policy: nn.Module, ref: nn.Module | None, opt: torch.optim.Opt
             sums["kl"] += st["kl"] * tok_share / cfg.mu
             sums["clip_frac"] += st["clip_frac"] * tok_share / cfg.mu
             if entropy is not None:
-                sums["entropy"] += float((entropy * c["mask"]).sum()) / n_tok
+                sums["entropy"] += float((entropy * c["mask"]).sum()) / n_live
         sums["grad_norm"] += float(pm.optimizer_step([opt], cfg.grad_clip)) / cfg.mu
     totals = d.sum([sums["loss"], sums["kl"], sums["clip_frac"], sums["entropy"]])
     return {**dict(zip(("loss", "kl", "clip_frac", "entropy"), totals, strict=True)), "grad_norm": sums["grad_norm"]}
+
+
+def loss_chunks(rows: list[tuple[list[int], Completion, float]], cfg: RLConfig, pad_id: int,
+                counted: Callable[[Completion], bool]) -> list[dict[str, Any]]:
+    """Micro-batches of (prompt ids, completion, advantage) rows: padded ids, the position the completions start
+    from, the mask of the completion tokens that count, the advantages. Similar lengths share a micro-batch."""
+    rows = sorted(rows, key=lambda r: len(r[0]) + len(r[1].token_ids))
+    chunks = []
+    for i in range(0, len(rows), cfg.micro_batch):
+        part = rows[i:i + cfg.micro_batch]
+        ids = _pad([p + c.token_ids for p, c, _ in part], pad_id)
+        start = min(len(p) for p, _, _ in part)
+        pos = torch.arange(start, ids.shape[1])[None]
+        lo = torch.tensor([len(p) for p, _, _ in part])[:, None]
+        hi = torch.tensor([len(p) + len(c.token_ids) for p, c, _ in part])[:, None]
+        keep = torch.tensor([counted(c) for _, c, _ in part])[:, None]
+        mask = ((pos >= lo) & (pos < hi) & keep).float()
+        chunks.append({"ids": ids, "start": start, "mask": mask, "adv": torch.tensor([a for _, _, a in part]),
+                       "n": len(part)})
+    return chunks
 
 
 def make_engine(policy: nn.Module, tok: Any, max_num_seqs: int) -> Any:
