@@ -365,7 +365,7 @@ class Speedrun:
         r = self.recipe
         return RLConfig(recipe=recipe, steps=steps or 10_000, prompts_per_step=r.rl_prompts_per_step,
                         group_size=r.rl_group_size, max_new_tokens=r.max_new_tokens, lr=r.rl_lr,
-                        time_budget_s=None if steps else budget_s, save_every=10, eval_every=r.rl_eval_every,
+                        time_budget_s=None if steps else budget_s, save_every=25, eval_every=r.rl_eval_every,
                         dynamic_sampling=r.rl_dynamic_sampling, seed=seed)
 
     def rl(self, seed: int = 0) -> None:
