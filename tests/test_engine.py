@@ -265,7 +265,7 @@ def test_utf8_is_never_split(tok):
     ids = tok.encode(text)
     assert len(ids) > len(text.split())  # the multi-byte characters are spread over several tokens
     dec = IncrementalDecoder(tok, [])
-    pieces = [dec.add(t) for t in ids]
+    pieces = [dec.add([t]) for t in ids]
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) + dec.flush() == text
     assert "" in pieces  # some token ended mid-character and was held back

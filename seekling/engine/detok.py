@@ -26,9 +26,12 @@ class IncrementalDecoder:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
-    def add(self, token_id: int) -> str:
-        """New complete text after appending token_id ('' while a character is still incomplete)."""
-        self.ids.append(token_id)
+    def add(self, token_ids: list[int]) -> str:
+        """New complete text after appending token_ids ('' while a character is still incomplete): one pair of
+        decodes for the whole group."""
+        if not token_ids:
+            return ""
+        self.ids.extend(token_ids)
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):

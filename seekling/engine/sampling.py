@@ -108,6 +108,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return beside the chosen token
     ignore_eos: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (see the class)
+    detokenize: bool = True  # False: token ids only, no text (RL rollouts decode their completions themselves)
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -139,6 +140,8 @@ class SamplingParams:
             problems.append(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
             problems.append(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.detokenize is False and stop:
+            problems.append("stop strings need detokenize=True")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             problems.append("structured_outputs must be a StructuredOutputsParams, got "
                             f"{type(self.structured_outputs).__name__}")

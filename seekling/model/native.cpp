@@ -223,6 +223,81 @@ void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, i
 
 const float* fp(const at::Tensor& t) { return t.data_ptr<float>(); }
 
+// ---------------------------------------------------------------------------------------------- sampling
+
+uint64_t next(uint64_t& state) {  // splitmix64
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+double uniform(uint64_t& state) { return (next(state) >> 11) * (1.0 / 9007199254740992.0); }
+
+// sampling.py probs_from_logits + sample for one row (no penalties): temperature, top-k, top-p, min-p, then a
+// draw; temperature 0 is the argmax (the first maximum, as torch.argmax). `l` is overwritten.
+int64_t sample(float* l, int64_t V, const std::vector<double>& p, uint64_t& state) {
+  const double temperature = p[0], top_p = p[2], min_p = p[3];
+  const int64_t top_k = p[1] > 0 && p[1] < V ? static_cast<int64_t>(p[1]) : V;
+  if (temperature == 0.0) return std::max_element(l, l + V) - l;
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  for (int64_t i = 0; i < V; ++i) l[i] *= inv_t;
+  const float mx = *std::max_element(l, l + V);
+  std::vector<int64_t> order;
+  if (top_k < V || top_p < 1.0) {  // keep the top-k, then the smallest prefix whose mass reaches top_p
+    order.resize(V);
+    for (int64_t i = 0; i < V; ++i) order[i] = i;
+    auto desc = [&](int64_t a, int64_t b) { return l[a] > l[b]; };
+    if (top_k < V) {
+      std::partial_sort(order.begin(), order.begin() + top_k, order.end(), desc);
+      order.resize(top_k);
+    } else {
+      std::sort(order.begin(), order.end(), desc);
+    }
+    double z = 0.0;
+    for (int64_t i : order) z += std::exp(static_cast<double>(l[i] - mx));
+    double cum = 0.0;
+    size_t keep = 0;
+    for (; keep < order.size(); ++keep) {
+      if (keep > 0 && cum >= top_p) break;
+      cum += std::exp(static_cast<double>(l[order[keep]] - mx)) / z;
+    }
+    order.resize(keep);
+  }
+  // exp(l - max) over the kept tokens; min-p keeps those with p >= min_p * p_max, i.e. exp(l - max) >= min_p
+  auto weight = [&](int64_t i) {
+    const double w = std::exp(static_cast<double>(l[i] - mx));
+    return w >= min_p ? w : 0.0;
+  };
+  double total = 0.0;
+  if (order.empty()) {
+    for (int64_t i = 0; i < V; ++i) total += weight(i);
+  } else {
+    for (int64_t i : order) total += weight(i);
+  }
+  double u = uniform(state) * total;
+  if (order.empty()) {
+    int64_t last = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      const double w = weight(i);
+      if (w > 0) {
+        last = i;
+        if ((u -= w) < 0) return i;
+      }
+    }
+    return last;
+  }
+  int64_t last = order[0];
+  for (int64_t i : order) {
+    const double w = weight(i);
+    if (w > 0) {
+      last = i;
+      if ((u -= w) < 0) return i;
+    }
+  }
+  return last;
+}
+
 // ------------------------------------------------------------------------------------------------ the model
 
 struct Routing {
@@ -369,7 +444,7 @@ class Model {
       std::vector<int64_t> still;
       for (int64_t i = 0; i < N; ++i) {
         const int64_t b = active[i];
-        const int64_t t = sample(s_.logits.data() + i * V_, sampling[b], rng[b]);
+        const int64_t t = sample(s_.logits.data() + i * V_, V_, sampling[b], rng[b]);
         out[b].push_back(t);
         if (!is_stop(stops[b], t) && static_cast<int64_t>(out[b].size()) < limit[b]) {
           token[b] = t;
@@ -466,21 +541,6 @@ class Model {
       active.swap(still);
     }
     return {out, draft, drafted, accepted};
-  }
-
-  // Sample one token from each row of logits [M, V] (the Python step's forward, or its prefill).
-  std::pair<std::vector<int64_t>, std::vector<uint64_t>> sample_rows(const at::Tensor& logits,
-                                                                     const std::vector<std::vector<double>>& sampling,
-                                                                     std::vector<uint64_t> rng) {
-    TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.dim() == 2, "sample_rows");
-    const int64_t M = logits.size(0), V = logits.size(1);
-    std::vector<int64_t> out(M);
-    std::vector<float> row(V);
-    for (int64_t i = 0; i < M; ++i) {
-      std::memcpy(row.data(), logits.data_ptr<float>() + i * V, V * sizeof(float));
-      out[i] = sample(row.data(), sampling[i], rng[i]);
-    }
-    return {out, rng};
   }
 
  private:
@@ -801,81 +861,6 @@ class Model {
     }
   }
 
-  // ---------------------------------------------------------------------------------------------- sampling
-
-  static uint64_t next(uint64_t& state) {  // splitmix64
-    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-
-  static double uniform(uint64_t& state) { return (next(state) >> 11) * (1.0 / 9007199254740992.0); }
-
-  // sampling.py probs_from_logits + sample for one row (no penalties): temperature, top-k, top-p, min-p, then a
-  // draw; temperature 0 is the argmax (the first maximum, as torch.argmax). `l` is overwritten.
-  int64_t sample(float* l, const std::vector<double>& p, uint64_t& state) const {
-    const int64_t V = V_;
-    const double temperature = p[0], top_p = p[2], min_p = p[3];
-    const int64_t top_k = p[1] > 0 && p[1] < V ? static_cast<int64_t>(p[1]) : V;
-    if (temperature == 0.0) return std::max_element(l, l + V) - l;
-    const float inv_t = static_cast<float>(1.0 / temperature);
-    for (int64_t i = 0; i < V; ++i) l[i] *= inv_t;
-    const float mx = *std::max_element(l, l + V);
-    std::vector<int64_t> order;
-    if (top_k < V || top_p < 1.0) {  // keep the top-k, then the smallest prefix whose mass reaches top_p
-      order.resize(V);
-      for (int64_t i = 0; i < V; ++i) order[i] = i;
-      auto desc = [&](int64_t a, int64_t b) { return l[a] > l[b]; };
-      if (top_k < V) {
-        std::partial_sort(order.begin(), order.begin() + top_k, order.end(), desc);
-        order.resize(top_k);
-      } else {
-        std::sort(order.begin(), order.end(), desc);
-      }
-      double z = 0.0;
-      for (int64_t i : order) z += std::exp(static_cast<double>(l[i] - mx));
-      double cum = 0.0;
-      size_t keep = 0;
-      for (; keep < order.size(); ++keep) {
-        if (keep > 0 && cum >= top_p) break;
-        cum += std::exp(static_cast<double>(l[order[keep]] - mx)) / z;
-      }
-      order.resize(keep);
-    }
-    // exp(l - max) over the kept tokens; min-p keeps those with p >= min_p * p_max, i.e. exp(l - max) >= min_p
-    auto weight = [&](int64_t i) {
-      const double w = std::exp(static_cast<double>(l[i] - mx));
-      return w >= min_p ? w : 0.0;
-    };
-    double total = 0.0;
-    if (order.empty()) {
-      for (int64_t i = 0; i < V; ++i) total += weight(i);
-    } else {
-      for (int64_t i : order) total += weight(i);
-    }
-    double u = uniform(state) * total;
-    if (order.empty()) {
-      int64_t last = 0;
-      for (int64_t i = 0; i < V; ++i) {
-        const double w = weight(i);
-        if (w > 0) {
-          last = i;
-          if ((u -= w) < 0) return i;
-        }
-      }
-      return last;
-    }
-    int64_t last = order[0];
-    for (int64_t i : order) {
-      const double w = weight(i);
-      if (w > 0) {
-        last = i;
-        if ((u -= w) < 0) return i;
-      }
-    }
-    return last;
-  }
 };
 
 }  // namespace
@@ -887,8 +872,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &Model::forward)
       .def("mtp", &Model::mtp)
       .def("decode", &Model::decode)
-      .def("speculate", &Model::speculate)
-      .def("sample_rows", &Model::sample_rows);
+      .def("speculate", &Model::speculate);
+  // One token from each row of logits [M, V] with that row's parameters and random state (the Python step's rows)
+  m.def("sample_rows", [](const at::Tensor& logits, const std::vector<std::vector<double>>& sampling,
+                          std::vector<uint64_t> rng) {
+    TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.size(0) == static_cast<int64_t>(rng.size()) &&
+                sampling.size() == rng.size(), "sample_rows: logits [M, V] fp32 and M parameters and states");
+    const auto l = logits.contiguous();
+    const int64_t M = l.size(0), V = l.size(1);
+    std::vector<int64_t> out(M);
+    std::vector<float> row(V);
+    for (int64_t i = 0; i < M; ++i) {
+      std::memcpy(row.data(), l.data_ptr<float>() + i * V, V * sizeof(float));
+      out[i] = sample(row.data(), V, sampling[i], rng[i]);
+    }
+    return std::make_pair(out, rng);
+  });
   m.def("set_gemm_rows", [](int64_t n) { gemm_rows = n; });
   m.def("matmul", [](const at::Tensor& x, const at::Tensor& w, int64_t reps) {
     auto y = at::empty({x.size(0), w.size(0)}, at::kFloat);

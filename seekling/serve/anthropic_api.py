@@ -170,7 +170,7 @@ def anthropic_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
         prepared = prepare_chat(ctx, chat, options(body))
         prompt_tokens = ctx.count_prompt(prepared.prompt_ids)
         params = ctx.sampling(body, body.max_tokens, list(body.stop_sequences or ()), None, prepared.structured)
-        ticket = await ctx.admit(prepared.prompt, params, prompt_tokens)
+        ticket = await ctx.admit(prepared.prompt_ids, params, prompt_tokens)
         message = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": ctx.model_name}
         samples = new_samples(1, prepared.new_parser)
         if body.stream:

@@ -172,7 +172,7 @@ def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = ctx.sampling(body, max_tokens, stop_list(body.stop), max(1, top) if top is not None else None,
                               prepared.structured)
-        ticket = await ctx.admit(prepared.prompt, params, prompt_tokens)
+        ticket = await ctx.admit(prepared.prompt_ids, params, prompt_tokens)
         head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": ctx.model_name}
         samples = new_samples(body.n, prepared.new_parser)
         if body.stream:
@@ -205,8 +205,9 @@ def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
         prompt = body.prompt[0] if isinstance(body.prompt, list) else body.prompt
         params = ctx.sampling(body, body.max_tokens, stop_list(body.stop),
                               max(1, body.logprobs) if body.logprobs is not None else None)
-        prompt_tokens = ctx.count_prompt(ctx.tokenizer.encode(prompt), "prompt")
-        ticket = await ctx.admit(prompt, params, prompt_tokens)
+        prompt_ids = ctx.tokenizer.encode(prompt)
+        prompt_tokens = ctx.count_prompt(prompt_ids, "prompt")
+        ticket = await ctx.admit(prompt_ids, params, prompt_tokens)
         head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
                 "model": ctx.model_name}
 

@@ -86,14 +86,15 @@ class Context:
                       param)
         return len(prompt_ids)
 
-    async def admit(self, prompt, params: SamplingParams, prompt_tokens: int) -> Ticket:
+    async def admit(self, prompt_ids: list[int], params: SamplingParams, prompt_tokens: int) -> Ticket:
+        """Queue a request for the engine: its prompt as the token ids tokenised here, once."""
         try:
             if params.structured_outputs is not None:
                 # A new grammar compiles for up to seconds (a first one also imports xgrammar): on a worker thread,
                 # so that the event loop and the engine's lock keep serving everyone else; add_request then finds
                 # it in the cache.
                 await asyncio.to_thread(self.worker.engine.compile_constraint, params.structured_outputs)
-            ticket = self.worker.submit(prompt, params, params.n)
+            ticket = self.worker.submit(prompt_ids, params, params.n)
         except ValueError as e:  # the engine refused the request (e.g. longer than the model's context)
             raise bad(str(e)) from e
         if ticket is None:
