@@ -68,7 +68,7 @@ def test_compiled_greedy_equals_eager_alone_and_in_batches(model):
     eager = greedy(Engine(model, max_num_seqs=4, native=False))
     assert greedy(Engine(model, max_num_seqs=1, compile=True)) == eager  # every step alone: batch-1 graph
     few = Engine(model, max_num_seqs=4, compile=True)
-    few.step_module.backend.compiled.max_batch = 2  # three sequences: prefill and the first steps eager, then the batch graph
+    few.step_module.backend.compiled.max_batch = 2  # three sequences: prefill, first steps eager, then the batch graph
     # Staggered lengths: 3 decode together, then 2 (batch graph), then the longest alone (batch-1 graph).
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (10, 40, 20)]
     outs = [o.token_ids for o in few.generate(PROMPTS, params)]

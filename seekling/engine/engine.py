@@ -36,7 +36,7 @@ from seekling.engine.request import (
     encode_prompt,
 )
 from seekling.engine.sampling import SamplingParams, StructuredOutputsParams
-from seekling.engine.scheduler import Scheduler, Sequence
+from seekling.engine.scheduler import Scheduler, Sequence, describe
 from seekling.engine.step import ModelStep
 from seekling.model.layers import CausalLM
 from seekling.model.load import QUANTIZE, load_pretrained, release_freed_memory
@@ -126,7 +126,7 @@ class Engine:
                                      compile=compile, native=native, num_scheduler_steps=num_scheduler_steps)
         self._lock = threading.Lock()  # guards the inbox and the set of live request ids
         self._step_lock = threading.RLock()  # one step at a time
-        self._inbox: list[Sequence] = []
+        self._inbox: list[tuple[str, list[int], bool, SamplingParams]] = []
         self._aborts: list[str] = []
         self._live: set[str] = set()
 
@@ -139,26 +139,30 @@ class Engine:
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue a request (thread-safe); returns its id. Bad input raises ValueError here, at once. A prompt of
         token ids is used as it is (a server that rendered and tokenised the chat passes those)."""
-        return self._queue(prompt, params if params is not None else SamplingParams(), request_id).request_id
+        return self._queue(prompt, params if params is not None else SamplingParams(), request_id)[0]
 
-    def _queue(self, prompt: Prompt, params: SamplingParams, request_id: str | None) -> Sequence:
+    def _queue(self, prompt: Prompt, params: SamplingParams, request_id: str | None) -> tuple[str, list[int]]:
         ids, opens_think = encode_prompt(prompt, self.tokenizer)
         check_request(ids, params, vocab_size=self.config.vocab_size, max_model_len=self.max_model_len,
                       max_num_seqs=self.scheduler.max_num_seqs, has_tokenizer=self.tokenizer is not None,
                       cache_slots=self.blocks.num_blocks * self.block_size, extra_slots=int(self.speculative))
-        matcher = None
         if params.structured_outputs is not None:  # compiled here (cached), so a bad grammar is refused at once
             self.compile_constraint(params.structured_outputs)
-            matcher = self.grammars.matcher(params.structured_outputs, params.stop_token_ids)
         request_id = request_id or uuid.uuid4().hex
-        stops = frozenset((set() if params.ignore_eos else self.eos_token_ids) | set(params.stop_token_ids or ()))
-        seq = Sequence(request_id, 0, ids, params, stops, opens_think, self.tokenizer, matcher)
         with self._lock:
             if request_id in self._live:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._live.add(request_id)
-            self._inbox.append(seq)
-        return seq
+            self._inbox.append((request_id, ids, opens_think, params))
+        return request_id, ids
+
+    def _sequence(self, request_id: str, ids: list[int], opens_think: bool, params: SamplingParams) -> Sequence:
+        """A request's first sample (the others fork from it once its prompt is in the cache)."""
+        matcher = None
+        if params.structured_outputs is not None:
+            matcher = self.grammars.matcher(params.structured_outputs, params.stop_token_ids)
+        stops = frozenset((set() if params.ignore_eos else self.eos_token_ids) | set(params.stop_token_ids or ()))
+        return Sequence(request_id, 0, ids, params, stops, opens_think, self.tokenizer, matcher)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (thread-safe); its sequences finish with finish_reason "abort" at the next step.
@@ -183,14 +187,22 @@ class Engine:
 
     # --- the loop --------------------------------------------------------------------------------------------
     def step(self) -> list[tuple[str, Delta]]:
-        """One scheduler iteration (one model call: one step, or k decode steps); returns its (request_id, Delta)s."""
+        """One scheduler iteration (one model call: one step, or k decode steps); returns its (request_id, Delta)s.
+        A fault that belongs to one request (its admission, its part of the step, its tokens) ends that request
+        with finish_reason "error"; the step goes on for the others."""
         with self._step_lock:
+            out: list[tuple[str, Delta]] = []
             with self._lock:  # moved under the lock, so has_unfinished() never misses a request
-                for seq in self._inbox:
-                    self.scheduler.add(seq)
+                for request_id, ids, opens_think, params in self._inbox:
+                    try:
+                        self.scheduler.add(self._sequence(request_id, ids, opens_think, params))
+                    except Exception as e:
+                        self._live.discard(request_id)
+                        out += [(request_id, Delta(i, "", "", [], "error", error=describe(e)))
+                                for i in range(params.n)]
                 self._inbox = []
                 aborts, self._aborts = self._aborts, []
-            out = [d for request_id in aborts for d in self.scheduler.abort(request_id)]
+            out += [d for request_id in aborts for d in self.scheduler.end(request_id, "abort")]
             m = self.step_module
             plan = self.scheduler.schedule(m.num_steps, m.lookahead, m.multi_step)
             if plan.batch:
@@ -222,9 +234,9 @@ class Engine:
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
         results: dict[str, RequestOutput] = {}
         for prompt, p in zip(prompts, params_list, strict=True):
-            seq = self._queue(prompt, p if p is not None else SamplingParams(), None)
-            results[seq.request_id] = RequestOutput(seq.request_id, prompt, seq.prompt_ids,
-                                                    [CompletionOutput(i) for i in range(seq.params.n)])
+            p = p if p is not None else SamplingParams()
+            rid, ids = self._queue(prompt, p, None)
+            results[rid] = RequestOutput(rid, prompt, ids, [CompletionOutput(i) for i in range(p.n)])
         pending = set(results)
         while pending:
             for rid, d in self.step():

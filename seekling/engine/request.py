@@ -22,6 +22,7 @@ class Delta:
     finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     logprobs: list[dict[int, float]] | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's cached_tokens)
+    error: str | None = None  # with finish_reason "error": what failed (the other requests went on)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None
+    error: str | None = None  # finish_reason "error": why
 
     def absorb(self, d: Delta) -> None:
         self.text += d.text
@@ -40,7 +42,7 @@ class CompletionOutput:
         if d.logprobs is not None:
             self.logprobs = (self.logprobs or []) + d.logprobs
         if d.finish_reason is not None:
-            self.finish_reason = d.finish_reason
+            self.finish_reason, self.error = d.finish_reason, d.error
 
 
 @dataclass
@@ -101,6 +103,8 @@ def check_request(ids: list[int], params: SamplingParams, *, vocab_size: int, ma
         raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
     if len(ids) >= max_model_len:
         raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {max_model_len}")
+    if any(t >= vocab_size for t in (*(params.stop_token_ids or ()), *(params.logit_bias or ()))):
+        raise ValueError(f"stop_token_ids and logit_bias take token ids in [0, {vocab_size})")
     if params.stop_list and not has_tokenizer:
         raise ValueError("stop strings need a tokenizer")
     if params.n > max_num_seqs:

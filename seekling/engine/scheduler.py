@@ -17,6 +17,7 @@ most k tokens later.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from seekling.engine.grammar import Matcher
 from seekling.engine.request import Delta
 from seekling.engine.sampling import SamplingParams
 
+log = logging.getLogger("seekling.engine")
 _seq_ids = itertools.count()
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -59,7 +61,7 @@ class Sequence:
         seed = self.params.seed
         # Random state: a seeded sample draws from seed + index alone (reproducible, whatever else is batched);
         # torch.Generator for the Python sampler, a 64-bit state for the C++ one (seekling/model/native.cpp).
-        self.generator = torch.Generator().manual_seed(seed + self.index) if seed is not None else None
+        self.generator = torch.Generator().manual_seed((seed + self.index) % 2**64) if seed is not None else None
         self.rng = ((seed + self.index) * _GOLDEN if seed is not None
                     else int(torch.randint(0, 2**62, ()))) & (2**64 - 1)
         text = self.tokenizer is not None and self.params.detokenize
@@ -116,7 +118,12 @@ class StepOutput:
     drafts: dict[Sequence, tuple[list[int], torch.Tensor | None]] = field(default_factory=dict)  # next drafts
     forks: dict[Sequence, list[tuple[Sequence, int]]] = field(default_factory=dict)  # new samples, first tokens
     logprobs: dict[Sequence, list[dict[int, float]]] = field(default_factory=dict)
-    errors: dict[Sequence, str] = field(default_factory=dict)  # sequences whose part of the step failed
+    rng: dict[Sequence, int] = field(default_factory=dict)  # the C++ sampler's states after its draws
+    errors: dict[Sequence, str] = field(default_factory=dict)  # sequences whose part of the step failed (why)
+
+    def merge(self, other: StepOutput) -> None:
+        for name in ("tokens", "cached", "drafts", "forks", "logprobs", "rng", "errors"):
+            getattr(self, name).update(getattr(other, name))
 
 
 @dataclass
@@ -124,6 +131,12 @@ class _Request:
     params: SamplingParams
     seqs: dict[int, Sequence]  # by sample index (forks appear once the prompt is prefilled)
     unfinished: int
+
+
+def describe(error: BaseException) -> str:
+    """What a request that failed alone is told (and the log keeps, with the traceback)."""
+    log.error("a request failed alone: %r", error, exc_info=error)
+    return f"{type(error).__name__}: {error}"
 
 
 class Scheduler:
@@ -239,24 +252,31 @@ class Scheduler:
             if seq.finish_reason is not None:  # finished while the step ran (a fork's parent, an abort)
                 continue
             if seq in out.errors:
-                deltas += self.finish_with_error(seq, out.errors[seq])
+                deltas += self.end(seq.request_id, "error", out.errors[seq])
                 continue
-            if seq not in out.tokens:  # a prefill chunk that does not reach the end of the prompt yet
-                seq.num_cached += n
-                self._register(seq, seq.tokens)
-                continue
-            tokens = out.tokens[seq]
-            seq.num_cached = out.cached[seq]
-            seq.draft, seq.draft_probs = out.drafts.get(seq, ([], None))
-            self._register(seq, seq.tokens + tokens)
-            group = [(seq, tokens, out.logprobs.get(seq))]
-            for child, token in out.forks.get(seq, []):
-                if self._adopt(seq, child):
-                    group.append((child, [token], None))
-            seq.num_forks = 0
-            for s, toks, lp in group:
-                deltas.append((s.request_id, self._append(s, toks, lp)))
+            try:
+                deltas += self._absorb(seq, n, out)
+            except Exception as e:  # a fault of this request's own (its text, its grammar): it ends alone
+                deltas += self.end(seq.request_id, "error", describe(e))
         return deltas
+
+    def _absorb(self, seq: Sequence, n: int, out: StepOutput) -> list[tuple[str, Delta]]:
+        if seq in out.rng:
+            seq.rng = out.rng[seq]
+        if seq not in out.tokens:  # a prefill chunk that does not reach the end of the prompt yet
+            seq.num_cached += n
+            self._register(seq, seq.tokens)
+            return []
+        tokens = out.tokens[seq]
+        seq.num_cached = out.cached[seq]
+        seq.draft, seq.draft_probs = out.drafts.get(seq, ([], None))
+        self._register(seq, seq.tokens + tokens)
+        group = [(seq, tokens, out.logprobs.get(seq))]
+        for child, token in out.forks.get(seq, []):
+            if self._adopt(seq, child):
+                group.append((child, [token], None))
+        seq.num_forks = 0
+        return [(s.request_id, self._append(s, toks, lp)) for s, toks, lp in group]
 
     def _register(self, seq: Sequence, tokens: list[int]) -> None:
         """Remember the blocks the sequence filled completely (prefix caching), when there is a new one."""
@@ -332,12 +352,9 @@ class Scheduler:
             if req.unfinished == 0:
                 del self.requests[seq.request_id]
 
-    def finish_with_error(self, seq: Sequence, message: str) -> list[tuple[str, Delta]]:
-        self.finish(seq, "error")
-        return [(seq.request_id, Delta(seq.index, "", "", [], "error"))]
-
-    def abort(self, request_id: str) -> list[tuple[str, Delta]]:
-        """Finish every unfinished sample of a request with "abort" (those not forked yet included)."""
+    def end(self, request_id: str, reason: str, error: str | None = None) -> list[tuple[str, Delta]]:
+        """Finish every unfinished sample of a request with `reason` ("abort", or "error" for a fault of its own,
+        described by `error`), those not forked yet included; unknown or finished requests are ignored."""
         req = self.requests.get(request_id)
         if req is None:
             return []
@@ -347,7 +364,7 @@ class Scheduler:
             if seq is not None and seq.finish_reason is not None:
                 continue
             if seq is not None:
-                self.finish(seq, "abort")
-            out.append((request_id, Delta(index, "", "", [], "abort")))
+                self.finish(seq, reason)
+            out.append((request_id, Delta(index, "", "", [], reason, error=error)))
         self.requests.pop(request_id, None)
         return out

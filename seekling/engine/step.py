@@ -25,7 +25,7 @@ import torch
 from seekling.engine.compiled import CompiledDecode
 from seekling.engine.grammar import Grammars
 from seekling.engine.sampling import probs_from_logits, sample, token_logprobs, uniform
-from seekling.engine.scheduler import SchedulerOutput, Sequence, StepOutput
+from seekling.engine.scheduler import SchedulerOutput, Sequence, StepOutput, describe
 from seekling.model.layers import CausalLM, make_batch
 from seekling.model.native import NativeModel, load_native, unsupported
 
@@ -133,7 +133,8 @@ class ModelStep:
         logits processor), and greedy when drafts are verified (sampled verification needs the distributions)."""
         p = seq.params
         return (self._sampler is not None and seq.matcher is None and p.repetition_penalty == 1.0
-                and not p.presence_penalty and not p.frequency_penalty and (p.greedy or not self.speculative))
+                and not p.presence_penalty and not p.frequency_penalty and not p.logit_bias
+                and (p.greedy or not self.speculative))
 
     def multi_step(self, seq: Sequence) -> bool:
         """The C++ loop can run this sequence k steps at a time (no constraint, no logprobs, and plain greedy when
@@ -143,10 +144,20 @@ class ModelStep:
                 and (not self.speculative or p.plain_greedy))
 
     def execute(self, plan: SchedulerOutput) -> StepOutput:
-        with torch.inference_mode():
-            if plan.num_steps > 1:
-                return self._multi(plan)
-            return self._single(plan)
+        """Compute the plan; nothing of a sequence changes here (the scheduler applies the output). When the batch
+        fails, each sequence runs alone, so the one whose fault it is ends with an error and the others go on (the
+        rerun writes the same cache entries again)."""
+        try:
+            with torch.inference_mode():
+                return self._multi(plan) if plan.num_steps > 1 else self._single(plan)
+        except Exception as e:
+            if len(plan.batch) == 1:
+                return StepOutput(errors={plan.batch[0][0]: describe(e)})
+            log.warning("a batch of %d sequences failed (%r): running each alone", len(plan.batch), e)
+            out = StepOutput()
+            for item in plan.batch:
+                out.merge(self.execute(SchedulerOutput([item], plan.num_steps)))
+            return out
 
     # --- k steps in C++ ---------------------------------------------------------------------------------------
     def _multi(self, plan: SchedulerOutput) -> StepOutput:
@@ -168,8 +179,7 @@ class ModelStep:
         else:
             tokens, rng = impl.decode(last, pos, tables, limits, stops, [_sampling(s) for s in seqs],
                                       [s.rng for s in seqs], plan.num_steps)
-            for s, r in zip(seqs, rng, strict=True):
-                s.rng = r
+            out.rng = dict(zip(seqs, rng, strict=True))
         for s, toks in zip(seqs, tokens, strict=True):
             out.tokens[s], out.cached[s] = toks, s.num_cached + len(toks)
         return out
@@ -196,9 +206,8 @@ class ModelStep:
         logits, hidden = self.backend.forward(items, rows)
         if rows:
             self._constrain(logits, row_of)
-        chosen, probs = self._sample(logits, row_of) if rows else ([], None)
-
         out = StepOutput()
+        chosen, probs = self._sample(logits, row_of, out.rng) if rows else ([], None)
         mtp: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, first hidden row, count)
         r = 0
         for (seq, n), o in zip(batch, offsets, strict=True):
@@ -206,40 +215,54 @@ class ModelStep:
             if start + n - len(seq.draft) < seq.num_tokens:
                 mtp.append((seq, start, o, n))
                 continue
-            k = len(seq.draft)
-            if k:
-                tokens = self._verify(seq, probs[r:r + k + 1] if seq.draft_probs is not None else None,
-                                      chosen[r:r + k + 1])
-            else:
-                tokens = [chosen[r]]
-            valid = n - k + len(tokens) - 1  # fed positions whose latent stays valid
-            out.tokens[seq], out.cached[seq] = tokens, start + valid
-            if seq.num_forks:
-                out.forks[seq] = self._fork(seq, logits[r], probs[r:r + 1] if probs is not None else None)
-            if seq.params.logprobs is not None:
-                out.logprobs[seq] = token_logprobs(logits[r:r + len(tokens)], torch.tensor(tokens),
-                                                   seq.params.logprobs)
-            if self.speculative:
-                mtp.append((seq, start, o, valid))
-            r += k + 1
+            try:
+                valid = self._take(seq, n, r, logits, probs, chosen, out)
+                if self.speculative:
+                    mtp.append((seq, start, o, valid))
+            except Exception as e:  # a fault of this sequence's own: it ends alone
+                out.errors[seq] = describe(e)
+            r += len(seq.draft) + 1
+        mtp = [m for m in mtp if m[0] not in out.errors]
         if self.speculative and mtp:
-            out.drafts = self._draft(mtp, hidden, out)
+            try:
+                out.drafts = self._draft(mtp, hidden, out)
+            except Exception as e:  # drafts are only proposals: without them the step stays exact
+                log.warning("MTP drafting failed (%r): this step drafts nothing", e)
         return out
 
-    def _sample(self, logits: torch.Tensor, row_of: list[tuple[Sequence, int]]
+    def _take(self, seq: Sequence, n: int, r: int, logits: torch.Tensor, probs: torch.Tensor | None,
+              chosen: list[int], out: StepOutput) -> int:
+        """One sequence's new tokens from rows r.. (verified drafts, or its draw), its forks' and its logprobs;
+        -> how many fed positions stay valid."""
+        k = len(seq.draft)
+        if k:
+            tokens = self._verify(seq, probs[r:r + k + 1] if seq.draft_probs is not None else None,
+                                  chosen[r:r + k + 1])
+        else:
+            tokens = [chosen[r]]
+        valid = n - k + len(tokens) - 1  # fed positions whose latent stays valid
+        out.tokens[seq], out.cached[seq] = tokens, seq.num_cached + valid
+        if seq.num_forks:
+            out.forks[seq] = self._fork(seq, logits[r], probs[r:r + 1] if probs is not None else None)
+        if seq.params.logprobs is not None:
+            out.logprobs[seq] = token_logprobs(logits[r:r + len(tokens)], torch.tensor(tokens), seq.params.logprobs)
+        return valid
+
+    def _sample(self, logits: torch.Tensor, row_of: list[tuple[Sequence, int]], rng: dict[Sequence, int]
                 ) -> tuple[list[int], torch.Tensor | None]:
         """The token of every row (for rows verifying drafts: the target's choice, used when greedy), and the
-        distributions of the rows the Python sampler serves (None when there are none)."""
+        distributions of the rows the Python sampler serves (None when there are none); the C++ sampler's new
+        random states go to `rng`."""
         if all(s.params.plain_greedy and not s.num_forks for s, _ in row_of):  # one argmax for the batch
             return logits.argmax(-1).tolist(), None
         chosen = logits.argmax(-1).tolist()
         native = [i for i, (s, j) in enumerate(row_of) if self.native_sampling(s) and not s.params.greedy]
         if native:
             seqs = [row_of[i][0] for i in native]
-            drawn, rng = self._sampler.sample_rows(logits[native].float(), [_sampling(s) for s in seqs],
-                                                   [s.rng for s in seqs])
-            for i, s, t, st in zip(native, seqs, drawn, rng, strict=True):
-                chosen[i], s.rng = t, st
+            drawn, states = self._sampler.sample_rows(logits[native].float(), [_sampling(s) for s in seqs],
+                                                      [s.rng for s in seqs])
+            for i, s, t, st in zip(native, seqs, drawn, states, strict=True):
+                chosen[i], rng[s] = t, st
         python = [i for i, (s, _) in enumerate(row_of) if not self.native_sampling(s)]
         probs = None
         if python:
