@@ -97,6 +97,8 @@ class ScriptedEngine:
 
     def add_request(self, prompt, params, request_id=None) -> str:
         request_id = request_id or uuid.uuid4().hex
+        if isinstance(prompt, list):  # the server passes the token ids it rendered (the engine never re-tokenises)
+            prompt = self.tokenizer.decode(prompt)
         self.prompts.append(prompt)
         self.params.append(params)
         reasoning, text = self.script(prompt)
