@@ -304,7 +304,69 @@ struct Routing {
   int64_t n_experts = 0, top_k = 0, n_group = 1, topk_group = 1;
   bool norm_topk_prob = true;
   float route_scale = 1.f;
+
+  // [n_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor]
+  static Routing of(const std::vector<double>& r) {
+    TORCH_CHECK(r.size() == 6, "native: routing takes 6 numbers");
+    Routing out;
+    out.n_experts = r[0], out.top_k = r[1], out.n_group = r[2], out.topk_group = r[3];
+    out.norm_topk_prob = r[4] != 0, out.route_scale = r[5];
+    TORCH_CHECK(out.n_experts <= 512 && out.n_group <= 64 && out.top_k <= out.n_experts &&
+                out.n_group >= 1 && out.n_experts % out.n_group == 0 && out.topk_group <= out.n_group,
+                "native: a routing this file does not cover");
+    return out;
+  }
 };
+
+// moe.py route(): top-k of sigmoid affinities + correction bias (within the best groups), weighted by the
+// unbiased affinities. -> expert ids [k] in the order torch.topk returns them, and their weights.
+void route(const Routing& route_, const float* scores, const float* bias, int64_t* ids, float* weights) {
+  const int64_t E = route_.n_experts, k = route_.top_k;
+  float biased[512];
+  for (int64_t j = 0; j < E; ++j) biased[j] = scores[j] + bias[j];
+  if (route_.n_group > 1) {
+    const int64_t G = route_.n_group, per = E / G;
+    float gs[64];
+    for (int64_t g = 0; g < G; ++g) {
+      float a = -std::numeric_limits<float>::infinity(), b = a;
+      for (int64_t j = g * per; j < (g + 1) * per; ++j) {
+        const float v = biased[j];
+        if (v > a) {
+          b = a;
+          a = v;
+        } else if (v > b) {
+          b = v;
+        }
+      }
+      gs[g] = a + b;
+    }
+    bool keep[64] = {false};
+    for (int64_t t = 0; t < route_.topk_group; ++t) {
+      int64_t best = -1;
+      for (int64_t g = 0; g < G; ++g)
+        if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+      keep[best] = true;
+    }
+    for (int64_t g = 0; g < G; ++g)
+      if (!keep[g])
+        for (int64_t j = g * per; j < (g + 1) * per; ++j) biased[j] = -std::numeric_limits<float>::infinity();
+  }
+  bool taken[512] = {false};
+  float sum = 0.f;
+  for (int64_t t = 0; t < k; ++t) {
+    int64_t best = -1;
+    for (int64_t j = 0; j < E; ++j)
+      if (!taken[j] && (best < 0 || biased[j] > biased[best])) best = j;
+    taken[best] = true;
+    ids[t] = best;
+    weights[t] = scores[best];
+    sum += scores[best];
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    if (route_.norm_topk_prob) weights[t] = weights[t] / (sum + 1e-20f);
+    if (route_.route_scale != 1.f) weights[t] *= route_.route_scale;
+  }
+}
 
 struct Layer {
   int64_t cache_layer = 0;
@@ -355,12 +417,7 @@ class Model {
     eps_ = c("rms_norm_eps");
     scale_ = c("softmax_scale");
     attention_factor_ = c("attention_factor");
-    route_.n_experts = routing[0];
-    route_.top_k = routing[1];
-    route_.n_group = routing[2];
-    route_.topk_group = routing[3];
-    route_.norm_topk_prob = routing[4] != 0;
-    route_.route_scale = routing[5];
+    route_ = Routing::of(routing);
     embed_ = get(top, "embed");
     head_ = get(top, "head");
     norm_ = get(top, "norm");
@@ -780,56 +837,6 @@ class Model {
     matmul(s_.act.data(), I, N, I, w2, h_, y, h_);
   }
 
-  // moe.py route(): top-k of sigmoid affinities + correction bias (within the best groups), weighted by the
-  // unbiased affinities. -> expert ids [k] in the order torch.topk returns them, and their weights.
-  void route(const float* scores, const float* bias, int64_t* ids, float* weights) const {
-    const int64_t E = route_.n_experts, k = route_.top_k;
-    float biased[512];
-    for (int64_t j = 0; j < E; ++j) biased[j] = scores[j] + bias[j];
-    if (route_.n_group > 1) {
-      const int64_t G = route_.n_group, per = E / G;
-      float gs[64];
-      for (int64_t g = 0; g < G; ++g) {
-        float a = -std::numeric_limits<float>::infinity(), b = a;
-        for (int64_t j = g * per; j < (g + 1) * per; ++j) {
-          const float v = biased[j];
-          if (v > a) {
-            b = a;
-            a = v;
-          } else if (v > b) {
-            b = v;
-          }
-        }
-        gs[g] = a + b;
-      }
-      bool keep[64] = {false};
-      for (int64_t t = 0; t < route_.topk_group; ++t) {
-        int64_t best = -1;
-        for (int64_t g = 0; g < G; ++g)
-          if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
-        keep[best] = true;
-      }
-      for (int64_t g = 0; g < G; ++g)
-        if (!keep[g])
-          for (int64_t j = g * per; j < (g + 1) * per; ++j) biased[j] = -std::numeric_limits<float>::infinity();
-    }
-    bool taken[512] = {false};
-    float sum = 0.f;
-    for (int64_t t = 0; t < k; ++t) {
-      int64_t best = -1;
-      for (int64_t j = 0; j < E; ++j)
-        if (!taken[j] && (best < 0 || biased[j] > biased[best])) best = j;
-      taken[best] = true;
-      ids[t] = best;
-      weights[t] = scores[best];
-      sum += scores[best];
-    }
-    for (int64_t t = 0; t < k; ++t) {
-      if (route_.norm_topk_prob) weights[t] = weights[t] / (sum + 1e-20f);
-      if (route_.route_scale != 1.f) weights[t] *= route_.route_scale;
-    }
-  }
-
   // DeepSeekMoE (moe.py MoE.infer): shared experts + the k routed experts of each row, grouped by expert.
   void moe(const Layer& L, const float* x, int64_t N, float* y) {
     const int64_t E = route_.n_experts, k = route_.top_k, I = L.ew2.size(2);
@@ -838,7 +845,7 @@ class Model {
     for (int64_t j = 0; j < N * E; ++j) s_.scores[j] = 1.f / (1.f + std::exp(-s_.scores[j]));
     std::vector<int64_t> ids(N * k);
     std::vector<float> wts(N * k);
-    for (int64_t i = 0; i < N; ++i) route(s_.scores.data() + i * E, fp(L.bias), ids.data() + i * k, wts.data() + i * k);
+    for (int64_t i = 0; i < N; ++i) route(route_, s_.scores.data() + i * E, fp(L.bias), ids.data() + i * k, wts.data() + i * k);
     mlp(fp(L.w13), fp(L.w2), L.w2.size(1), x, N, y, nullptr);  // the shared experts
     const float* W13 = fp(L.ew13);
     const float* W2 = fp(L.ew2);
@@ -873,6 +880,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("mtp", &Model::mtp)
       .def("decode", &Model::decode)
       .def("speculate", &Model::speculate);
+  // moe.py route() on affinities [N, E] (the parity test's entry point) -> (weights [N, k], expert ids [N, k])
+  m.def("route", [](const at::Tensor& scores, const at::Tensor& bias, const std::vector<double>& routing) {
+    const Routing r = Routing::of(routing);
+    const auto s = scores.contiguous(), b = bias.contiguous();
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(1) == r.n_experts && b.numel() == r.n_experts,
+                "route: scores [N, E] and bias [E], fp32");
+    const int64_t N = s.size(0);
+    auto w = at::empty({N, r.top_k}, at::kFloat);
+    auto ids = at::empty({N, r.top_k}, at::kLong);
+    for (int64_t i = 0; i < N; ++i)
+      route(r, s.data_ptr<float>() + i * r.n_experts, b.data_ptr<float>(), ids.data_ptr<int64_t>() + i * r.top_k,
+            w.data_ptr<float>() + i * r.top_k);
+    return std::make_pair(w, ids);
+  });
   // One token from each row of logits [M, V] with that row's parameters and random state (the Python step's rows)
   m.def("sample_rows", [](const at::Tensor& logits, const std::vector<std::vector<double>>& sampling,
                           std::vector<uint64_t> rng) {

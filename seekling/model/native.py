@@ -108,6 +108,12 @@ def _unsupported_routing(gate: torch.nn.Module) -> str | None:
     return None
 
 
+def routing_of(gate: torch.nn.Module) -> list[float]:
+    """The router's numbers as the C++ side takes them (every MoE layer of a model routes alike)."""
+    return [float(x) for x in (gate.n_experts, gate.top_k, gate.n_group, gate.topk_group, gate.norm_topk_prob,
+                               gate.route_scale)]
+
+
 def _layer_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
     a = layer.self_attn
     t = {"in_norm": layer.input_layernorm.weight, "w_in": a.w_in, "kv_a_norm": a.kv_a_layernorm.weight,
@@ -151,11 +157,9 @@ class NativeModel:
         cfg |= {"q_lora_rank": float(c.q_lora_rank or 0),
                 "attention_factor": float(m.model.rotary_emb.attention_factor)}
         gates = [layer.mlp.gate for layer in m.main_layers if hasattr(layer.mlp, "gate")]
-        g = gates[0] if gates else None
-        routing = [g.n_experts, g.top_k, g.n_group, g.topk_group, float(g.norm_topk_prob), g.route_scale] if g else \
-            [0, 0, 1, 1, 1.0, 1.0]
+        routing = routing_of(gates[0]) if gates else [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
         self._prepared = m.embed_w  # a new `prepare` makes new tensors: then take them again
-        self._impl = self._module.Model(top, layers, mtp, cfg, self.kv, [float(x) for x in routing])
+        self._impl = self._module.Model(top, layers, mtp, cfg, self.kv, routing)
 
     @property
     def impl(self) -> Any:
