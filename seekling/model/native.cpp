@@ -197,6 +197,47 @@ inline void micro(const float* x, int64_t ldx, const float* w, int64_t K, float*
 #endif
 }
 
+// One row of x against 4 consecutive rows of w (one sequential stream of 4K floats): y[r] = x . w[r]. Two
+// accumulators a row (16 floats a step) keep 8 FMAs in flight; the next 4 rows are prefetched a line a row a step.
+inline void row4(const float* x, const float* w, int64_t K, float* y) {
+#ifdef NATIVE_AVX2
+  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K, *next = w + 4 * K;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(next + k), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(next + K + k), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(next + 2 * K + k), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(next + 3 * K + k), _MM_HINT_T0);
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), x0, a0);
+    b0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k + 8), x1, b0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), x0, a1);
+    b1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k + 8), x1, b1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), x0, a2);
+    b2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k + 8), x1, b2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), x0, a3);
+    b3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k + 8), x1, b3);
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + k);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), x0, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), x0, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), x0, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), x0, a3);
+  }
+  float out[4];
+  _mm_storeu_ps(out, hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3)));
+  for (int r = 0; r < 4; ++r) {
+    float tail = 0.f;
+    for (int64_t j = k; j < K; ++j) tail += w[r * K + j] * x[j];
+    y[r] = out[r] + tail;
+  }
+#else
+  for (int r = 0; r < 4; ++r) y[r] = dot(x, w + r * K, K);
+#endif
+}
+
 // Rows at or above this count go to ATen's GEMM (MKL / oneDNN), whose blocking wins once a weight tile is reused
 // by many rows; below it the weights stream once through `micro` with no dispatch at all.
 int64_t gemm_rows = 16;
@@ -211,6 +252,11 @@ void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, i
     return;
   }
   int64_t o = 0;
+  if (M == 1) {  // batch-1 decode: a matrix-vector product at memory bandwidth
+    for (; o + 4 <= O; o += 4) row4(x, w + o * K, K, y + o);
+    for (; o < O; ++o) y[o] = dot(x, w + o * K, K);
+    return;
+  }
   for (; o + 4 <= O; o += 4) {
     const float* wo = w + o * K;
     int64_t m = 0;
