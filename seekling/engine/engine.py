@@ -16,7 +16,6 @@ finishes, forks) into text deltas. Every model family offers the same interface 
 
 from __future__ import annotations
 
-import math
 import threading
 import uuid
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from seekling.engine.cache import BlockManager
+from seekling.engine.cache import BlockManager, allocate
 from seekling.engine.grammar import Grammars
 from seekling.engine.request import (
     CompletionOutput,
@@ -34,42 +33,15 @@ from seekling.engine.request import (
     RequestOutput,
     check_request,
     encode_prompt,
+    load_model,
 )
 from seekling.engine.sampling import SamplingParams, StructuredOutputsParams
 from seekling.engine.scheduler import Scheduler, Sequence, describe
 from seekling.engine.step import ModelStep
-from seekling.model.layers import CausalLM
-from seekling.model.load import QUANTIZE, load_pretrained, release_freed_memory
 from seekling.model.model import Transformer
 from seekling.model.quant import use_kernels
-from seekling.tokenizer import load_tokenizer
 
 __all__ = ["CompletionOutput", "Delta", "Engine", "Prompt", "RequestOutput"]
-
-
-def load_model(model_or_path: torch.nn.Module | str | Path, tokenizer: Any, device: str | torch.device | None,
-               dtype: str | torch.dtype | None, quantize: str | None, max_memory_gb: float | None,
-               ) -> tuple[CausalLM, Any]:
-    """The model (loaded from a directory, or the object given) and its tokenizer."""
-    if quantize not in (None, *QUANTIZE):
-        raise ValueError(f"unknown quantize={quantize!r}: {', '.join(QUANTIZE)} (or None)")
-    if quantize is not None and device is not None and torch.device(device).type != "cpu":
-        raise ValueError("quantize='int8' runs seekling's CPU kernels; on a GPU run bf16 (dtype='bfloat16')")
-    if isinstance(model_or_path, (str, Path)):
-        model = load_pretrained(model_or_path, device=device, dtype=dtype, max_memory_gb=max_memory_gb,
-                                quantize=quantize)
-        if tokenizer is None and (Path(model_or_path) / "tokenizer.json").is_file():
-            tokenizer = load_tokenizer(model_or_path)
-            release_freed_memory()
-    elif dtype is not None or max_memory_gb is not None:
-        raise ValueError("dtype and max_memory_gb apply when the engine loads a directory; convert a model object "
-                         "yourself")
-    else:
-        model = model_or_path
-    if not isinstance(model, CausalLM):
-        raise ValueError(f"the engine runs seekling's model families (DeepSeek-V3 Transformer, Qwen2/Llama "
-                         f"DenseModel), got {type(model).__name__}")
-    return model, tokenizer
 
 
 class Engine:
@@ -100,18 +72,11 @@ class Engine:
             raise ValueError("speculative=True needs an MTP module (num_nextn_predict_layers >= 1)")
         if speculative and num_speculative_tokens != 1:
             raise ValueError("num_speculative_tokens must be 1 (one MTP module drafts one token)")
-        self.speculative = speculative
+        self.speculative, self.block_size = speculative, block_size
         self.max_model_len = model.config.max_position_embeddings
-        kv_dtype = model.model.norm.weight.dtype  # the activations' dtype (int8 weights compute in fp32)
-        layers, entry = model.num_cache_layers(speculative), model.cache_entry_shape()
-        self.cache_bytes_per_token = layers * math.prod(entry) * kv_dtype.itemsize
-        if cache_blocks is None:  # enough for every sequence at full length, within the memory budget
-            want = max_num_seqs * -(-self.max_model_len // block_size)
-            cache_blocks = max(1, min(want, cache_memory // (self.cache_bytes_per_token * block_size)))
-        self.block_size = block_size
-        # kv[layer, block, slot] = one token's entry: the MLA latent, or dense K/V per KV head (engine/cache.py)
-        self.kv = torch.zeros(layers, cache_blocks, block_size, *entry, dtype=kv_dtype, device=self.device)
-        self.blocks = BlockManager(cache_blocks, block_size)
+        self.kv = allocate(model, speculative, max_num_seqs, block_size, cache_blocks, cache_memory, self.device)
+        self.cache_bytes_per_token = self.kv[:, 0, 0].numel() * self.kv.element_size()
+        self.blocks = BlockManager(self.kv.shape[1], block_size)
         self.scheduler = Scheduler(self.blocks, self.kv, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    speculative)
         use_kernels(self.device)
@@ -175,15 +140,13 @@ class Engine:
             return bool(self._inbox) or self.scheduler.has_unfinished()
 
     def stats(self) -> dict[str, Any]:
-        used, s, m = self.blocks.num_blocks - self.blocks.num_free, self.scheduler, self.step_module
-        return {"running": len(s.running), "waiting": len(s.waiting) + len(self._inbox),
-                "cache_blocks": self.blocks.num_blocks, "cache_blocks_used": used,
-                "cache_usage": used / self.blocks.num_blocks, "block_size": self.block_size,
+        used, s, m, b = self.blocks.num_blocks - self.blocks.num_free, self.scheduler, self.step_module, self.blocks
+        return {"running": len(s.running), "waiting": len(s.waiting) + len(self._inbox), "cache_blocks": b.num_blocks,
+                "cache_blocks_used": used, "cache_usage": used / b.num_blocks, "block_size": self.block_size,
                 "cache_bytes_per_token": self.cache_bytes_per_token, "num_preemptions": s.num_preemptions,
-                "prefix_cache_hit_tokens": self.blocks.num_prefix_hits, "generated_tokens": s.num_generated,
-                "spec_drafted": m.num_drafted, "spec_accepted": m.num_accepted,
-                "spec_acceptance_rate": m.num_accepted / m.num_drafted if m.num_drafted else None,
-                "native": m.native}
+                "prefix_cache_hit_tokens": b.num_prefix_hits, "generated_tokens": s.num_generated,
+                "spec_drafted": m.num_drafted, "spec_accepted": m.num_accepted, "native": m.native,
+                "spec_acceptance_rate": m.num_accepted / m.num_drafted if m.num_drafted else None}
 
     # --- the loop --------------------------------------------------------------------------------------------
     def step(self) -> list[tuple[str, Delta]]:

@@ -1,13 +1,20 @@
-"""What goes into the engine and what comes out: prompts (token ids, text or chat messages, tokenised once, here),
-the checks a request passes before it is queued, and the outputs (`Delta` per step, `RequestOutput` per request)."""
+"""What goes into the engine and what comes out: the model and its tokenizer, prompts (token ids, text or chat
+messages, tokenised once, here), the checks a request passes before it is queued, and the outputs (`Delta` per
+step, `RequestOutput` per request)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from seekling.engine.detok import prompt_opens_think
 from seekling.engine.sampling import SamplingParams
+from seekling.model.layers import CausalLM
+from seekling.model.load import QUANTIZE, load_pretrained, release_freed_memory
+from seekling.tokenizer import load_tokenizer
 
 Prompt = str | list[dict[str, Any]] | list[int]
 THINK_TAIL = 8  # prompt tokens decoded to tell whether a token-id prompt opens a think block
@@ -72,6 +79,31 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+
+def load_model(model_or_path: torch.nn.Module | str | Path, tokenizer: Any, device: str | torch.device | None,
+               dtype: str | torch.dtype | None, quantize: str | None, max_memory_gb: float | None,
+               ) -> tuple[CausalLM, Any]:
+    """The model (loaded from a directory, or the object given) and its tokenizer."""
+    if quantize not in (None, *QUANTIZE):
+        raise ValueError(f"unknown quantize={quantize!r}: {', '.join(QUANTIZE)} (or None)")
+    if quantize is not None and device is not None and torch.device(device).type != "cpu":
+        raise ValueError("quantize='int8' runs seekling's CPU kernels; on a GPU run bf16 (dtype='bfloat16')")
+    if isinstance(model_or_path, (str, Path)):
+        model = load_pretrained(model_or_path, device=device, dtype=dtype, max_memory_gb=max_memory_gb,
+                                quantize=quantize)
+        if tokenizer is None and (Path(model_or_path) / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(model_or_path)
+            release_freed_memory()
+    elif dtype is not None or max_memory_gb is not None:
+        raise ValueError("dtype and max_memory_gb apply when the engine loads a directory; convert a model object "
+                         "yourself")
+    else:
+        model = model_or_path
+    if not isinstance(model, CausalLM):
+        raise ValueError(f"the engine runs seekling's model families (DeepSeek-V3 Transformer, Qwen2/Llama "
+                         f"DenseModel), got {type(model).__name__}")
+    return model, tokenizer
 
 
 def encode_prompt(prompt: Prompt, tokenizer: Any) -> tuple[list[int], bool]:
