@@ -6,8 +6,8 @@ a Hugging Face checkpoint). Greedy decoding of random prompts, every sequence ge
 step, k decode steps per call) and, at batch 1, the Python step it falls back to (`native=False`). Also:
 KV-cache bytes per token (the latent c_KV + k_pe vs transformers' expanded per-head K/V, measured from its cache
 object), and MTP speculative decoding's acceptance rate and speed-up over the plain engine at --spec-batches
-(meaningful only on a trained checkpoint: with random weights the MTP module drafts at chance). When the checkpoint has a
-tokenizer, speculative decoding is measured on in-distribution prompts first (held-out problems of
+(meaningful only on a trained checkpoint: with random weights the MTP module drafts at chance). When the
+checkpoint has a tokenizer, speculative decoding is measured on in-distribution prompts first (held-out problems of
 seekling.tasks rendered with the chat template, as `seekling eval` does; up to --new tokens, stopping
 at eos), then on the random prompts.
 
@@ -197,7 +197,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, cfg.vocab_size, (batch, args.prompt), generator=g)
     # The engine as a user gets it (no flags: the C++ step), and the Python step it falls back to.
+    # One step per call (the C++ forward, Python between tokens: what constrained, logprobs or penalty rows get).
     engines = {"seekling Engine()": Engine(model, max_num_seqs=batch),
+               "seekling one step a call (b1)": Engine(model, max_num_seqs=batch, num_scheduler_steps=1),
                "seekling Python step (b1)": Engine(model, max_num_seqs=batch, native=False)}
     if args.compile:
         engines["seekling compile=True (b1)"] = Engine(model, max_num_seqs=batch, compile=True)
