@@ -155,33 +155,33 @@ inline void rms_norm(const float* x, const float* w, int64_t n, float eps, float
   for (; i < n; ++i) y[i] = x[i] * inv * w[i];
 }
 
-// MR rows of x against R rows of w: y[m * ldy + r] = x[m] . w[r]. Each weight vector is loaded once for the MR
-// rows; MR x R <= 8 accumulators keep every register busy.
-template <int MR, int R>
+// MR rows of x against 4 consecutive rows of w: y[m * ldy + r] = x[m] . w[r]. Each 8-float slice of the four
+// weight rows is loaded once for the MR rows (MR x 4 <= 12 accumulators: no spills, 3 loads per 4 FMAs at MR 3).
+template <int MR>
 inline void micro(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
 #ifdef NATIVE_AVX2
-  __m256 acc[MR][R];
+  __m256 acc[MR][4];
+#pragma GCC unroll 4
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_setzero_ps();
+  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    __m256 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(w + r * K + k);
-    if ((k & 15) == 0)
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + k), _MM_HINT_T0);
+    const __m256 a = _mm256_loadu_ps(w0 + k), b = _mm256_loadu_ps(w1 + k), c = _mm256_loadu_ps(w2 + k),
+                 d = _mm256_loadu_ps(w3 + k);
+#pragma GCC unroll 4
     for (int m = 0; m < MR; ++m) {
       const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+      acc[m][0] = _mm256_fmadd_ps(a, xv, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(b, xv, acc[m][1]);
+      acc[m][2] = _mm256_fmadd_ps(c, xv, acc[m][2]);
+      acc[m][3] = _mm256_fmadd_ps(d, xv, acc[m][3]);
     }
   }
   for (int m = 0; m < MR; ++m) {
-    float out[R];
-    if constexpr (R == 4) {
-      _mm_storeu_ps(out, hsum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
-    } else {
-      for (int r = 0; r < R; ++r) out[r] = hsum(acc[m][r]);
-    }
-    for (int r = 0; r < R; ++r) {
+    float out[4];
+    _mm_storeu_ps(out, hsum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+    for (int r = 0; r < 4; ++r) {
       float tail = 0.f;
       for (int64_t j = k; j < K; ++j) tail += w[r * K + j] * x[m * ldx + j];
       y[m * ldy + r] = out[r] + tail;
@@ -189,11 +189,7 @@ inline void micro(const float* x, int64_t ldx, const float* w, int64_t K, float*
   }
 #else
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < R; ++r) {
-      float s = 0.f;
-      for (int64_t j = 0; j < K; ++j) s += w[r * K + j] * x[m * ldx + j];
-      y[m * ldy + r] = s;
-    }
+    for (int r = 0; r < 4; ++r) y[m * ldy + r] = dot(x + m * ldx, w + r * K, K);
 #endif
 }
 
@@ -239,9 +235,10 @@ inline void row4(const float* x, const float* w, int64_t K, float* y) {
 }
 
 // Rows at or above this count go to ATen's GEMM (MKL), whose packed blocking wins once a weight tile is reused by
-// many rows (measured on the development machine: even at 8 rows, 1.3-1.6x ours at 16-32 rows); below it the
-// weights stream once through `micro` with no dispatch at all (1.3-2.5x MKL's time at 2-4 rows).
-int64_t gemm_rows = 8;
+// many rows; below it the weights stream once through `micro` with no dispatch and no packing (MKL repacks each
+// weight at every call: at 8 rows the packing took 3x its multiply; measured whole steps on the development
+// machine: 8 rows 1.6-2.0 ms ours vs 2.3-2.4 MKL, 32 rows 6.5-7.0 vs 5.8).
+int64_t gemm_rows = 16;
 
 // y [M, O] (row stride ldy) = x [M, K] (row stride ldx) @ w [O, K]^T
 void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t O, float* y, int64_t ldy) {
@@ -258,14 +255,15 @@ void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, i
     for (; o < O; ++o) y[o] = dot(x, w + o * K, K);
     return;
   }
-  for (; o + 4 <= O; o += 4) {
+  for (; o + 4 <= O; o += 4) {  // a tile of 4 weight rows (in L1) against every row of x
     const float* wo = w + o * K;
     int64_t m = 0;
-    for (; m + 2 <= M; m += 2) micro<2, 4>(x + m * ldx, ldx, wo, K, y + m * ldy + o, ldy);
-    if (m < M) micro<1, 4>(x + m * ldx, ldx, wo, K, y + m * ldy + o, ldy);
+    for (; m + 3 <= M; m += 3) micro<3>(x + m * ldx, ldx, wo, K, y + m * ldy + o, ldy);
+    if (M - m == 2) micro<2>(x + m * ldx, ldx, wo, K, y + m * ldy + o, ldy);
+    if (M - m == 1) micro<1>(x + m * ldx, ldx, wo, K, y + m * ldy + o, ldy);
   }
   for (; o < O; ++o)
-    for (int64_t m = 0; m < M; ++m) micro<1, 1>(x + m * ldx, ldx, w + o * K, K, y + m * ldy + o, ldy);
+    for (int64_t m = 0; m < M; ++m) y[m * ldy + o] = dot(x + m * ldx, w + o * K, K);
 }
 
 const float* fp(const at::Tensor& t) { return t.data_ptr<float>(); }
