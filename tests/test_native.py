@@ -34,7 +34,8 @@ def tiny(seed: int = 0, **kw) -> Transformer:
 CONFIGS = {
     "plain": {},
     "q_lora": dict(q_lora_rank=24),
-    "group_limited": dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5),
+    "group_limited": dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+                          routed_scaling_factor=2.5),
     "unnormalised": dict(norm_topk_prob=False, n_shared_experts=2),
     "yarn": dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                                "mscale": 0.707, "mscale_all_dim": 0.707}),
@@ -124,8 +125,9 @@ def sampler_frequencies(params: SamplingParams, logits: torch.Tensor, draws: int
     return torch.bincount(torch.tensor(tokens), minlength=logits.shape[-1]).float() / draws
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),
-                                dict(temperature=1.0, min_p=0.1), dict(temperature=0.9, top_k=8, top_p=0.9, min_p=0.05)])
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5),
+                                dict(temperature=1.3, top_p=0.8), dict(temperature=1.0, min_p=0.1),
+                                dict(temperature=0.9, top_k=8, top_p=0.9, min_p=0.05)])
 def test_sampler_draws_the_processors_distribution(kw):
     torch.manual_seed(0)
     logits = torch.randn(1, 40) * 2
@@ -188,3 +190,20 @@ def test_without_a_compiler_the_engine_runs_the_python_step(monkeypatch):
     assert not engine.stats()["native"] and engine.step_module.num_steps == 1
     got = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert got[0].token_ids == want[0].token_ids
+
+
+def test_token_ids_only_and_prompts_are_not_retokenised(monkeypatch):
+    """detokenize=False gives the tokens without text (RL decodes its completions itself); a prompt of token
+    ids reaches the model as it is (the server tokenises once), only its tail decoded for the think check."""
+    from seekling.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["The quick brown fox jumps over the lazy dog. 123 + 456 = 579."] * 20, vocab_size=300)
+    model = tiny(6)
+    engine = Engine(model, tok)
+    ids = tok.encode("The quick brown fox")
+    want = engine.generate([ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    monkeypatch.setattr(tok, "encode", lambda *a, **k: pytest.fail("a token-id prompt was tokenised again"))
+    got = engine.generate([ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, detokenize=False))[0]
+    assert got.token_ids == want.token_ids and got.text == "" and want.text
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop=["x"], detokenize=False)
