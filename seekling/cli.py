@@ -101,7 +101,8 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--compile", action="store_true",
-                   help="decode steps as one compiled graph (1.6x tokens/s alone; compiles ~30 s the first time)")
+                   help="compile the Python decode step (models the C++ step does not run: dense, int8; "
+                        "~30 s the first time)")
 
 
 def _engine_and_params(args: argparse.Namespace):

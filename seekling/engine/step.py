@@ -112,15 +112,18 @@ class ModelStep:
 
     @staticmethod
     def _backend(model: CausalLM, kv: torch.Tensor, compile: bool, native: bool | None) -> Any:
-        why = "compile=True asks for the torch.compile'd Python step" if compile else \
-            "native=False" if native is False else unsupported(model)
+        """The C++ forward wherever it runs (compile=True then changes nothing: it compiles the Python step);
+        otherwise the model's Python forward, torch.compile'd with compile=True. The choice is logged."""
+        why = "native=False" if native is False else unsupported(model)
         if why is None and load_native() is None:
             why = "no C++ toolchain (see the warning above)"
         if why is None:
+            if compile:
+                log.info("compile=True is for the Python step; this model runs the C++ step")
             return NativeForward(model, kv)
         if native:
             raise ValueError(f"native=True, but the C++ step cannot run here: {why}")
-        log.info("the engine runs the Python step: %s", why)
+        log.info("the engine runs the Python step%s: %s", " (torch.compile'd)" if compile else "", why)
         return PythonForward(model, kv, compile)
 
     @property

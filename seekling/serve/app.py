@@ -218,8 +218,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     a("--quantize", choices=("int8",), default=None,
       help="int8 Linear layers: 7-bit weights, per-token 8-bit activations (dense Qwen2/Llama; ~2x decode)")
     a("--compile", action="store_true", default=False,
-      help="decode steps of up to 16 requests as one compiled graph (seekling's DeepSeek-V3 models: 1.6x "
-           "tokens/s for one client, ~1.2x for 2-16; compiles at start, ~30 s the first time)")
+      help="compile the Python decode step of models the C++ step does not run (dense families, int8, bf16): "
+           "decode steps of up to 16 requests as one graph; compiles at start, ~30 s the first time")
 
 
 def run_serve(args: argparse.Namespace) -> None:
