@@ -155,8 +155,9 @@ inline void rms_norm(const float* x, const float* w, int64_t n, float eps, float
   for (; i < n; ++i) y[i] = x[i] * inv * w[i];
 }
 
-// MR rows of x against 4 consecutive rows of w: y[m * ldy + r] = x[m] . w[r]. Each 8-float slice of the four
-// weight rows is loaded once for the MR rows (MR x 4 <= 12 accumulators: no spills, 3 loads per 4 FMAs at MR 3).
+// MR (1 or 2) rows of x against 4 consecutive rows of w: y[m * ldy + r] = x[m] . w[r]. Each 8-float slice of the
+// four weight rows is loaded once for the MR rows (8 accumulators + 4 weights + 1 x: no spills; MR 3 spilled and
+// ran at half the speed), and the next tile is prefetched (the 4 rows are one contiguous stream of 4K floats).
 template <int MR>
 inline void micro(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
 #ifdef NATIVE_AVX2
@@ -164,9 +165,11 @@ inline void micro(const float* x, int64_t ldx, const float* w, int64_t K, float*
 #pragma GCC unroll 4
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_setzero_ps();
-  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K, *next = w + 4 * K;
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
+    _mm_prefetch(reinterpret_cast<const char*>(next + 2 * k), _MM_HINT_T0);  // the next tile, 2 lines a step
+    _mm_prefetch(reinterpret_cast<const char*>(next + 2 * k + 16), _MM_HINT_T0);
     const __m256 a = _mm256_loadu_ps(w0 + k), b = _mm256_loadu_ps(w1 + k), c = _mm256_loadu_ps(w2 + k),
                  d = _mm256_loadu_ps(w3 + k);
 #pragma GCC unroll 4
@@ -255,12 +258,11 @@ void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, i
     for (; o < O; ++o) y[o] = dot(x, w + o * K, K);
     return;
   }
-  for (; o + 4 <= O; o += 4) {  // a tile of 4 weight rows (in L1) against every row of x
+  for (; o + 4 <= O; o += 4) {  // a tile of 4 weight rows (in L1 after the first pair) against every row of x
     const float* wo = w + o * K;
     int64_t m = 0;
-    for (; m + 3 <= M; m += 3) micro<3>(x + m * ldx, ldx, wo, K, y + m * ldy + o, ldy);
-    if (M - m == 2) micro<2>(x + m * ldx, ldx, wo, K, y + m * ldy + o, ldy);
-    if (M - m == 1) micro<1>(x + m * ldx, ldx, wo, K, y + m * ldy + o, ldy);
+    for (; m + 2 <= M; m += 2) micro<2>(x + m * ldx, ldx, wo, K, y + m * ldy + o, ldy);
+    if (m < M) micro<1>(x + m * ldx, ldx, wo, K, y + m * ldy + o, ldy);
   }
   for (; o < O; ++o)
     for (int64_t m = 0; m < M; ++m) y[m * ldy + o] = dot(x + m * ldx, w + o * K, K);
