@@ -11,7 +11,7 @@ seekling runs twice: with the engine as the trainer gets it (the C++ step) and w
 (`Engine(native=False)`, the forward and sampler the engine ran before the C++ step), for the before/after.
 
     PYTHONPATH=. python benchmarks/bench_rl.py [--steps 3] [--prompts 8] [--group 8] [--max-new-tokens 64]
-    PYTHONPATH=. python benchmarks/bench_rl.py --max-new-tokens 200 --skip-trl   # the speedrun's RL settings
+    PYTHONPATH=. python benchmarks/bench_rl.py --max-new-tokens 200 --skip-trl --rounds 3  # the speedrun's RL
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--skip-trl", action="store_true", help="only seekling (C++ step vs Python step)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of the two seekling runs (median)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both (default: torch's; 1 is steadier on a shared machine)")
     args = parser.parse_args()
@@ -145,8 +146,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_model(work / "base", args.vocab_size)
-        rows = {"seekling": bench_seekling(work / "base", work, args),
-                "seekling, Python step": bench_seekling(work / "base", work, args, native=False)}
+        runs: dict[str, list[dict[str, float]]] = {"seekling": [], "seekling, Python step": []}
+        for r in range(args.rounds):  # alternating, so a change in the machine's load hits both alike
+            runs["seekling"].append(bench_seekling(work / "base", work / f"r{r}", args))
+            runs["seekling, Python step"].append(bench_seekling(work / "base", work / f"r{r}", args, native=False))
+        rows = {name: {k: statistics.median(x[k] for x in xs) for k in xs[0]} for name, xs in runs.items()}
         if not args.skip_trl:
             rows["trl"] = bench_trl(work / "base", work, args)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
