@@ -579,7 +579,7 @@ class Model {
     std::vector<int64_t> active;
     for (int64_t b = 0; b < B; ++b)
       if (limit[b] > 0) active.push_back(b);
-    std::vector<int64_t> tok, ps, sq, first, rows, m_next, m_pos, m_seq, m_rows, m_last;
+    std::vector<int64_t> tok, ps, sq, first, rows, m_next, m_pos, m_seq, m_rows;
     for (int64_t step = 0; step < steps && !active.empty(); ++step) {
       tok.clear(), ps.clear(), sq.clear(), first.clear();
       for (int64_t b : active) {
@@ -594,7 +594,7 @@ class Model {
       for (int64_t i = 0; i < N; ++i) rows[i] = i;
       grow(s_.logits, N * V_);
       head(s_.h.data(), rows, s_.logits.data());
-      auto argmax = [&](int64_t row) { return std::max_element(s_.logits.data() + row * V_, s_.logits.data() + (row + 1) * V_) - (s_.logits.data() + row * V_); };
+      auto argmax = [&](int64_t row) { return argmax_row(s_.logits.data() + row * V_); };
       m_next.clear(), m_pos.clear(), m_seq.clear(), m_rows.clear();
       std::vector<int64_t> still;
       for (size_t a = 0; a < active.size(); ++a) {
@@ -627,20 +627,9 @@ class Model {
         still.push_back(b);
       }
       if (!m_next.empty()) {
-        const int64_t M = m_next.size();
-        grow(s_.mhid, M * h_);
-        for (int64_t i = 0; i < M; ++i) std::memcpy(s_.mhid.data() + i * h_, s_.h.data() + m_rows[i] * h_, h_ * sizeof(float));
-        run_mtp(m_next.data(), m_pos.data(), m_seq.data(), M, s_.mhid.data(), tables);
-        m_last.clear();
-        std::vector<int64_t> drafting;
-        for (int64_t i = 0; i < M; ++i) {
-          const int64_t b = m_seq[i];
-          const bool last = i + 1 == M || m_seq[i + 1] != b;
-          if (last && limit[b] - static_cast<int64_t>(out[b].size()) > 1) m_last.push_back(i), drafting.push_back(b);
-        }
-        grow(s_.logits, static_cast<int64_t>(m_last.size()) * V_);
-        head(s_.mh.data(), m_last, s_.logits.data());
-        for (size_t i = 0; i < drafting.size(); ++i) draft[drafting[i]] = argmax(i);
+        std::vector<int64_t> room(B);
+        for (int64_t b = 0; b < B; ++b) room[b] = limit[b] - static_cast<int64_t>(out[b].size());
+        draft_after(m_next, m_pos, m_seq, m_rows, room, draft, tables);
       }
       active.swap(still);
     }
@@ -739,6 +728,28 @@ class Model {
       src = s_.ex.data();
     }
     matmul(src, h_, M, h_, fp(head_), V_, out, V_);
+  }
+
+  int64_t argmax_row(const float* l) const { return std::max_element(l, l + V_) - l; }
+
+  // The MTP module over the positions a speculative step kept (row i: t_{i+1} = next[i] at pos[i] of sequence
+  // seq[i], with the main model's hidden state in row rows[i] of s_.h); each sequence with room for two more
+  // tokens drafts from its last row (draft[b], else -1).
+  void draft_after(const std::vector<int64_t>& next, const std::vector<int64_t>& pos, const std::vector<int64_t>& seq,
+                   const std::vector<int64_t>& rows, const std::vector<int64_t>& room, std::vector<int64_t>& draft,
+                   const std::vector<std::vector<int64_t>>& tables) {
+    const int64_t M = next.size();
+    grow(s_.mhid, M * h_);
+    for (int64_t i = 0; i < M; ++i) std::memcpy(s_.mhid.data() + i * h_, s_.h.data() + rows[i] * h_, h_ * sizeof(float));
+    run_mtp(next.data(), pos.data(), seq.data(), M, s_.mhid.data(), tables);
+    std::vector<int64_t> last, drafting;
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t b = seq[i];
+      if ((i + 1 == M || seq[i + 1] != b) && room[b] > 1) last.push_back(i), drafting.push_back(b);
+    }
+    grow(s_.logits, static_cast<int64_t>(last.size()) * V_);
+    head(s_.mh.data(), last, s_.logits.data());
+    for (size_t i = 0; i < drafting.size(); ++i) draft[drafting[i]] = argmax_row(s_.logits.data() + i * V_);
   }
 
   static bool is_stop(const std::vector<int64_t>& stops, int64_t t) {
