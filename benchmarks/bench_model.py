@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from seekling.config import ModelConfig, preset
+from seekling.model.config import ModelConfig, preset
 from seekling.model import Transformer
 from seekling.model.moe import MLP, MoE
 

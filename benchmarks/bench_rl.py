@@ -26,7 +26,7 @@ import torch
 
 
 def make_model(directory: Path, vocab_size: int) -> None:
-    from seekling.config import preset
+    from seekling.model.config import preset
     from seekling.model import Transformer
     from seekling.tasks import corpus_text
     from seekling.tokenizer import train_tokenizer

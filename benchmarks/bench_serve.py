@@ -25,7 +25,7 @@ import httpx
 import torch
 import uvicorn
 
-from seekling.config import preset
+from seekling.model.config import preset
 from seekling.engine import Engine
 from seekling.model import Transformer
 from seekling.serve.app import create_app

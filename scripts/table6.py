@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from seekling.atomic import write_text
-from seekling.config import preset
+from seekling.model.config import preset
 from seekling.data import BatchLoader, PackedDataset, SFTDataset, write_shards
 from seekling.engine import Engine
 from seekling.eval import eval_problems, evaluate, score_table

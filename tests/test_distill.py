@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_serve import LiveServer
 
-from seekling.config import preset
+from seekling.model.config import preset
 from seekling.data import IGNORE_INDEX, BatchLoader, SFTDataset
 from seekling.engine import Engine
 from seekling.model import Transformer

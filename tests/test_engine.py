@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from seekling.config import preset
+from seekling.model.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.engine.detok import IncrementalDecoder, TextStream
 from seekling.model import Transformer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seekling.cli import main as cli
-from seekling.config import ModelConfig
+from seekling.model.config import ModelConfig
 from seekling.export import export_gguf
 from seekling.model import Transformer
 from seekling.tasks import sample_problems

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import seekling
-from seekling.config import ModelConfig, preset
+from seekling.model.config import ModelConfig, preset
 from seekling.model import Transformer
 
 transformers = pytest.importorskip("transformers")

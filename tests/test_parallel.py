@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import seekling
-from seekling.config import preset
+from seekling.model.config import preset
 from seekling.data import BatchLoader, PackedDataset, write_shards
 from seekling.model import Transformer
 from seekling.model.moe import MoE

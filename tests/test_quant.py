@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seekling.config import preset
+from seekling.model.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.model import Transformer
 from seekling.model.load import load_pretrained

@@ -22,7 +22,7 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from seekling.config import preset
+from seekling.model.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.model import Transformer
 from seekling.serve.app import add_serve_args, create_app

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seekling.config import ModelConfig, yarn_mscale
+from seekling.model.config import ModelConfig, yarn_mscale
 from seekling.model.layers import (
     Batch,
     RMSNorm,

@@ -1,0 +1,147 @@
+"""A GGUF file (llama.cpp's format; what Ollama pulls) as a model source: its metadata, and its tensors as
+sources the loader reads the way it reads a safetensors checkpoint's (seekling/checkpoint.py `StoredTensor`:
+`shape`, `dtype`, `read(rows)`).
+
+A family (seekling/model/families/) maps the file's tensor names onto the model's Hugging Face names; where
+llama.cpp's converter reshaped a tensor the source undoes it: `GGUFTensor.select` takes rows of the stored
+tensor (an expert of a stacked [n_expert, out, in] tensor, a permutation of rows), and `Derived` builds a tensor
+from others (DeepSeek's kv_b_proj from attn_k_b and attn_v_b). Row selections work on the raw blocks (a row
+of a quantised tensor is whole blocks), so `raw` hands the quantised bytes of exactly the model's tensor to
+the int8/int4 repacking (`from_ggml` in seekling/model/quant.py, `gguf.GGUFReader`'s data layout), and `read`
+dequantises them to fp32 (gguf.quants, numpy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+Q = gguf.GGMLQuantizationType
+# The tensor types seekling reads: the float ones and the quantisations of Q8_0 and Q4_K_M files (Q4_K_M mixes
+# Q4_K, Q5_K, Q6_K and Q8_0; older files Q4_0).
+READ_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A stored tensor, or some rows of one, in torch order (`shape`); nothing is read until `raw` / `read`."""
+
+    file: Path
+    name: str
+    ggml_type: Q
+    data: np.ndarray  # the reader's (memory-mapped) view of the whole tensor: [..., values or bytes of a row]
+    shape: tuple[int, ...]
+    rows: np.ndarray | None = None  # rows of the stored [rows, row] view this tensor is (None: all, in order)
+
+    @property
+    def dtype(self) -> str:
+        return self.ggml_type.name  # "F32", "BF16", "Q8_0", ...
+
+    @property
+    def is_float(self) -> bool:
+        return self.ggml_type in FLOAT_TYPES
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def select(self, rows: np.ndarray, shape: tuple[int, ...]) -> GGUFTensor:
+        """The tensor of `shape` made of these rows (indices into this tensor's own rows)."""
+        base = rows if self.rows is None else self.rows[rows]
+        return GGUFTensor(self.file, self.name, self.ggml_type, self.data, tuple(shape), base)
+
+    def raw(self, rows: slice | None = None) -> np.ndarray:
+        """The stored data of this tensor's rows (or rows [start, stop) of them), [n, row] in the reader's units
+        (values for float types, bytes for quantised ones): a copy out of the mapped file."""
+        stored = self.data.reshape(-1, self.data.shape[-1])
+        if self.rows is None:
+            return np.array(stored if rows is None else stored[rows])
+        return stored[self.rows if rows is None else self.rows[rows]]
+
+    def read(self, rows: slice | None = None) -> torch.Tensor:
+        """fp32, dequantised (rows [start, stop) of the first dimension when given)."""
+        raw = self.raw(_row_slice(rows, self.shape) if rows is not None else None)
+        values = raw if self.ggml_type == Q.F32 else gguf.quants.dequantize(raw, self.ggml_type)
+        first = self.shape[0] if rows is None else len(range(*rows.indices(self.shape[0])))
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(first, *self.shape[1:])
+
+
+def _row_slice(rows: slice, shape: tuple[int, ...]) -> slice:
+    """Rows [start, stop) of the first dimension -> the rows of the [rows, last dim] view."""
+    per = math.prod(shape[1:-1]) if len(shape) > 2 else 1
+    start, stop, _ = rows.indices(shape[0])
+    return slice(start * per, stop * per)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A tensor the converter split into others, rebuilt in fp32 when read (never quantised as stored)."""
+
+    file: Path
+    name: str
+    shape: tuple[int, ...]
+    build: Callable[[], torch.Tensor]
+    dtype: str = "F32"
+    is_float: bool = True
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def read(self, rows: slice | None = None) -> torch.Tensor:
+        t = self.build()
+        return t if rows is None else t[rows]
+
+
+class GGUFFile:
+    """The metadata and tensors of a GGUF file (read from its header; the tensor data is mapped, not read)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            reader = gguf.GGUFReader(self.path)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{self.path} is not a GGUF file seekling can read ({e})") from None
+        self.metadata: dict[str, Any] = {f.name: f.contents() for f in reader.fields.values()
+                                         if not f.name.startswith("GGUF.")}
+        self.tensors: dict[str, GGUFTensor] = {
+            t.name: GGUFTensor(self.path, t.name, Q(t.tensor_type), t.data,
+                               tuple(int(n) for n in reversed(t.shape.tolist())))
+            for t in reader.tensors}
+        self.arch: str = self.metadata.get("general.architecture", "")
+
+    def __getitem__(self, key: str) -> Any:
+        """An architecture key ("block_count" -> "{arch}.block_count"); KeyError names the file."""
+        full = f"{self.arch}.{key}"
+        if full not in self.metadata:
+            raise ValueError(f"{self.path.name}: the GGUF has no {full} key")
+        return self.metadata[full]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(f"{self.arch}.{key}", default)
+
+    def check_types(self) -> None:
+        """One clear line for a tensor type seekling does not read."""
+        unread = sorted({t.ggml_type.name for t in self.tensors.values() if t.ggml_type not in READ_TYPES})
+        if unread:
+            names = ", ".join(t.name for t in READ_TYPES)
+            raise ValueError(f"{self.path.name} holds tensors of type {', '.join(unread)}; seekling reads {names} "
+                             "(re-quantise it, e.g. to Q4_K_M or Q8_0, with llama.cpp's llama-quantize)")
+
+    def generation_config(self) -> tuple[dict[str, Any], list[int]]:
+        """(SamplingParams defaults, end-of-generation token ids), as `read_generation_config` gives a
+        directory's: llama.cpp's general.sampling.* keys, and eos plus eot / eom when the file names them."""
+        keys = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p"}
+        defaults = {ours: self.metadata[f"general.sampling.{theirs}"] for ours, theirs in keys.items()
+                    if f"general.sampling.{theirs}" in self.metadata}
+        eos = [self.metadata[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom")
+               if f"tokenizer.ggml.{k}_token_id" in self.metadata]
+        return defaults, list(dict.fromkeys(int(i) for i in eos))
