@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -93,7 +92,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model directory, GGUF file or ollama:NAME[:TAG]")
     p.add_argument("--temperature", type=float, default=None, help="default: the model's generation_config")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=-1)
@@ -107,15 +106,12 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 def _engine_and_params(args: argparse.Namespace):
     from seekling.engine import Engine, SamplingParams
 
-    gen = {}
-    gen_path = Path(args.model) / "generation_config.json"
-    if gen_path.exists():
-        gen = json.loads(gen_path.read_text())
-    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 0.6)
-    top_p = args.top_p if args.top_p is not None else gen.get("top_p", 0.95)
     if args.compile:
         print("compiling the decode graph (~30 s the first time; torch caches it on disk)...", file=sys.stderr)
     engine = Engine(args.model, speculative=args.speculative, compile=args.compile)
+    gen = engine.generation_defaults  # generation_config.json's, or a GGUF's general.sampling.*
+    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 0.6)
+    top_p = args.top_p if args.top_p is not None else gen.get("top_p", 0.95)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=args.top_k, max_tokens=args.max_tokens,
                             seed=args.seed)
     return engine, params
@@ -302,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (FileNotFoundError, ValueError) as e:  # bad input: a clear message, not a traceback
+    except (FileNotFoundError, ValueError, MemoryError) as e:  # bad input: a clear message, not a traceback
         print(f"seekling {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -119,7 +119,7 @@ def rope_inv_freq(cfg: DenseConfig) -> torch.Tensor:
     # on the CPU whatever the ambient device, as seekling.model.mla.rope_inv_freq (meta arange imports dynamo)
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     if cfg.rope_freq_factors is not None:
-        return inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32)
+        return inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32, device="cpu")
     if cfg.rope_scaling is None:
         return inv_freq
     s = cfg.rope_scaling

@@ -61,7 +61,8 @@ class GGUFTensor:
     def raw(self, rows: slice | None = None) -> np.ndarray:
         """The stored data of this tensor's rows (or rows [start, stop) of them), [n, row] in the reader's units
         (values for float types, bytes for quantised ones): a copy out of the mapped file."""
-        stored = self.data.reshape(-1, self.data.shape[-1])
+        # a 1-D tensor's rows are its elements (a permuted bias), else rows of the last dimension
+        stored = self.data.reshape(-1, 1 if self.data.ndim == 1 else self.data.shape[-1])
         if self.rows is None:
             return np.array(stored if rows is None else stored[rows])
         return stored[self.rows if rows is None else self.rows[rows]]

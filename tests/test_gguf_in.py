@@ -1,0 +1,205 @@
+"""GGUF in: a GGUF file (seekling's own export, written with the gguf package) read back by seekling for each
+family gives the checkpoint's logits, its tokenizer and chat template; `ollama:NAME[:TAG]` resolves through a
+manifest to the blob; an architecture or tensor type seekling does not read is one clear line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from test_families import QWEN3, V2_BASE, V2_CONFIGS, randomize
+
+import seekling
+from seekling.cli import main as cli
+from seekling.engine import Engine, SamplingParams
+from seekling.export import export_gguf
+from seekling.model.config import ModelConfig
+from seekling.model import make_batch
+from seekling.model.families import family_of
+from seekling.model.model import Transformer
+from seekling.sources import resolve_model
+from seekling.tasks import sample_problems
+from seekling.tokenizer import load_tokenizer, render_chat, train_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 30?"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    texts = [render_chat(p.messages()) for p in sample_problems("addition", 200, seed=0)]
+    path = tmp_path_factory.mktemp("tok")
+    train_tokenizer(texts, 320).save_pretrained(path)
+    return path
+
+
+def checkpoint(path, tokenizer_dir, kind: str):
+    """A random checkpoint of one family with a vocabulary of the tokenizer's size (plus unused rows)."""
+    vocab = load_tokenizer(tokenizer_dir).vocab_size + 5
+    if kind in ("deepseek_v2", "deepseek_v3"):
+        extra = V2_CONFIGS["v2-lite-like"] if kind == "deepseek_v2" else dict(
+            model_type="deepseek_v3", scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+            q_lora_rank=16, n_group=2, topk_group=1, num_nextn_predict_layers=1, tie_word_embeddings=True)
+        # llama.cpp reads V2's group-free YaRN exactly; the qk dims a multiple of Q8_0's block of 32
+        model = Transformer(ModelConfig(**{**V2_BASE, **extra, "vocab_size": vocab, "hidden_size": 64,
+                                           "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 32,
+                                           "kv_lora_rank": 32, "moe_intermediate_size": 32,
+                                           "intermediate_size": 96}))
+    else:
+        shape = {**QWEN3, "vocab_size": vocab, "head_dim": 32}
+        config = {"qwen3": transformers.Qwen3Config(**shape),
+                  "qwen2": transformers.Qwen2Config(**shape, tie_word_embeddings=True),
+                  "llama": transformers.LlamaConfig(**shape, attention_bias=True, rope_scaling=LLAMA3_ROPE)}[kind]
+        model = getattr(transformers, {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama"}[kind] + "ForCausalLM")(
+            config)
+    randomize(model)
+    model.save_pretrained(path)
+    load_tokenizer(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+KINDS = ["deepseek_v2", "deepseek_v3", "llama", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gguf_round_trip_gives_the_checkpoints_logits(kind, tmp_path, tokenizer_dir):
+    path = checkpoint(tmp_path / "m", tokenizer_dir, kind)
+    export_gguf(path, tmp_path / "m.gguf")
+    ref, got = seekling.load_pretrained(path), seekling.load_pretrained(tmp_path / "m.gguf")
+    assert family_of(got).model_type == kind and got.quantized is None  # an F32 file loads in float
+    if kind.startswith("deepseek"):
+        assert got.config.topk_method == ref.config.topk_method and got.config.rope_scaling == ref.config.rope_scaling
+    ids = torch.randint(0, ref.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ref(ids), got(ids)
+    a, b = getattr(a, "logits", a), getattr(b, "logits", b)
+    assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item()
+
+
+def prefill_logits(model, ids: list[int]) -> torch.Tensor:
+    """Teacher-forced logits of every position through the inference forward (int8 models have no other)."""
+    model.prepare()
+    blocks = len(ids) // 4 + 1
+    batch = make_batch([(ids, 0, list(range(blocks)))], 4, torch.device("cpu"))
+    batch.cache = torch.zeros(model.num_cache_layers(False), blocks, 4, *model.cache_entry_shape())
+    with torch.no_grad():
+        hidden, _ = model.infer(batch)
+        return model.logits(hidden)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "deepseek_v2", "llama"])
+def test_q8_0_gguf_loads_in_int8_as_close_to_fp32_as_int8(kind, tmp_path, tokenizer_dir):
+    """A quantised GGUF keeps 8 bits (int8 weights), and Q8_0's blocks read into them lose no more than
+    quantising the checkpoint itself to int8 does (teacher-forced, against fp32)."""
+    path = checkpoint(tmp_path / "m", tokenizer_dir, kind)
+    export_gguf(path, tmp_path / "m.gguf", outtype="q8_0")
+    engine = Engine(str(tmp_path / "m.gguf"), block_size=4)
+    assert engine.model.quantized == "int8" and engine.tokenizer is not None
+    ids = torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    fp32 = prefill_logits(seekling.load_pretrained(path), ids)
+    errors = {}
+    for name, model in (("int8", seekling.load_pretrained(path, quantize="int8")), ("gguf", engine.model)):
+        logits = prefill_logits(model, ids)
+        errors[name] = ((logits - fp32).abs().max() / fp32.abs().max()).item()
+        assert (logits.argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.75, name
+    assert errors["gguf"] <= 1.5 * errors["int8"] + 0.02, errors
+    first = engine.generate([ids], SamplingParams(temperature=0, max_tokens=1))[0].token_ids
+    assert first == [int(prefill_logits(engine.model, ids)[-1].argmax())]
+
+
+def test_tokenizer_and_template_come_from_the_file(tmp_path, tokenizer_dir):
+    path = checkpoint(tmp_path / "m", tokenizer_dir, "qwen3")
+    export_gguf(path, tmp_path / "m.gguf")
+    ours, theirs = load_tokenizer(tmp_path / "m.gguf"), load_tokenizer(path)
+    assert ours.chat_template == theirs.chat_template
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (theirs.bos_token, theirs.eos_token, theirs.pad_token)
+    texts = [theirs.apply_chat_template(CHAT), "Héllo wörld 12345 + 678 = ?\n\n  spaces", "<think>\nx</think>\n\n"]
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text)
+        assert ours.decode(ours.encode(text)) == text
+    ids = ours.encode(texts[0])
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    engine = Engine(str(tmp_path / "m.gguf"))
+    assert engine.tokenizer.eos_token_id == theirs.eos_token_id and theirs.eos_token_id in engine.eos_token_ids
+
+
+def fake_ollama(root, blob_source, name="library/deepseek-r1", tag="8b"):
+    """Ollama's layout: a manifest naming the model layer by digest, the blob under blobs/sha256-<hex>."""
+    digest = hashlib.sha256(blob_source.read_bytes()).hexdigest()
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    shutil.copy(blob_source, root / "blobs" / f"sha256-{digest}")
+    manifest = {"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64},
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": 1}]}
+    where = root / "manifests" / "registry.ollama.ai" / name / tag
+    where.parent.mkdir(parents=True, exist_ok=True)
+    where.write_text(json.dumps(manifest))
+    return root / "blobs" / f"sha256-{digest}"
+
+
+def test_ollama_names_resolve_to_the_blob(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    path = checkpoint(tmp_path / "m", tokenizer_dir, "qwen3")
+    export_gguf(path, tmp_path / "m.gguf")
+    models = tmp_path / "ollama"
+    blob = fake_ollama(models, tmp_path / "m.gguf")
+    fake_ollama(models, tmp_path / "m.gguf", name="someone/tiny", tag="latest")
+    monkeypatch.setenv("OLLAMA_MODELS", str(models))
+    assert resolve_model("ollama:deepseek-r1:8b") == blob
+    assert resolve_model("ollama:someone/tiny") == blob  # the tag defaults to latest
+    assert resolve_model("ollama:registry.ollama.ai/library/deepseek-r1:8b") == blob
+    engine = Engine("ollama:deepseek-r1:8b")
+    out = engine.generate(CHAT, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    assert out.token_ids == Engine(str(path)).generate(CHAT, SamplingParams(temperature=0, max_tokens=4,
+                                                                            ignore_eos=True))[0].token_ids
+    with pytest.raises(FileNotFoundError, match=r"'deepseek-r1:70b' not found .*pulled: deepseek-r1:8b, "
+                                                r"registry.ollama.ai/someone/tiny:latest"):
+        resolve_model("ollama:deepseek-r1:70b")
+    with pytest.raises(ValueError, match="not an Ollama model name"):
+        resolve_model("ollama:../../etc:x")
+    blob.unlink()
+    with pytest.raises(FileNotFoundError, match="blob .* is missing"):
+        resolve_model("ollama:deepseek-r1:8b")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli(["sample", "--model", "ollama:nothing:here", "--max-tokens", "2"])
+    err = capsys.readouterr().err
+    assert err.startswith("seekling sample: error: Ollama model") and err.count("\n") == 1  # no traceback
+
+
+def write_gguf(path, arch: str, tensors: dict[str, np.ndarray], qtypes: dict[str, int] | None = None):
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(1)
+    for name, data in tensors.items():
+        qtype = (qtypes or {}).get(name, gguf.GGMLQuantizationType.F32)
+        raw = data if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(data, qtype)
+        writer.add_tensor(name, raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_what_seekling_does_not_read_is_one_clear_line(tmp_path, capsys):
+    capsys.readouterr()
+    write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.zeros((8, 32), np.float32)})
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'; seekling reads deepseek2, qwen2"):
+        seekling.load_pretrained(tmp_path / "gpt2.gguf")
+    q5 = gguf.GGMLQuantizationType.Q5_0
+    write_gguf(tmp_path / "q5.gguf", "qwen3", {"token_embd.weight": np.zeros((8, 32), np.float32)},
+               {"token_embd.weight": q5})
+    with pytest.raises(ValueError, match="holds tensors of type Q5_0; seekling reads F32, F16, BF16, Q8_0, Q4_0"):
+        seekling.load_pretrained(tmp_path / "q5.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    for bad in ("gpt2.gguf", "q5.gguf", "junk.gguf"):
+        with pytest.raises(SystemExit):
+            cli(["sample", "--model", str(tmp_path / bad), "--max-tokens", "2"])
+        err = capsys.readouterr().err
+        assert err.startswith("seekling sample: error:") and err.count("\n") == 1, err
