@@ -46,9 +46,9 @@ def make_data(directory: Path, vocab: int) -> None:
 def run(rank: int, world: int, port: int, mode: tuple[str, int] | None, args: argparse.Namespace, work: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    from seekling.model.config import preset
     from seekling.data import BatchLoader, PackedDataset
     from seekling.model import Transformer
+    from seekling.model.config import preset
     from seekling.train import TrainConfig, lm_loss, train
 
     torch.set_num_threads(1)

@@ -44,9 +44,9 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     import torch
 
-    from seekling.model.config import preset
     from seekling.data import BatchLoader, PackedDataset
     from seekling.model import Transformer
+    from seekling.model.config import preset
     from seekling.model.load import load_pretrained
     from seekling.tokenizer import load_tokenizer
     from seekling.train.trainer import train

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import seekling
-from seekling.model.config import PRESETS, ModelConfig, preset
 from seekling.model import Transformer
+from seekling.model.config import PRESETS, ModelConfig, preset
 
 # DeepSeek-V3's released config.json (deepseek-ai/DeepSeek-V3), without its fp8 quantization_config and auto_map.
 DEEPSEEK_V3_RELEASE = {

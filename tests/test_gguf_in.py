@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -18,8 +22,8 @@ import seekling
 from seekling.cli import main as cli
 from seekling.engine import Engine, SamplingParams
 from seekling.export import export_gguf
-from seekling.model.config import ModelConfig
 from seekling.model import make_batch
+from seekling.model.config import ModelConfig
 from seekling.model.families import family_of
 from seekling.model.model import Transformer
 from seekling.sources import resolve_model
@@ -51,7 +55,7 @@ def checkpoint(path, tokenizer_dir, kind: str):
         # llama.cpp reads V2's group-free YaRN exactly; the qk dims a multiple of Q8_0's block of 32
         model = Transformer(ModelConfig(**{**V2_BASE, **extra, "vocab_size": vocab, "hidden_size": 64,
                                            "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 32,
-                                           "kv_lora_rank": 32, "moe_intermediate_size": 32,
+                                           "kv_lora_rank": 32, "moe_intermediate_size": 32, "num_attention_heads": 2,
                                            "intermediate_size": 96}))
     else:
         shape = {**QWEN3, "vocab_size": vocab, "head_dim": 32}
@@ -203,3 +207,44 @@ def test_what_seekling_does_not_read_is_one_clear_line(tmp_path, capsys):
             cli(["sample", "--model", str(tmp_path / bad), "--max-tokens", "2"])
         err = capsys.readouterr().err
         assert err.startswith("seekling sample: error:") and err.count("\n") == 1, err
+
+
+# llama.cpp's own converter (vendor/llama.cpp/convert_hf_to_gguf.py in llama-cpp-python's sdist: `pip download
+# --no-binary :all: --no-deps llama-cpp-python` and unpack it; it needs sentencepiece), when a path names it
+CONVERTER = os.environ.get("LLAMA_CPP_CONVERTER")
+needs_converter = pytest.mark.skipif(not CONVERTER,
+                                     reason="set LLAMA_CPP_CONVERTER to llama.cpp's convert_hf_to_gguf.py")
+
+
+def convert_with_llama_cpp(model_dir, out, outtype: str = "f32"):
+    """Run llama.cpp's converter on a checkpoint, telling it that seekling's tokenizer splits text as Qwen2's
+    (it knows pre-tokenizers by a hash of their output, and has none for a newly trained tokenizer)."""
+    script = (
+        "import runpy, sys\n"
+        f"sys.path[:0] = [{str(Path(CONVERTER).parent)!r}, {str(Path(CONVERTER).parent / 'gguf-py')!r}]\n"
+        "from conversion.base import TextModel\n"
+        "TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'\n"
+        f"sys.argv = ['convert_hf_to_gguf.py', {str(model_dir)!r}, '--outfile', {str(out)!r},"
+        f" '--outtype', {outtype!r}]\n"
+        f"runpy.run_path({CONVERTER!r}, run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@needs_converter
+@pytest.mark.parametrize("kind", KINDS)
+def test_llama_cpps_own_conversion_reads_back(kind, tmp_path, tokenizer_dir):
+    """The file llama.cpp's converter writes (its names, q/k permutation, kv_b split, expert stacks, keys) gives
+    the checkpoint's logits in seekling, and its tokenizer splits chat text as the checkpoint's."""
+    path = checkpoint(tmp_path / "m", tokenizer_dir, kind)
+    gguf_path = convert_with_llama_cpp(path, tmp_path / "m.gguf")
+    ref, got = seekling.load_pretrained(path), seekling.load_pretrained(gguf_path)
+    assert family_of(got).model_type == kind
+    ids = torch.randint(0, ref.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ref(ids), got(ids)
+    a, b = getattr(a, "logits", a), getattr(b, "logits", b)
+    assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item()
+    text = load_tokenizer(path).apply_chat_template(CHAT)
+    assert load_tokenizer(gguf_path).encode(text) == load_tokenizer(path).encode(text)

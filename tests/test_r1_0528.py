@@ -3,6 +3,7 @@ own template does, and a completion that opens its own <think> block is split in
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -89,7 +90,7 @@ def random_conversation(rng: random.Random) -> list[dict]:
         text = rng.choice(["x", "", "two\nlines", "<think>\nr\n</think>\n\nans", "a</think>b</think>c"])
         message = {"role": role, "content": text}
         if role == "assistant" and rng.random() < 0.4:
-            message["tool_calls"] = [call(f"f{i}", '{"n": %d}' % i) for i in range(rng.randrange(1, 3))]
+            message["tool_calls"] = [call(f"f{i}", json.dumps({"n": i})) for i in range(rng.randrange(1, 3))]
         messages.append(message)
     return messages
 

@@ -9,8 +9,8 @@ the paged block cache), one packed forward of the model (its own `infer`: seekli
 the new cache entries it returns, sampling (or speculative verification), detokenisation, then — when
 speculative — one packed forward of the MTP module that drafts each sequence's next token. Every model
 family (seekling/model/families/: DeepSeek-V3/V2's `Transformer`, the Qwen2/Qwen3/Llama `DenseModel` of the
-R1 distills) offers the same interface (`prepare`, `infer`, `logits`, `cache_entry_shape`, `num_cache_layers`, `eos_token_ids`);
-the engine knows nothing of their layers. `compile=True` runs plain decode steps of up to `max_batch`
+R1 distills) offers the same interface (`prepare`, `infer`, `logits`, `cache_entry_shape`, `num_cache_layers`,
+`eos_token_ids`); the engine knows nothing of their layers. `compile=True` runs plain decode steps of up to `max_batch`
 sequences through `torch.compile` of that same `infer`. Servers call `add_request` / `abort` from their
 threads and `step()` from one loop; `generate` and `stream` drive `step()` themselves.
 """

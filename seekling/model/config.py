@@ -233,7 +233,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=8192,
     ),
     "deepseek-v2-lite": dict(
-        model_type="deepseek_v2", scoring_func="softmax", topk_method="greedy", vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        model_type="deepseek_v2", scoring_func="softmax", topk_method="greedy",
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
         num_hidden_layers=27, num_attention_heads=16, n_shared_experts=2, n_routed_experts=64,
         num_experts_per_tok=6, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
         norm_topk_prob=False, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,

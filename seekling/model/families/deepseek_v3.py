@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import gguf
-import numpy as np
 import torch
 
 from seekling.model.config import ModelConfig
