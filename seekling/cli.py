@@ -98,6 +98,8 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weights, streamed in as a model directory is read (a GGUF keeps its own bits)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--compile", action="store_true",
                    help="decode steps as one compiled graph (1.6x tokens/s alone; compiles ~30 s the first time)")
@@ -108,7 +110,7 @@ def _engine_and_params(args: argparse.Namespace):
 
     if args.compile:
         print("compiling the decode graph (~30 s the first time; torch caches it on disk)...", file=sys.stderr)
-    engine = Engine(args.model, speculative=args.speculative, compile=args.compile)
+    engine = Engine(args.model, speculative=args.speculative, compile=args.compile, quantize=args.quantize)
     gen = engine.generation_defaults  # generation_config.json's, or a GGUF's general.sampling.*
     temperature = args.temperature if args.temperature is not None else gen.get("temperature", 0.6)
     top_p = args.top_p if args.top_p is not None else gen.get("top_p", 0.95)
