@@ -23,10 +23,12 @@ import gguf
 import numpy as np
 import torch
 
+from seekling.model.quant import GGML_TYPES, QuantWeight, from_ggml
+
 Q = gguf.GGMLQuantizationType
-# The tensor types seekling reads: the float ones and the quantisations of Q8_0 and Q4_K_M files (Q4_K_M mixes
-# Q4_K, Q5_K, Q6_K and Q8_0; older files Q4_0).
-READ_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+# The tensor types seekling reads (those from_ggml repacks): the float ones, and the quantisations of Q8_0 and
+# Q4_K_M files (Q4_K_M mixes Q4_K, Q5_K, Q6_K and Q8_0) and of older ones (Q4_0, Q4_1, Q5_0, Q5_1).
+READ_TYPES = tuple(Q(t) for t in GGML_TYPES)
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
 
@@ -67,8 +69,13 @@ class GGUFTensor:
             return np.array(stored if rows is None else stored[rows])
         return stored[self.rows if rows is None else self.rows[rows]]
 
+    def weight(self) -> torch.Tensor | QuantWeight:
+        """In seekling's layouts, with no float copy of a quantised tensor: fp32 for the float types, int8 / int4
+        for the quantised ones (`from_ggml`)."""
+        return from_ggml(self.raw(), int(self.ggml_type), self.shape)
+
     def read(self, rows: slice | None = None) -> torch.Tensor:
-        """fp32, dequantised (rows [start, stop) of the first dimension when given)."""
+        """fp32, dequantised exactly (rows [start, stop) of the first dimension when given)."""
         raw = self.raw(_row_slice(rows, self.shape) if rows is not None else None)
         values = raw if self.ggml_type == Q.F32 else gguf.quants.dequantize(raw, self.ggml_type)
         first = self.shape[0] if rows is None else len(range(*rows.indices(self.shape[0])))
@@ -120,7 +127,7 @@ class GGUFFile:
         self.arch: str = self.metadata.get("general.architecture", "")
 
     def __getitem__(self, key: str) -> Any:
-        """An architecture key ("block_count" -> "{arch}.block_count"); KeyError names the file."""
+        """An architecture key ("block_count" -> "{arch}.block_count"); a missing one is a ValueError naming it."""
         full = f"{self.arch}.{key}"
         if full not in self.metadata:
             raise ValueError(f"{self.path.name}: the GGUF has no {full} key")
@@ -133,7 +140,7 @@ class GGUFFile:
         """One clear line for a tensor type seekling does not read."""
         unread = sorted({t.ggml_type.name for t in self.tensors.values() if t.ggml_type not in READ_TYPES})
         if unread:
-            names = ", ".join(t.name for t in READ_TYPES)
+            names = ", ".join(name for name, _, _ in GGML_TYPES.values())
             raise ValueError(f"{self.path.name} holds tensors of type {', '.join(unread)}; seekling reads {names} "
                              "(re-quantise it, e.g. to Q4_K_M or Q8_0, with llama.cpp's llama-quantize)")
 
