@@ -3,6 +3,8 @@ routing variants, the registry, and every family's engine decoding against a ful
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ import seekling
 from seekling.engine import Engine, SamplingParams
 from seekling.model.config import ModelConfig
 from seekling.model.families import FAMILIES, family, family_of
+from seekling.model.layers import rope_frequencies
 from seekling.model.moe import route
 
 transformers = pytest.importorskip("transformers")
@@ -89,8 +92,16 @@ def test_route_variants_by_hand():
     assert idx[0].tolist() == [0, 1] and torch.allclose(w, logits.sigmoid()[:, [0, 1]])
 
 
-def test_qwen3_matches_transformers(tmp_path):
-    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3, tie_word_embeddings=True)).eval()
+# YaRN as R1-0528-Qwen3-8B extends Qwen3 (factor 4 over 32k there; over 16 positions here, so the test passes it)
+QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("rope", ["default", "yarn", "yarn-attention-factor"])
+def test_qwen3_matches_transformers(rope, tmp_path):
+    scaling = {"default": None, "yarn": QWEN3_YARN, "yarn-attention-factor": {**QWEN3_YARN, "attention_factor": 0.9,
+                                                                              "beta_fast": 16.0}}[rope]
+    cfg = transformers.Qwen3Config(**QWEN3, tie_word_embeddings=True, rope_scaling=scaling)
+    hf = transformers.Qwen3ForCausalLM(cfg).eval()
     randomize(hf)
     hf.save_pretrained(tmp_path)
     ours = seekling.load_pretrained(tmp_path)
@@ -100,6 +111,17 @@ def test_qwen3_matches_transformers(tmp_path):
     ref = logits_of(hf, ids)
     assert ref.abs().max() > 1.0
     assert (logits_of(ours, ids) - ref).abs().max().item() <= 1e-4
+
+
+def test_yarn_attn_factor_multiplies_mscale_as_vllm_and_llama_cpp_read_it():
+    """R1-0528-Qwen3-8B's config gives attn_factor 0.878 = 1 / mscale(4): vLLM and llama.cpp multiply it into
+    YaRN's mscale (so cos/sin keep their size); transformers ignores the key. seekling reads it as the runtimes."""
+    r1_0528 = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+               "attn_factor": 0.8782488562869419}
+    _, factor = rope_frequencies(128, 1e6, r1_0528)
+    assert factor == pytest.approx(1.0, abs=1e-6)
+    _, plain = rope_frequencies(128, 1e6, {**r1_0528, "attn_factor": 1.0})
+    assert plain == pytest.approx(0.1 * math.log(4.0) + 1)
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:

@@ -34,6 +34,9 @@ transformers = pytest.importorskip("transformers")
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
+# R1-0528-Qwen3-8B's YaRN (its attn_factor cancels mscale), over 16 positions so that the tests pass it
+R1_0528_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                "attn_factor": 0.8782488562869419}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 30?"}]
 
 
@@ -60,17 +63,17 @@ def checkpoint(path, tokenizer_dir, kind: str):
     else:
         shape = {**QWEN3, "vocab_size": vocab, "head_dim": 32}
         config = {"qwen3": transformers.Qwen3Config(**shape),
+                  "qwen3-yarn": transformers.Qwen3Config(**shape, rope_scaling=R1_0528_YARN),
                   "qwen2": transformers.Qwen2Config(**shape, tie_word_embeddings=True),
                   "llama": transformers.LlamaConfig(**shape, attention_bias=True, rope_scaling=LLAMA3_ROPE)}[kind]
-        model = getattr(transformers, {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama"}[kind] + "ForCausalLM")(
-            config)
+        model = getattr(transformers, type(config).__name__.removesuffix("Config") + "ForCausalLM")(config)
     randomize(model)
     model.save_pretrained(path)
     load_tokenizer(tokenizer_dir).save_pretrained(path)
     return path
 
 
-KINDS = ["deepseek_v2", "deepseek_v3", "llama", "qwen2", "qwen3"]
+KINDS = ["deepseek_v2", "deepseek_v3", "llama", "qwen2", "qwen3", "qwen3-yarn"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -78,7 +81,7 @@ def test_gguf_round_trip_gives_the_checkpoints_logits(kind, tmp_path, tokenizer_
     path = checkpoint(tmp_path / "m", tokenizer_dir, kind)
     export_gguf(path, tmp_path / "m.gguf")
     ref, got = seekling.load_pretrained(path), seekling.load_pretrained(tmp_path / "m.gguf")
-    assert family_of(got).model_type == kind and got.quantized is None  # an F32 file loads in float
+    assert family_of(got).model_type == kind.removesuffix("-yarn") and got.quantized is None  # F32 loads in float
     if kind.startswith("deepseek"):
         assert got.config.topk_method == ref.config.topk_method and got.config.rope_scaling == ref.config.rope_scaling
     ids = torch.randint(0, ref.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -238,7 +241,7 @@ def test_llama_cpps_own_conversion_reads_back(kind, tmp_path, tokenizer_dir):
     path = checkpoint(tmp_path / "m", tokenizer_dir, kind)
     gguf_path = convert_with_llama_cpp(path, tmp_path / "m.gguf")
     ref, got = seekling.load_pretrained(path), seekling.load_pretrained(gguf_path)
-    assert family_of(got).model_type == kind
+    assert family_of(got).model_type == kind.removesuffix("-yarn")
     ids = torch.randint(0, ref.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = ref(ids), got(ids)

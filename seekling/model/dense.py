@@ -40,6 +40,7 @@ from seekling.model.layers import (
     fuse_parameters,
     gather_cache,
     per_sequence,
+    rope_frequencies,
 )
 from seekling.model.quant import Int8Weight, embed, linear, quantize
 
@@ -59,7 +60,7 @@ class DenseConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # None or {"rope_type": "llama3", "factor", ...}
+    rope_scaling: dict[str, Any] | None = None  # None or {"rope_type": "llama3" | "yarn", "factor", ...}
     rope_freq_factors: list[float] | None = None  # each frequency divided by its factor (a GGUF's rope_freqs)
     attention_bias: bool = False  # q/k/v biases
     o_proj_bias: bool = False  # a bias on o_proj too (Llama's and Qwen3's attention_bias; not Qwen2's)
@@ -84,8 +85,8 @@ class DenseConfig:
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"unsupported rope scaling type {rope_type!r} (default or llama3)")
+        if rope_type not in ("default", "llama3", "yarn"):
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} (default, llama3 or yarn)")
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
         attention_bias = bool(d.get("attention_bias", False))
@@ -101,7 +102,7 @@ class DenseConfig:
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
-            rope_scaling=rope if rope_type == "llama3" else None,
+            rope_scaling=rope if rope_type != "default" else None,
             rope_freq_factors=d.get("rope_freq_factors"),
             mlp_bias=bool(d.get("mlp_bias", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -111,27 +112,13 @@ class DenseConfig:
         )
 
 
-def rope_inv_freq(cfg: DenseConfig) -> torch.Tensor:
-    """RoPE inverse frequencies, with Llama-3.1's scaling when configured (transformers'
-    `_compute_llama3_parameters`): long wavelengths are divided by `factor`, short ones kept,
-    and the band between is interpolated smoothly."""
-    dim = cfg.head_dim
-    # on the CPU whatever the ambient device, as seekling.model.mla.rope_inv_freq (meta arange imports dynamo)
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+def rope_inv_freq(cfg: DenseConfig) -> tuple[torch.Tensor, float]:
+    """RoPE's frequencies over head_dim and the cos/sin factor (`layers.rope_frequencies`: default, Llama-3.1's
+    llama3 scaling, YaRN), or the frequencies divided by explicit factors (a GGUF's rope_freqs)."""
+    inv_freq, factor = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     if cfg.rope_freq_factors is not None:
-        return inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32, device="cpu")
-    if cfg.rope_scaling is None:
-        return inv_freq
-    s = cfg.rope_scaling
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
+        inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32, device="cpu")
+    return inv_freq, factor
 
 
 class Attention(nn.Module):
@@ -230,13 +217,16 @@ class DenseBody(nn.Module):
         self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        inv_freq, self.attention_factor = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [..., 1, head_dim / 2] (the 1 broadcasts over heads): angles in fp32 (as transformers), then
-        the model dtype."""
+        the model dtype; times YaRN's attention factor when the RoPE is scaled so."""
         freqs = positions[..., None, None].float() * self.inv_freq.float()
         cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,7 +265,8 @@ class DenseModel(CausalLM):
 
     def reset_buffers(self, device: torch.device) -> None:
         """Compute the buffers no checkpoint stores (the loader builds the model on meta): the RoPE frequencies."""
-        self.model.inv_freq = rope_inv_freq(self.config).to(device)
+        inv_freq, self.model.attention_factor = rope_inv_freq(self.config)
+        self.model.inv_freq = inv_freq.to(device)
 
     # --- inference (the engine's interface; seekling.model.Transformer has the same) -----------------------
     def cache_entry_shape(self) -> tuple[int, ...]:

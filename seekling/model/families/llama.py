@@ -4,7 +4,9 @@ attention_bias. The dense families (Qwen2, Qwen3) derive from this one.
 
 Tools: Llama 3.1's JSON calling. GGUF (llama.cpp's `llama`): q/k rows go from transformers' rotate-half layout
 to GGML's interleaved pairs (the converter's `permute`), and Llama-3 rope scaling becomes the `rope_freqs`
-tensor (each frequency's divisor), read back into the config as `rope_freq_factors`.
+tensor (each frequency's divisor), read back into the config as `rope_freq_factors`. YaRN (Qwen3's R1-0528
+distill extends its context with it) is rope.scaling.* keys; llama.cpp multiplies its yarn_attn_factor into
+YaRN's default mscale, as vLLM reads a config's attn_factor.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from seekling.model.config import yarn_mscale
 from seekling.model.dense import DenseConfig, DenseModel, rope_inv_freq
 from seekling.model.family import Family, renamed_from_gguf, shape_fields, shape_keys
 from seekling.model.gguf_file import GGUFFile
-from seekling.model.layers import CausalLM
+from seekling.model.layers import CausalLM, rope_frequencies
 from seekling.tokenizer import EOS, LLAMA_TOOLS_TEMPLATE
 
 
@@ -55,7 +58,14 @@ class Llama(Family):
             "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
             "rope.dimension_count": cfg.head_dim,
             "rope.freq_base": float(cfg.rope_theta),
+            **yarn_keys(cfg),
         }
+
+    @staticmethod
+    def _freq_factors(cfg: DenseConfig) -> bool:
+        """llama.cpp takes Llama-3's scaling (and any explicit factors) as the rope_freqs tensor."""
+        rs = cfg.rope_scaling or {}
+        return rs.get("rope_type", rs.get("type")) == "llama3" or cfg.rope_freq_factors is not None
 
     def gguf_tensors(self, model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
         cfg: DenseConfig = model.config
@@ -64,9 +74,9 @@ class Llama(Family):
                 continue
             heads = self._rope_heads(name, cfg)
             yield self.gguf_name(name), t if heads is None else halves_to_pairs(t, heads)
-        if cfg.rope_scaling is not None or cfg.rope_freq_factors is not None:  # llama3 scaling as divisors
-            plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None, rope_freq_factors=None))
-            yield "rope_freqs.weight", plain / rope_inv_freq(cfg)
+        if self._freq_factors(cfg):  # llama3 scaling as divisors
+            plain, _ = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None, rope_freq_factors=None))
+            yield "rope_freqs.weight", plain / rope_inv_freq(cfg)[0]
 
     def _rope_heads(self, name: str, cfg: DenseConfig) -> int | None:
         """The heads whose rows a rope projection (q / k weight or bias) holds, when GGUF permutes them."""
@@ -78,9 +88,6 @@ class Llama(Family):
 
     # --- GGUF import ---------------------------------------------------------------------------------------
     def config_from_gguf(self, f: GGUFFile) -> dict[str, Any]:
-        kind = f.get("rope.scaling.type", "none")
-        if kind not in ("none", None):
-            raise ValueError(f"{f.path.name}: rope scaling {kind!r} is not supported for {f.arch}")
         fields = shape_fields(f)
         heads = fields["num_attention_heads"]
         raw = {**fields, "model_type": self.model_type,
@@ -89,6 +96,15 @@ class Llama(Family):
                "attention_bias": "blk.0.attn_q.bias" in f.tensors, "mlp_bias": "blk.0.ffn_up.bias" in f.tensors}
         if "rope_freqs.weight" in f.tensors:
             raw["rope_freq_factors"] = f.tensors["rope_freqs.weight"].read().tolist()
+        kind = f.get("rope.scaling.type", "none")
+        if kind == "yarn":
+            raw["rope_scaling"] = {"rope_type": "yarn", "factor": float(f["rope.scaling.factor"]),
+                                   "original_max_position_embeddings": int(f["rope.scaling.original_context_length"]),
+                                   "beta_fast": float(f.get("rope.scaling.yarn_beta_fast", 32.0)),
+                                   "beta_slow": float(f.get("rope.scaling.yarn_beta_slow", 1.0)),
+                                   "attn_factor": float(f.get("rope.scaling.yarn_attn_factor", 1.0))}
+        elif kind not in ("none", None):
+            raise ValueError(f"{f.path.name}: rope scaling {kind!r} is not supported for {f.arch} (yarn only)")
         return raw
 
     def tensors_from_gguf(self, f: GGUFFile, cfg: DenseConfig) -> dict[str, Any]:
@@ -98,6 +114,21 @@ class Llama(Family):
             if heads is not None:
                 out[name] = t.select(pairs_to_halves_rows(t.shape[0], heads), t.shape)
         return out
+
+
+def yarn_keys(cfg: DenseConfig) -> dict[str, Any]:
+    """YaRN as llama.cpp's keys: its attention factor multiplies mscale(factor), so ours is divided by it."""
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type", rs.get("type")) != "yarn":
+        return {}
+    if rs.get("truncate", True) is False:
+        raise ValueError("llama.cpp cannot reproduce YaRN with truncate=false")
+    _, factor = rope_frequencies(cfg.head_dim, cfg.rope_theta, rs)
+    return {"rope.scaling.type": "yarn", "rope.scaling.factor": float(rs["factor"]),
+            "rope.scaling.original_context_length": int(rs["original_max_position_embeddings"]),
+            "rope.scaling.yarn_beta_fast": float(rs.get("beta_fast") or 32),
+            "rope.scaling.yarn_beta_slow": float(rs.get("beta_slow") or 1),
+            "rope.scaling.yarn_attn_factor": factor / yarn_mscale(rs["factor"])}
 
 
 def halves_to_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
