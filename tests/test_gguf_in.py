@@ -218,13 +218,23 @@ needs_converter = pytest.mark.skipif(not CONVERTER,
 
 
 def convert_with_llama_cpp(model_dir, out, outtype: str = "f32"):
-    """Run llama.cpp's converter on a checkpoint, telling it that seekling's tokenizer splits text as Qwen2's
-    (it knows pre-tokenizers by a hash of their output, and has none for a newly trained tokenizer)."""
+    """Run llama.cpp's converter on a checkpoint with two gaps closed: it is told that seekling's tokenizer splits
+    text as Qwen2's (it knows pre-tokenizers by a hash of their output, and has none for a newly trained one),
+    and it writes attention.q_lora_rank 0 when queries are not compressed (it leaves the key out, and then
+    llama.cpp's own loader refuses the file unless it has V2-Lite's 27 layers). Tensors and quantisation are
+    the converter's own."""
     script = (
         "import runpy, sys\n"
         f"sys.path[:0] = [{str(Path(CONVERTER).parent)!r}, {str(Path(CONVERTER).parent / 'gguf-py')!r}]\n"
         "from conversion.base import TextModel\n"
+        "from conversion.deepseek import DeepseekV2Model\n"
         "TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'\n"
+        "keys = DeepseekV2Model.set_gguf_parameters\n"
+        "def with_q_lora_rank(self):\n"
+        "    keys(self)\n"
+        "    if self.hparams.get('q_lora_rank') is None:\n"
+        "        self.gguf_writer.add_q_lora_rank(0)\n"
+        "DeepseekV2Model.set_gguf_parameters = with_q_lora_rank\n"
         f"sys.argv = ['convert_hf_to_gguf.py', {str(model_dir)!r}, '--outfile', {str(out)!r},"
         f" '--outtype', {outtype!r}]\n"
         f"runpy.run_path({CONVERTER!r}, run_name='__main__')\n")

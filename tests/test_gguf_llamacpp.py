@@ -180,10 +180,16 @@ def test_dense_gives_the_same_greedy_tokens_and_logits(arch, tmp_path, tokenizer
 
 
 @pytest.mark.skipif(not CONVERTER, reason="set LLAMA_CPP_CONVERTER to llama.cpp's convert_hf_to_gguf.py")
-def test_llama_cpps_q8_0_file_read_by_seekling_gives_llama_cpps_greedy_tokens(trained_model, tmp_path):
-    """llama.cpp's own converter writes the trained model as Q8_0; seekling reads that file (tokenizer, template
+def test_llama_cpps_q8_0_file_read_by_seekling_gives_llama_cpps_greedy_tokens(tmp_path):
+    """llama.cpp's own converter writes a speedrun model as Q8_0; seekling reads that file (tokenizer, template
     and weights, into int8) and decodes greedily the tokens llama.cpp decodes from it, on at least 7 of 8
-    prompts (its Q8_0 blocks become int8 rows here, so a near-tie may go the other way)."""
+    prompts (its Q8_0 blocks become int8 rows here, so a near-tie may go the other way). A speedrun's model, not
+    the stand-in the other tests train: that one's 120 steps leave near-ties that Q8_0's own rounding flips
+    (the fp32 checkpoint itself agrees with llama.cpp's Q8_0 run on 6 of 8)."""
+    trained_model = next((p for p in TRAINED if (p / "config.json").exists() and (p / "tokenizer.json").exists()),
+                         None)
+    if trained_model is None:
+        pytest.skip("no speedrun model: set SEEKLING_TRAINED_MODEL to a run's rl/ directory")
     path = convert_with_llama_cpp(trained_model, tmp_path / "q8_0.gguf", "q8_0")
     tok = seekling.load_tokenizer(str(path))
     questions = [p.question for task in ("addition", "countdown", "multiplication", "word")

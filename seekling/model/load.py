@@ -9,8 +9,8 @@ model pulled by Ollama (`ollama:NAME[:TAG]`, seekling/sources.py).
 The source gives a `Checkpoint`: its family (config.json's model_type, or the GGUF's architecture), the config,
 and the tensors by Hugging Face name as sources that read themselves (safetensors headers: checkpoint.py; GGUF
 tensors, with the layouts llama.cpp's converter changed undone: gguf_file.py and the family). Everything after
-that is the same for both. A GGUF whose weights are quantised loads with int8 weights unless `quantize` says
-otherwise (dequantised, then re-quantised per row as it streams in).
+that is the same for both. A GGUF whose weights are quantised loads with int8 weights (dequantised, then
+re-quantised per row as it streams in) unless a `dtype` asks for float ones.
 
 Memory is what decides whether a laptop can run a model, so the load is planned from the safetensors
 headers before any tensor is read (refused when it would not fit, or exceed `max_memory_gb`), and tensors
@@ -244,11 +244,11 @@ def load_pretrained(source: str | Path, device: str | torch.device | None = None
                     quantize: str | None = None) -> CausalLM:
     """Load a model directory, GGUF file or `ollama:NAME[:TAG]` (see the module docstring). dtype None / "auto":
     fp32 on the CPU, else the checkpoint's. quantize="int8": int8 weights for inference (the model is then not
-    trainable or savable); a GGUF with quantised weights loads so by default."""
+    trainable or savable); a GGUF with quantised weights loads so unless a dtype asks for float weights."""
     if quantize not in (None, *QUANTIZE):
         raise ValueError(f"unknown quantize={quantize!r}: {', '.join(QUANTIZE)} (or None)")
     ckpt = open_checkpoint(source)
-    if ckpt.quantized and quantize is None:
+    if ckpt.quantized and quantize is None and dtype is None:  # a quantised GGUF keeps 8 bits unless asked
         quantize = "int8"
     device = torch.device(device or "cpu")
     with torch.device("meta"):
