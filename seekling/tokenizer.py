@@ -22,7 +22,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import gguf
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -30,7 +29,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trai
 from tokenizers import Tokenizer as HFTokenizer
 
 from seekling.atomic import write_text
-from seekling.sources import is_gguf, resolve_model
+from seekling.sources import is_gguf, read_gguf_header, resolve_model
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -525,7 +524,7 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> Tokenizer:
     tokenizer.ggml.pre, control tokens as special tokens and user-defined ones as added tokens (both matched
     whole in text), bos / eos / padding and the chat template."""
     path = Path(path)
-    meta = {f.name: f.contents() for f in gguf.GGUFReader(path).fields.values() if f.name.startswith("tokenizer.")}
+    meta = read_gguf_header(path)[0]
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if kind != "gpt2":
         raise ValueError(f"{path.name}: tokenizer.ggml.model {kind!r} is not supported (seekling reads byte-level "

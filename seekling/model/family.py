@@ -109,8 +109,7 @@ def shape_keys(cfg: Any) -> dict[str, Any]:
 
 def shape_fields(f: GGUFFile) -> dict[str, Any]:
     """`shape_keys` read back as config.json fields, with what every GGUF says of its vocabulary and output."""
-    vocab = f.get("vocab_size") or len(f.metadata.get("tokenizer.ggml.tokens", [])) \
-        or f.tensors["token_embd.weight"].shape[0]
+    vocab = f.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in f.tensors else f["vocab_size"]
     fields = {
         "max_position_embeddings": f["context_length"],
         "hidden_size": f["embedding_length"],

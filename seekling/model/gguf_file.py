@@ -6,9 +6,10 @@ A family (seekling/model/families/) maps the file's tensor names onto the model'
 llama.cpp's converter reshaped a tensor the source undoes it: `GGUFTensor.select` takes rows of the stored
 tensor (an expert of a stacked [n_expert, out, in] tensor, a permutation of rows), and `Derived` builds a tensor
 from others (DeepSeek's kv_b_proj from attn_k_b and attn_v_b). Row selections work on the raw blocks (a row
-of a quantised tensor is whole blocks), so `raw` hands the quantised bytes of exactly the model's tensor to
-the int8/int4 repacking (`from_ggml` in seekling/model/quant.py, `gguf.GGUFReader`'s data layout), and `read`
-dequantises them to fp32 (gguf.quants, numpy).
+of a quantised tensor is whole blocks), so `weight` hands the quantised bytes of exactly the model's tensor to
+the int8/int4 repacking (`from_ggml` in seekling/model/quant.py: no float copy), and `read` dequantises them
+to fp32 exactly (gguf.quants, numpy). The header is read by seekling/sources.py (gguf's GGUFReader takes ~40 s
+over a 150k-token vocabulary); the data is mapped in the layout GGUFReader gives it, which from_ggml reads.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import numpy as np
 import torch
 
 from seekling.model.quant import GGML_TYPES, QuantWeight, from_ggml
+from seekling.sources import read_gguf_header
 
 Q = gguf.GGMLQuantizationType
 # The tensor types seekling reads (those from_ggml repacks): the float ones, and the quantisations of Q8_0 and
 # Q4_K_M files (Q4_K_M mixes Q4_K, Q5_K, Q6_K and Q8_0) and of older ones (Q4_0, Q4_1, Q5_0, Q5_1).
 READ_TYPES = tuple(Q(t) for t in GGML_TYPES)
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+_KNOWN_TYPES = {int(t) for t in Q if t in gguf.GGML_QUANT_SIZES}
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,19 @@ def _row_slice(rows: slice, shape: tuple[int, ...]) -> slice:
     return slice(start * per, stop * per)
 
 
+def _data(mapped: np.memmap, offset: int, kind: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor's bytes in the mapped file as gguf's GGUFReader presents them: float32 / float16 values in torch
+    order, or for the other types bytes with the last dimension counted in bytes."""
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    nbytes = math.prod(shape) // block * size
+    if offset + nbytes > mapped.shape[0]:
+        raise ValueError(f"the file ends inside the data of a tensor of shape {list(shape)}: truncated")
+    raw = mapped[offset:offset + nbytes]
+    if kind in (Q.F32, Q.F16):
+        return raw.view(np.float32 if kind == Q.F32 else np.float16).reshape(shape)
+    return raw.reshape(*shape[:-1], shape[-1] // block * size)
+
+
 @dataclass(frozen=True)
 class Derived:
     """A tensor the converter split into others, rebuilt in fp32 when read (never quantised as stored)."""
@@ -114,16 +130,17 @@ class GGUFFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            reader = gguf.GGUFReader(self.path)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{self.path} is not a GGUF file seekling can read ({e})") from None
-        self.metadata: dict[str, Any] = {f.name: f.contents() for f in reader.fields.values()
-                                         if not f.name.startswith("GGUF.")}
-        self.tensors: dict[str, GGUFTensor] = {
-            t.name: GGUFTensor(self.path, t.name, Q(t.tensor_type), t.data,
-                               tuple(int(n) for n in reversed(t.shape.tolist())))
-            for t in reader.tensors}
+        self.metadata, infos, start = read_gguf_header(self.path)
+        mapped = np.memmap(self.path, np.uint8, mode="r")
+        self.tensors: dict[str, GGUFTensor] = {}
+        for t in infos:
+            if t.ggml_type not in _KNOWN_TYPES:
+                raise ValueError(f"{self.path.name} holds tensors of type {t.ggml_type}; seekling reads "
+                                 f"{', '.join(name for name, _, _ in GGML_TYPES.values())}")
+            kind = Q(t.ggml_type)
+            shape = tuple(reversed(t.dims))
+            self.tensors[t.name] = GGUFTensor(self.path, t.name, kind, _data(mapped, start + t.offset, kind, shape),
+                                              shape)
         self.arch: str = self.metadata.get("general.architecture", "")
 
     def __getitem__(self, key: str) -> Any:
