@@ -14,6 +14,8 @@ from seekling.model.config import ModelConfig
 from seekling.model.families import FAMILIES, family, family_of
 from seekling.model.layers import rope_frequencies
 from seekling.model.moe import route
+from seekling.serve.tools import tool_format
+from seekling.tokenizer import R1_0528_TEMPLATE
 
 transformers = pytest.importorskip("transformers")
 
@@ -163,3 +165,7 @@ def test_registry_refuses_what_it_does_not_know(tmp_path):
     assert {f.gguf_arch for f in FAMILIES.values()} == {"deepseek2", "qwen2", "qwen3", "llama"}
     assert FAMILIES["deepseek_v3"].mtp and not FAMILIES["deepseek_v2"].mtp
     assert FAMILIES["qwen2"].tool_format == "hermes" and FAMILIES["llama"].tool_format == "llama3"
+    # the server picks the family's format when the checkpoint's template renders no tools (R1-0528's does not)
+    formats = {t: tool_format(R1_0528_TEMPLATE, t)[0].name for t in FAMILIES}
+    assert formats == {"deepseek_v3": "deepseek", "deepseek_v2": "deepseek", "qwen3": "deepseek", "qwen2": "hermes",
+                       "llama": "llama3"}
