@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from seekling.atomic import save_safetensors, write_text
-from seekling.config import ModelConfig
+from seekling.model.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

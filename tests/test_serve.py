@@ -22,9 +22,9 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from seekling.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.model import Transformer
+from seekling.model.config import preset
 from seekling.serve.app import add_serve_args, create_app
 from seekling.serve.security import Settings
 from seekling.tokenizer import ASSISTANT, USER, train_tokenizer

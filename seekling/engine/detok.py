@@ -8,7 +8,10 @@ Three stages, each holding back only what it must:
 2. `TextStream` stop strings: the text is cut where a stop string starts; a tail that could be the
    beginning of a stop string is held back until the next delta decides it.
 3. The reasoning split: when the prompt opened `<think>`, text before `</think>` is reasoning and
-   the rest is the answer (leading newlines stripped, and the newline before `</think>`).
+   the rest is the answer (leading newlines stripped, and the newline before `</think>`). A completion may
+   also open the block itself (DeepSeek-R1-0528's and Qwen3's generation prompts stop at the assistant
+   tag): when its first non-blank text is `<think>` the same split applies; until that is decided a
+   completion's first characters are held back only while they could still be `<think>`.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class TextStream:
         self.stop = stop
         self.pending = ""  # decoded text not yet released past the stop-string check
         self.in_think = in_think
+        self.may_open_think = not in_think  # the completion has not shown yet whether it opens <think>
+        self.head = ""  # the completion's first text while that is undecided
         self.think_pending = ""  # released text not yet assigned to reasoning or answer
         # Leading newlines of the reasoning and of the answer are stripped until each starts.
         self.reasoning_started = False
@@ -83,6 +88,16 @@ class TextStream:
         return self._split(released, final)
 
     def _split(self, released: str, final: bool) -> tuple[str, str]:
+        if self.may_open_think:
+            self.head += released
+            lead = self.head.lstrip()
+            if lead.startswith(THINK_START):
+                released, self.in_think, self.answer_started = lead[len(THINK_START):], True, False
+            elif THINK_START.startswith(lead) and not final:
+                return "", ""  # "", "<", "<th"...: the next piece decides
+            else:
+                released = self.head
+            self.may_open_think, self.head = False, ""
         reasoning = ""
         if self.in_think:
             self.think_pending += released
