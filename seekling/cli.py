@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from seekling.atomic import DiskFull
 from seekling.train.trainer import add_train_flags, train_config
 
 
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (FileNotFoundError, ValueError) as e:  # bad input: a clear message, not a traceback
+    except (FileNotFoundError, ValueError, DiskFull) as e:  # bad input, no space: a clear message, not a traceback
         print(f"seekling {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -90,11 +90,18 @@ def _build(directory: Path, raw: dict[str, Any]) -> CausalLM:
         method = raw["quantization_config"].get("quant_method")
         raise ValueError(f"{directory} holds a quantized checkpoint ({method}); use the bf16/fp32 release")
     model_type = raw.get("model_type", "deepseek_v3")
+    try:
+        config = (DenseConfig.from_dict(raw) if model_type in SUPPORTED_MODEL_TYPES
+                  else ModelConfig.from_hf_dict(raw) if model_type in ("deepseek_v3", "deepseek_v2") else None)
+    except KeyError as e:
+        raise ValueError(f"{directory}/config.json has no {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{directory}/config.json: {e}") from e
     with torch.device("meta"):
-        if model_type in SUPPORTED_MODEL_TYPES:
-            return DenseModel(DenseConfig.from_dict(raw))
-        if model_type in ("deepseek_v3", "deepseek_v2"):
-            return Transformer(ModelConfig.from_hf_dict(raw))
+        if isinstance(config, DenseConfig):
+            return DenseModel(config)
+        if config is not None:
+            return Transformer(config)
     raise ValueError(f"unsupported architecture: model_type={model_type!r} (architectures="
                      f"{raw.get('architectures')}); seekling reads deepseek_v3, deepseek_v2, "
                      f"{', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -232,7 +239,12 @@ def load_pretrained(directory: str | Path, device: str | torch.device | None = N
         raise FileNotFoundError(f"{directory}/config.json not found: not a model directory")
     if quantize not in (None, *QUANTIZE):
         raise ValueError(f"unknown quantize={quantize!r}: {', '.join(QUANTIZE)} (or None)")
-    raw = json.loads((directory / "config.json").read_text())
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{directory}/config.json is not JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{directory}/config.json is not a JSON object")
     device = torch.device(device or "cpu")
     model = _build(directory, raw)
     stored = checkpoint_tensors(directory)

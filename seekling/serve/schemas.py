@@ -120,7 +120,8 @@ ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Fie
 class AnthropicThinking(BaseModel):
     model_config = LENIENT
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = Field(None, ge=0)
+    budget_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="Less than max_tokens (checked, not "
+                                      "enforced: the model reasons until it closes its think block).")
 
 
 class AnthropicToolChoice(BaseModel):
