@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse
 
 from seekling.serve.openai_api import count_completion
 from seekling.serve.pipeline import ChatOptions, Context, bad, text_of
-from seekling.serve.schemas import ERROR_RESPONSES, STREAMED, Schemas
+from seekling.serve.responses import ANTHROPIC_ERRORS, Message, answer
+from seekling.serve.schemas import Schemas
 from seekling.serve.security import anthropic_error_body
 from seekling.serve.streaming import Reasoning, Sample, collect, new_samples, sse, sse_response
 from seekling.serve.tools import CallArgs, CallStart, Text
@@ -174,10 +175,10 @@ class MessageStream:
 
 
 def anthropic_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["anthropic"], responses=ERROR_RESPONSES)
+    router = APIRouter(prefix="/v1", tags=["anthropic"], responses=ANTHROPIC_ERRORS)
     MessagesRequest = schemas.messages
 
-    @router.post("/messages", responses=STREAMED)
+    @router.post("/messages", responses=answer(Message, streamed=True))
     async def messages(body: MessagesRequest, request: Request, owner: str = Depends(guard)):
         ctx.check_model(body.model)
         chat = chat_messages(body)

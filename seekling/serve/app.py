@@ -31,6 +31,7 @@ from seekling.serve.history import history_router
 from seekling.serve.metrics import Metrics, MetricsMiddleware
 from seekling.serve.openai_api import openai_router
 from seekling.serve.pipeline import Context
+from seekling.serve.responses import OPENAI_ERRORS, Health, answer
 from seekling.serve.schemas import build_schemas
 from seekling.serve.security import (
     APIError,
@@ -86,6 +87,7 @@ def openapi_document(app: FastAPI, settings: Settings) -> dict:
                                "max_prompt_tokens": settings.max_prompt_tokens,
                                "max_tokens": settings.max_tokens_cap, "max_n": settings.max_n,
                                "rate_limit_per_minute": settings.rate_limit, "max_queue": settings.max_queue}
+    doc["paths"]["/v1/messages"]["post"]["responses"].pop("422", None)  # (a wrong shape is a 400 there)
     doc.setdefault("components", {})["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer"}, "x-api-key": {"type": "apiKey", "in": "header",
                                                                       "name": "x-api-key"}}
@@ -178,7 +180,7 @@ def create_app(engine, settings: Settings) -> FastAPI:
     app.include_router(history_router(store, schemas, guard, {"model": model_name, "max_tokens_cap": cap,
                                                               "context": context}))
 
-    @app.get("/health")
+    @app.get("/health", responses={**answer(Health), 403: OPENAI_ERRORS[403]})
     async def health():
         return {"status": "ok"}
 

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from seekling.serve.pipeline import ChatOptions, Context, bad, openai_messages, usage
-from seekling.serve.schemas import ERROR_RESPONSES, STREAMED, Schemas
+from seekling.serve.responses import OPENAI_ERRORS, ChatCompletion, Completion, Model, ModelList, answer
+from seekling.serve.schemas import Schemas
 from seekling.serve.security import error_body
 from seekling.serve.streaming import Reasoning, Sample, collect, new_samples, sse, sse_response
 from seekling.serve.tools import CallArgs, CallStart, Text
@@ -154,11 +155,11 @@ def chat_options(body) -> ChatOptions:
 
 
 def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
+    router = APIRouter(prefix="/v1", tags=["openai"], responses=OPENAI_ERRORS)
     settings = ctx.settings
     ChatCompletionRequest, CompletionRequest = schemas.chat, schemas.completion
 
-    @router.post("/chat/completions", responses=STREAMED)
+    @router.post("/chat/completions", responses=answer(ChatCompletion, streamed=True))
     async def chat_completions(body: ChatCompletionRequest, request: Request, owner: str = Depends(guard)):
         ctx.check_model(body.model)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -200,7 +201,7 @@ def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
             "usage": usage(prompt_tokens, samples),
         }
 
-    @router.post("/completions", responses=STREAMED)
+    @router.post("/completions", responses=answer(Completion, streamed=True))
     async def completions(body: CompletionRequest, request: Request, owner: str = Depends(guard)):
         ctx.check_model(body.model)
         prompt = body.prompt[0] if isinstance(body.prompt, list) else body.prompt
@@ -249,11 +250,11 @@ def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
     model_card = {"id": ctx.model_name, "object": "model", "created": int(time.time()), "owned_by": "seekling",
                   "max_model_len": ctx.context}  # (vLLM's field: the context, prompt and completion together)
 
-    @router.get("/models")
+    @router.get("/models", responses=answer(ModelList))
     async def list_models(owner: str = Depends(guard)):
         return {"object": "list", "data": [model_card]}
 
-    @router.get("/models/{name:path}")
+    @router.get("/models/{name:path}", responses=answer(Model))
     async def get_model(name: str, owner: str = Depends(guard)):
         ctx.check_model(name)
         return model_card

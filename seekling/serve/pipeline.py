@@ -23,9 +23,10 @@ from typing import Any
 
 import jinja2
 import jsonschema
+from tokenizers import Tokenizer as HFTokenizer
 
 from seekling.engine.detok import THINK_END, prompt_opens_think
-from seekling.engine.grammar import CompileCancelled
+from seekling.engine.grammar import MAX_CONSTRAINT_BYTES, CompileCancelled, token_bytes
 from seekling.engine.sampling import SamplingParams, StructuredOutputsParams
 from seekling.serve.security import APIError, Settings
 from seekling.serve.tools import ToolFormat, ToolParser, json_constraint, tool_constraint, tool_format
@@ -61,6 +62,10 @@ class Context:
         if self.tokenizer is None:
             raise ValueError("the server needs the model's tokenizer (tokenizer.json beside the weights)")
         self.context = getattr(self.engine, "max_model_len", None)  # the model's context, in tokens
+        try:  # the longest token, in bytes: a prompt of n bytes is at least n // it tokens
+            self.max_token_bytes: int | None = max(map(len, token_bytes(self.tokenizer)))
+        except ValueError:  # (not a byte-level BPE vocabulary: no early bound)
+            self.max_token_bytes = None
         model_type = getattr(getattr(self.engine, "config", None), "model_type", None)
         self.tool_format, self.tool_template = tool_format(self.tokenizer.chat_template, model_type)
         # A request that leaves a sampling field out gets the checkpoint's recommendation (generation_config
@@ -117,8 +122,22 @@ class Context:
         """prepare_chat on a worker thread: a big tool list renders and tokenizes for seconds."""
         return await asyncio.to_thread(prepare_chat, self, messages, opts)
 
-    async def encode(self, text: str) -> list[int]:
-        return await asyncio.to_thread(self.tokenizer.encode, text)
+    async def encode(self, text: str, param: str = "prompt") -> list[int]:
+        return await asyncio.to_thread(self.tokenize, text, param)
+
+    def tokenize(self, text: str, param: str = "messages") -> list[int]:
+        """The prompt's tokens (on a worker thread). A prompt whose bytes alone prove it is over the cap (every
+        token is at most `max_token_bytes`) is refused without tokenizing it: a megabyte takes seconds. The
+        tokenizers library releases the GIL in encode_batch (not always in encode), so the loop goes on meanwhile."""
+        if self.max_token_bytes:
+            at_least = len(text.encode("utf-8", "surrogatepass")) // self.max_token_bytes
+            if at_least > self.settings.max_prompt_tokens:
+                raise bad(f"The prompt is at least {at_least} tokens, over the limit of "
+                          f"{self.settings.max_prompt_tokens}.", param)
+        backend = getattr(self.tokenizer, "tokenizer", None)
+        if isinstance(backend, HFTokenizer):
+            return backend.encode_batch([text], add_special_tokens=False)[0].ids
+        return self.tokenizer.encode(text)
 
     async def compile(self, request, constraint: StructuredOutputsParams) -> None:
         """Compile a new grammar on a worker thread, bounded (400 past the bounds), and stop it when the client
@@ -217,9 +236,10 @@ def check_schema(schema: dict | None, param: str) -> None:
     if schema is None:
         return
     nodes, depth = schema_size(schema)
-    if depth > MAX_SCHEMA_DEPTH or nodes > MAX_SCHEMA_NODES:
-        raise bad(f"{param} is too large: {depth} levels deep and {nodes} nodes (at most {MAX_SCHEMA_DEPTH} and "
-                  f"{MAX_SCHEMA_NODES}).", param)
+    size = len(json.dumps(schema)) if depth <= MAX_SCHEMA_DEPTH else 0
+    if depth > MAX_SCHEMA_DEPTH or nodes > MAX_SCHEMA_NODES or size > MAX_CONSTRAINT_BYTES:
+        raise bad(f"{param} is too large: {depth} levels deep, {nodes} nodes and {size} bytes of JSON (at most "
+                  f"{MAX_SCHEMA_DEPTH}, {MAX_SCHEMA_NODES} and {MAX_CONSTRAINT_BYTES}).", param)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
@@ -267,7 +287,7 @@ def prepare_chat(ctx: Context, messages: list[dict], opts: ChatOptions) -> Prepa
     elif opts.response_schema is not None or opts.json_object:
         structured = json_constraint(opts.response_schema, reasoning)
     parallel = opts.parallel_tool_calls and not named
-    return Prepared(prompt, ctx.tokenizer.encode(prompt), ctx.tool_format if use_tools else None, parallel,
+    return Prepared(prompt, ctx.tokenize(prompt), ctx.tool_format if use_tools else None, parallel,
                     structured)
 
 
