@@ -1,6 +1,6 @@
-"""int8 weights and seekling's CPU kernels (seekling/model/quant.py, kernels.cpp): the kernels against the
-torch reference, the error bound that follows from the quantisation, batch invariance, and what a
-quantised model holds in memory."""
+"""int8 and int4 weights and seekling's CPU kernels (seekling/model/quant.py, kernels.cpp): the kernels against
+the torch reference, the error bounds that follow from the quantisation, batch invariance, GGUF tensor types
+against gguf's own dequantisation, and what a quantised model holds in memory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,21 @@ from seekling.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.model import Transformer
 from seekling.model.load import load_pretrained
-from seekling.model.quant import QBLOCK, TILE, Int8Weight, concat, int8_reference, linear, load_kernels, quantize
+from seekling.model.quant import (
+    GGML_TYPES,
+    QBLOCK,
+    TILE,
+    Int4Weight,
+    Int8Weight,
+    concat,
+    from_ggml,
+    int4_fit,
+    linear,
+    load_kernels,
+    quantize,
+    quantize_stack,
+    reference_product,
+)
 
 SHAPES = [(1, 48, 64), (1, 37, 70), (3, 50, 24), (4, 64, 96), (5, 64, 1000), (9, 33, 96)]  # (M, O, K)
 
@@ -30,9 +44,12 @@ def test_kernels_equal_the_torch_reference(M, O, K):
     q = quantize(w)
     assert q.q.shape == (-(-O // TILE), -(-K // QBLOCK), TILE, QBLOCK) and q.q.dtype == torch.int8
     assert torch.equal(q.unpacked().float() * q.scale[:, None], q.dequantize()) and q.shape == (O, K)
-    ref = int8_reference(x, q)
     # the same integer products; only the order of the fp32 block sums differs
-    torch.testing.assert_close(torch.ops.seekling.int8_linear(x, q.q, q.scale), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.ops.seekling.int8_linear(x, q.q, q.scale, None), reference_product(x, q),
+                               atol=1e-4, rtol=1e-4)
+    q4 = quantize(w, "int4")
+    assert q4.q.shape == (O, -(-K // 64), 32) and q4.codes.shape[-1] % 8 == 0 and q4.shape == (O, K)
+    torch.testing.assert_close(linear(x, q4), reference_product(x, q4), atol=1e-4, rtol=1e-4)
 
 
 def _int8_error_bound(x: torch.Tensor, w: torch.Tensor, q: Int8Weight) -> torch.Tensor:
@@ -56,11 +73,12 @@ def test_int8_error_bound(M, O, K):
     assert (y - ref).abs().max() < 0.03 * ref.abs().max()  # typical error ~1% of the largest output
 
 
-def test_int8_rows_are_batch_invariant():
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_rows_are_batch_invariant(kind):
     """Each row of x is quantised on its own (per block of 32): a row's result is bitwise the same alone
     and in any company, so prefill rows equal decode rows and continuous batching changes nothing."""
     torch.manual_seed(1)
-    q = quantize(torch.randn(96, 256))
+    q = quantize(torch.randn(96, 256), kind)
     x = torch.randn(12, 256) * torch.rand(12, 1) * 4 + torch.randn(12, 1)
     full = linear(x, q)
     for seed in range(8):
@@ -81,6 +99,112 @@ def test_embedding_rows_stacked_views_and_chunks():
     torch.testing.assert_close(flat[2].rows(ids), flat[2].dequantize()[ids])
     whole = quantize(w[0, :36])  # quantised in chunks of whole tiles (the streaming loader's embedding)
     assert torch.equal(concat([quantize(w[0, :16]), quantize(w[0, 16:36])]).q, whole.q)
+
+
+def test_int4_is_as_close_as_ggml_4_bit_types():
+    """int4's groups (fitted scale and min, 8-bit codes) against gguf's Q4_0 and Q4_1 quantisers at the same
+    group size, on Gaussian and heavy-tailed weights; and the C++ fit against its torch reference."""
+    from gguf.quants import GGMLQuantizationType, dequantize
+    from gguf.quants import quantize as gguf_quantize
+
+    torch.manual_seed(3)
+    for w in (torch.randn(64, 512), torch.distributions.StudentT(4.0).sample((64, 512)) * 0.02):
+        err = lambda v, w=w: ((v - w) ** 2).mean() / (w ** 2).mean()
+        ours = err(quantize(w, "int4").dequantize())
+        for t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+            theirs = err(torch.from_numpy(dequantize(gguf_quantize(w.numpy(), t), t)).view_as(w))
+            assert ours < 0.9 * theirs, (t.name, ours, theirs)
+    groups = torch.randn(4096, 32) * torch.rand(4096, 1)
+    fits = [int4_fit(groups), torch.ops.seekling.int4_fit(groups)]  # torch reference, C++
+
+    def fit_error(scale, low):
+        q = torch.round((groups + low[:, None]) / scale[:, None]).clamp(0, 15)
+        return ((q * scale[:, None] - low[:, None] - groups) ** 2).mean()
+
+    reference, cpp = (fit_error(*f) for f in fits)
+    assert abs(cpp - reference) < 1e-3 * reference
+
+
+def _ggml_data(name: str, rows: int, k: int, rng) -> numpy.ndarray:  # noqa: F821
+    """Valid random data of a GGUF type: quantised by gguf's own quantiser where it has one, else random
+    bytes with sane fp16 scales (any bit pattern of a K-quant's codes is a valid tensor)."""
+    import numpy as np
+    from gguf.quants import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    t = GGMLQuantizationType[name]
+    x = (rng.standard_normal((rows, k)) * 0.05).astype(np.float32)
+    if name == "F32":
+        return x
+    if name not in ("Q4_K", "Q5_K", "Q6_K"):
+        return gguf_quantize(x, t)
+    _, block, size = next(v for v in GGML_TYPES.values() if v[0] == name)
+    b = rng.integers(0, 256, size=(rows * k // block, size), dtype=np.uint8)
+    half = lambda n: rng.uniform(1e-3, 2e-2, size=(b.shape[0], n)).astype(np.float16).view(np.uint8)
+    if name == "Q6_K":
+        b[:, -2:] = half(1)
+    else:
+        b[:, :4] = half(2)
+    return b.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("name", [v[0] for v in GGML_TYPES.values()])
+def test_from_ggml_matches_gguf(name):
+    """Every GGUF tensor type seekling reads, against gguf's own dequantisation: F32/F16/BF16, Q8_0, Q5_0 and
+    Q4_K exactly; Q4_0/Q4_1 within their re-coded scales; Q5_1/Q5_K/Q6_K within int8's half step per block.
+    Stacked experts ([E, out, in]) stay stacked, and the kernel computes the same product as the reference."""
+    import numpy as np
+    from gguf.quants import GGMLQuantizationType, dequantize
+
+    rng = np.random.default_rng(sum(map(ord, name)))
+    shape = (2, 6, 512)
+    data = _ggml_data(name, 12, 512, rng)
+    ref = torch.from_numpy(dequantize(data, GGMLQuantizationType[name]).astype(np.float32)).view(shape)
+    w = from_ggml(data, GGMLQuantizationType[name].value, shape)
+    got = w if isinstance(w, torch.Tensor) else w.dequantize()
+    assert got.shape == shape
+    if name in ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_K"):
+        assert torch.equal(got, ref)
+    elif name in ("Q4_0", "Q4_1"):
+        assert isinstance(w, Int4Weight)
+        # each group's scale and min re-coded in 8 bits under its super-block's (d, dmin): at most half a code
+        # step each, over at most 15 steps of q, plus the values re-rounded on the coded grid
+        d, dmin = w.dm.float().unbind(-1)  # [2, 6, supers]
+        bound = (15 * d / 2 + dmin / 2).repeat_interleave(256, dim=-1)[..., :512] + 1e-6
+        assert ((got - ref).abs() <= bound).all()
+    else:
+        assert isinstance(w, Int8Weight) and w.block_scale is not None
+        blocks = ref.view(2, 6, -1, 32).abs().amax(-1, keepdim=True)
+        assert ((got - ref).view(2, 6, -1, 32).abs() <= blocks / 254 * 1.002 + 1e-6).all()
+    if not isinstance(w, torch.Tensor):
+        x = torch.randn(3, 512)
+        torch.testing.assert_close(linear(x, w[1]), reference_product(x, w[1]), atol=1e-3, rtol=1e-4)
+    if not isinstance(w, torch.Tensor):
+        with pytest.raises(ValueError, match="not whole"):
+            from_ggml(data, GGMLQuantizationType[name].value, (12 * 512 // 16, 16))
+
+
+def test_from_ggml_refuses_what_it_cannot_read():
+    import numpy as np
+
+    with pytest.raises(ValueError, match="type 16 is not one seekling reads"):
+        from_ggml(np.zeros(66, np.uint8), 16, (1, 256))  # IQ2_XXS
+    with pytest.raises(ValueError, match="bytes, expected"):
+        from_ggml(np.zeros(30, np.uint8), 8, (1, 32))
+
+
+def test_quantize_parts_and_stacks_equal_the_whole():
+    """A fused projection quantised from its parts (no float concatenation) and experts quantised one at a time
+    into a stack give the weights of quantising the concatenated / stacked tensor."""
+    torch.manual_seed(4)
+    parts = [torch.randn(12, 96), torch.randn(20, 96)]
+    for kind in ("int8", "int4"):
+        whole, split = quantize(torch.cat(parts), kind), quantize(parts, kind)
+        assert torch.equal(whole.dequantize(), split.dequantize())
+        stack = quantize_stack([parts, [p * 2 for p in parts]], kind)
+        assert torch.equal(stack[1].dequantize(), quantize([p * 2 for p in parts], kind).dequantize())
+        assert torch.equal(concat([quantize(parts[0], kind), quantize(parts[1], kind)]).dequantize(),
+                           whole.dequantize())
 
 
 def tiny_moe(seed: int = 0) -> Transformer:

@@ -2,21 +2,29 @@
 //
 // A decode step at batch 1 is a chain of matrix-vector products: the time is the bytes of weights read
 // divided by the bandwidth a core gets. torch's fp32 `F.linear` reads ~17 GB/s at one row on the
-// development machine (AMD EPYC, AVX2), against ~48 GB/s that one core can stream (CALIBRATION.md); fbgemm's
-// int8 GEMM needs a second, packed copy of every weight. These kernels stream the weights as they are stored:
+// development machine (AMD EPYC, AVX2), against ~48 GB/s that one core can stream; fbgemm's int8 GEMM needs
+// a second, packed copy of every weight. These kernels stream the weights as they are stored (the layouts are
+// described in seekling/model/quant.py):
 //
-//   f32_linear(x [M, K], w [O, K]) -> x @ w^T               fp32; rows of w 4 at a time, 8 lanes, the next 4 prefetched
-//   int8_linear(x [M, K], q, s [O]) -> x @ (q * s)^T         q: int8 weights, one scale per output row, rows
-//                                                           padded to Kp = K rounded up to 32 with zeros, in
-//                                                           tiles of 4 rows [O / 4, Kp / 32, 4, 32] (below)
+//   f32_linear(x [M, K], w [O, K]) -> x @ w^T      fp32; rows of w 4 at a time, 8 lanes, the next 4 prefetched
+//   int8_linear(x, q, s, bs?) -> x @ W^T            int8 W = q * s per row (* bs per block of 32, fp16), q in tiles
+//                                                  of 4 rows [O / 4, Kp / 32, 4, 32], Kp = K rounded up to 32
+//   int4_linear(x, q, codes, dm) -> x @ W^T         int4 groups of 32, W = d·sc·q - dmin·m, row-major
+//   int4_fit(groups [N, 32]) -> (scale [N], min [N])   the int4 quantiser's per-group search
 //
-// int8_linear quantises each row of x to int8 in blocks of 32 (one scale per block: max|x| / 127, rounded to
-// nearest even, as torch.round) and sums u8 x s8 products with maddubs (|x| times w with x's sign moved onto
-// w, so no operand is ever -128 and no int16 pair sum can saturate: 2 * 127 * 127 < 2^15), then scales each
-// block's int32 sum by its activation scale in fp32 — llama.cpp's Q8_0 dot product, with per-row weight
-// scales. Two rows of x share each load of a weight tile (prefill, batches). Without AVX2 the same
-// loops are written plainly for the compiler to vectorise (NEON on Arm). The results equal the torch
-// reference in seekling/model/quant.py up to the order of the fp32 block sums.
+// Both quantised products quantise each row of x to int8 in blocks of 32 (one scale per block: max|x| / 127,
+// rounded to nearest even, as torch.round) — llama.cpp's Q8_0 activations — and multiply in integers:
+//   int8: u8 x s8 products with maddubs (|x| times w with x's sign moved onto w, so no operand is ever -128
+//         and no int16 pair sum can saturate: 2 * 127 * 127 < 2^15), each block's int32 sum scaled by its
+//         activation scale (and block scale) in fp32;
+//   int4: the 4-bit values (0..15) are the unsigned operand of maddubs as they are; the int16 pair sums are
+//         multiplied by the group's 8-bit scale code in the same madd that widens them to int32
+//         (2 * 15 * 127 * 255 < 2^31 with room), then scaled by the activation block's scale in fp32; d and
+//         the min term (dmin · Σ_g m_g · xs_g · Σ x_g, from per-block sums of x) are applied once per
+//         super-block of 8 groups.
+// Several rows of x share each load of a weight (batches, prefill). Without AVX2 the same loops are written
+// plainly for the compiler to vectorise (NEON on Arm). The results equal the torch reference in
+// seekling/model/quant.py up to the order of the fp32 sums.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,6 +33,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -104,6 +116,14 @@ at::Tensor f32_linear(const at::Tensor& x_in, const at::Tensor& w_in) {
 
 // ------------------------------------------------------------------------------------------------- int8
 
+inline float half_to_float(const at::Half h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h.x);
+#else
+  return static_cast<float>(h);
+#endif
+}
+
 // Quantise one row of x (K values) into Kp int8 values (zero beyond K) and Kp / 32 block scales.
 void quantize_row(const float* x, int64_t K, int64_t Kp, int8_t* q, float* s) {
   for (int64_t b = 0; b < Kp / QBLOCK; ++b) {
@@ -119,15 +139,30 @@ void quantize_row(const float* x, int64_t K, int64_t Kp, int8_t* q, float* s) {
   }
 }
 
+// The rows of x quantised once per call: xq [M, Kp], xs [M, Kp / 32].
+struct QuantizedX {
+  int64_t M, Kp, nb;
+  std::vector<int8_t> q;
+  std::vector<float> s;
+  QuantizedX(const at::Tensor& x, int64_t Kp_) : M(x.size(0)), Kp(Kp_), nb(Kp_ / QBLOCK), q(M * Kp_), s(M * nb) {
+    const float* xp = x.data_ptr<float>();
+    const int64_t K = x.size(1);
+    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) quantize_row(xp + m * K, K, Kp, q.data() + m * Kp, s.data() + m * nb);
+    });
+  }
+};
+
 // The weights are stored in tiles of 4 output rows with their blocks interleaved, q[tile][block][row][32]: a
 // tile is one sequential stream (4 rows of a short matrix read side by side would be 4 short streams, which
 // the hardware prefetcher follows badly: 11 vs 22 GB/s from DRAM at 896-wide rows on one core), prefetched
-// PREFETCH bytes ahead.
+// PREFETCH bytes ahead. bs (optional): a GGUF file's fp16 scale per block, [tile][block][row].
 constexpr int64_t TILE = 4, PREFETCH = 1024;
 
-// MR rows of quantised x against one tile: out[m][r] = sum_b xs[m, b] * (xq[m, b] . w[r, b]).
-template <int MR>
-inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* tile, float out[][TILE]) {
+// MR rows of quantised x against one tile: out[m][r] = sum_b xs[m, b] * bs[b, r] * (xq[m, b] . w[r, b]).
+template <int MR, bool BS>
+inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* tile, const at::Half* bs,
+                      float out[][TILE]) {
   const int64_t nb = Kp / QBLOCK;
 #ifdef SEEKLING_AVX2
   const __m256i ones = _mm256_set1_epi16(1);
@@ -139,14 +174,18 @@ inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_
     _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
     __m256i wv[TILE];
-    for (int r = 0; r < TILE; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + r * QBLOCK));
+    float bsr[TILE];
+    for (int r = 0; r < TILE; ++r) {
+      wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + r * QBLOCK));
+      bsr[r] = BS ? half_to_float(bs[b * TILE + r]) : 1.f;
+    }
     for (int m = 0; m < MR; ++m) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + b * QBLOCK));
       const __m256i ax = _mm256_sign_epi8(xv, xv);
-      const __m256 sx = _mm256_set1_ps(xs[m * nb + b]);
+      const float xsb = xs[m * nb + b];
       for (int r = 0; r < TILE; ++r) {
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[r], xv)), ones);
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sx, acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(BS ? xsb * bsr[r] : xsb), acc[m][r]);
       }
     }
   }
@@ -161,7 +200,7 @@ inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_
         const int8_t* xb = xq + m * Kp + b * QBLOCK;
         const int8_t* wb = tile + (b * TILE + r) * QBLOCK;
         for (int64_t i = 0; i < QBLOCK; ++i) d += static_cast<int32_t>(xb[i]) * wb[i];
-        a += static_cast<float>(d) * xs[m * nb + b];
+        a += static_cast<float>(d) * (BS ? xs[m * nb + b] * half_to_float(bs[b * TILE + r]) : xs[m * nb + b]);
       }
       out[m][r] = a;
     }
@@ -170,19 +209,34 @@ inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_
 }
 
 // Tiles [t_begin, t_end) against x rows [m0, m0 + MR); rows past O (the last tile's padding) are not stored.
-template <int MR>
-void int8_rows(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* wq, const float* ws, int64_t O,
-               int64_t t_begin, int64_t t_end, float* y, int64_t m0) {
+template <int MR, bool BS>
+void int8_rows(const QuantizedX& x, int64_t m0, const int8_t* wq, const float* ws, const at::Half* bs, int64_t O,
+               int64_t t_begin, int64_t t_end, float* y) {
   float out[MR][TILE];
+  const int64_t Kp = x.Kp;
   for (int64_t t = t_begin; t < t_end; ++t) {
-    int8_tile<MR>(xq, xs, Kp, wq + t * TILE * Kp, out);
+    int8_tile<MR, BS>(x.q.data() + m0 * Kp, x.s.data() + m0 * x.nb, Kp, wq + t * TILE * Kp,
+                      BS ? bs + t * x.nb * TILE : nullptr, out);
     for (int m = 0; m < MR; ++m)
       for (int64_t r = 0; r < TILE && t * TILE + r < O; ++r)
         y[(m0 + m) * O + t * TILE + r] = out[m][r] * ws[t * TILE + r];
   }
 }
 
-at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wq_in, const at::Tensor& ws_in) {
+template <bool BS>
+void int8_all(const QuantizedX& x, const int8_t* wp, const float* sp, const at::Half* bp, int64_t O, int64_t tiles,
+              float* yp) {
+  // Two x rows share each tile's loads (2 x 4 accumulators); an odd last row goes alone. Every x row's result
+  // is computed the same way whatever the other rows (batch invariance).
+  at::parallel_for(0, tiles, grain(TILE * x.Kp), [&](int64_t b, int64_t e) {
+    int64_t m = 0;
+    for (; m + 2 <= x.M; m += 2) int8_rows<2, BS>(x, m, wp, sp, bp, O, b, e, yp);
+    for (; m < x.M; ++m) int8_rows<1, BS>(x, m, wp, sp, bp, O, b, e, yp);
+  });
+}
+
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wq_in, const at::Tensor& ws_in,
+                       const std::optional<at::Tensor>& bs_in) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "int8_linear: x must be fp32");
   TORCH_CHECK(wq_in.scalar_type() == at::kChar && ws_in.scalar_type() == at::kFloat,
               "int8_linear: int8 weights with fp32 scales");
@@ -190,37 +244,231 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wq_in, const at
               ws_in.dim() == 1 && (ws_in.size(0) + TILE - 1) / TILE == wq_in.size(0),
               "int8_linear: x [M, K], q [tiles, blocks, 4, 32], s [O]");
   const auto x = x_in.contiguous(), wq = wq_in.contiguous(), ws = ws_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), O = ws.size(0), tiles = wq.size(0), Kp = wq.size(1) * QBLOCK;
+  const int64_t K = x.size(1), O = ws.size(0), tiles = wq.size(0), Kp = wq.size(1) * QBLOCK;
   TORCH_CHECK(Kp >= K && Kp - K < QBLOCK, "int8_linear: weight rows must be K padded to 32");
+  auto y = at::empty({x.size(0), O}, x.options());
+  const QuantizedX xq(x, Kp);
+  if (bs_in.has_value()) {
+    const auto bs = bs_in->contiguous();
+    TORCH_CHECK(bs.scalar_type() == at::kHalf && bs.dim() == 3 && bs.size(0) == tiles && bs.size(1) == Kp / QBLOCK &&
+                bs.size(2) == TILE, "int8_linear: block scales must be fp16 [tiles, blocks, 4]");
+    int8_all<true>(xq, wq.data_ptr<int8_t>(), ws.data_ptr<float>(), bs.data_ptr<at::Half>(), O, tiles,
+                   y.data_ptr<float>());
+  } else {
+    int8_all<false>(xq, wq.data_ptr<int8_t>(), ws.data_ptr<float>(), nullptr, O, tiles, y.data_ptr<float>());
+  }
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------------- int4
+
+constexpr int64_t SUPER = 8;  // groups of 32 per (d, dmin)
+
+// Per activation row, what the min term needs: xsum[g] = xs[g] * Σ xq over group g (zero-padded to G).
+std::vector<float> group_sums(const QuantizedX& x, int64_t G) {
+  std::vector<float> out(x.M * G, 0.f);
+  for (int64_t m = 0; m < x.M; ++m)
+    for (int64_t g = 0; g < x.nb; ++g) {
+      int32_t t = 0;
+      for (int64_t i = 0; i < QBLOCK; ++i) t += x.q[m * x.Kp + g * QBLOCK + i];
+      out[m * G + g] = x.s[m * x.nb + g] * static_cast<float>(t);
+    }
+  return out;
+}
+
+struct Int4Row {
+  const uint8_t* q;      // [pairs, 32]
+  const uint8_t* sc;     // [G]
+  const int8_t* mins;    // [G]
+  const at::Half* dm;    // [S, 2]
+};
+
+#ifdef SEEKLING_AVX2
+// shuffle masks that broadcast int16 lane g (of 8) of a 128-bit lane to all its lanes
+alignas(32) const uint8_t LANE16[8][32] = {
+#define L(g) {2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1, \
+              2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1, 2*g, 2*g+1}
+    L(0), L(1), L(2), L(3), L(4), L(5), L(6), L(7)
+#undef L
+};
+#endif
+
+// One weight row against MR rows of quantised x (from row m0): out[m] = Σ_s d_s Σ_{g in s} sc_g xs_g (q_g . xq_g)
+// - dmin_s Σ_{g in s} m_g xsum_g.
+template <int MR>
+inline void int4_row(const QuantizedX& x, const float* xsum, int64_t G, int64_t m0, const Int4Row& w, float* out) {
+  const int64_t pairs = x.Kp / 64, S = G / SUPER;
+  const int8_t* xq = x.q.data() + m0 * x.Kp;
+  const float* xs = x.s.data() + m0 * x.nb;
+  xsum += m0 * G;
+#ifdef SEEKLING_AVX2
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    const __m256i codes = _mm256_broadcastsi128_si256(
+        _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.sc + s * SUPER))));
+    __m256 fs[MR];
+    for (int m = 0; m < MR; ++m) fs[m] = _mm256_setzero_ps();
+    const int64_t p_end = std::min<int64_t>(pairs, (s + 1) * SUPER / 2);
+    for (int64_t p = s * SUPER / 2; p < p_end; ++p) {
+      const int j = static_cast<int>(2 * (p - s * SUPER / 2));
+      _mm_prefetch(reinterpret_cast<const char*>(w.q + p * 32 + PREFETCH), _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + p * 32));
+      const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      const __m256i sc0 = _mm256_shuffle_epi8(codes, _mm256_load_si256(reinterpret_cast<const __m256i*>(LANE16[j])));
+      const __m256i sc1 =
+          _mm256_shuffle_epi8(codes, _mm256_load_si256(reinterpret_cast<const __m256i*>(LANE16[j + 1])));
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* xm = xq + m * x.Kp + p * 64;
+        const __m256i p0 = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm))), sc0);
+        const __m256i p1 = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32))), sc1);
+        fs[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(xs[m * x.nb + 2 * p]), fs[m]);
+        fs[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(xs[m * x.nb + 2 * p + 1]), fs[m]);
+      }
+    }
+    const __m256 d = _mm256_set1_ps(half_to_float(w.dm[2 * s])), dmin = _mm256_set1_ps(half_to_float(w.dm[2 * s + 1]));
+    const __m256 mins = _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.mins + s * SUPER))));
+    for (int m = 0; m < MR; ++m) {
+      acc[m] = _mm256_fmadd_ps(fs[m], d, acc[m]);
+      acc[m] = _mm256_fnmadd_ps(_mm256_mul_ps(mins, _mm256_loadu_ps(xsum + m * G + s * SUPER)), dmin, acc[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) out[m] = hsum(acc[m]);
+#else
+  for (int m = 0; m < MR; ++m) {
+    float a = 0.f;
+    for (int64_t s = 0; s < S; ++s) {
+      float fsum = 0.f, msum = 0.f;
+      for (int64_t g = s * SUPER; g < std::min<int64_t>((s + 1) * SUPER, 2 * pairs); ++g) {
+        const uint8_t* qb = w.q + (g / 2) * 32;
+        const int shift = (g % 2) * 4;
+        int32_t dot = 0;
+        for (int64_t i = 0; i < QBLOCK; ++i) dot += static_cast<int32_t>((qb[i] >> shift) & 15) * xq[m * x.Kp + g * QBLOCK + i];
+        fsum += static_cast<float>(dot * static_cast<int32_t>(w.sc[g])) * xs[m * x.nb + g];
+      }
+      for (int64_t g = s * SUPER; g < (s + 1) * SUPER; ++g) msum += static_cast<float>(w.mins[g]) * xsum[m * G + g];
+      a += fsum * half_to_float(w.dm[2 * s]) - msum * half_to_float(w.dm[2 * s + 1]);
+    }
+    out[m] = a;
+  }
+#endif
+}
+
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& codes_in,
+                       const at::Tensor& dm_in) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "int4_linear: x must be fp32 [M, K]");
+  TORCH_CHECK(q_in.scalar_type() == at::kByte && q_in.dim() == 3 && q_in.size(2) == 32 &&
+              codes_in.scalar_type() == at::kByte && codes_in.dim() == 3 && codes_in.size(1) == 2 &&
+              dm_in.scalar_type() == at::kHalf && dm_in.dim() == 3 && dm_in.size(2) == 2,
+              "int4_linear: q uint8 [O, pairs, 32], codes uint8 [O, 2, G], dm fp16 [O, G / 8, 2]");
+  const auto x = x_in.contiguous(), q = q_in.contiguous(), codes = codes_in.contiguous(), dm = dm_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), O = q.size(0), Kp = q.size(1) * 64, G = codes.size(2);
+  TORCH_CHECK(Kp >= K && Kp - K < 64 && G % SUPER == 0 && G >= Kp / QBLOCK && dm.size(1) == G / SUPER &&
+              codes.size(0) == O && dm.size(0) == O, "int4_linear: shapes do not match (x [M, K] vs q [O, K / 64, 32])");
   auto y = at::empty({M, O}, x.options());
-  std::vector<int8_t> xq(M * Kp);
-  std::vector<float> xs(M * (Kp / QBLOCK));
-  const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) quantize_row(xp + m * K, K, Kp, xq.data() + m * Kp, xs.data() + m * (Kp / QBLOCK));
-  });
-  const int8_t* wp = wq.data_ptr<int8_t>();
-  const float* sp = ws.data_ptr<float>();
+  const QuantizedX xq(x, Kp);
+  const std::vector<float> xsum = group_sums(xq, G);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const at::Half* dp = dm.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
-  const int64_t nb = Kp / QBLOCK;
-  // Two x rows share each tile's loads (2 x 4 accumulators); an odd last row goes alone. Every x row's result
-  // is computed the same way whatever the other rows (batch invariance).
-  at::parallel_for(0, tiles, grain(TILE * Kp), [&](int64_t b, int64_t e) {
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) int8_rows<2>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, b, e, yp, m);
-    for (; m < M; ++m) int8_rows<1>(xq.data() + m * Kp, xs.data() + m * nb, Kp, wp, sp, O, b, e, yp, m);
+  constexpr int64_t ROWS = 16;  // weight rows per block: the block's x rows are read once per block from L1
+  at::parallel_for(0, O, grain(Kp / 2), [&](int64_t b, int64_t e) {
+    float out[4];
+    for (int64_t o0 = b; o0 < e; o0 += ROWS) {
+      const int64_t o1 = std::min(e, o0 + ROWS);
+      int64_t m = 0;
+      auto run = [&](auto mr, int64_t m0) {
+        constexpr int MR = decltype(mr)::value;
+        for (int64_t o = o0; o < o1; ++o) {
+          const Int4Row w{qp + o * Kp / 2, cp + o * 2 * G, reinterpret_cast<const int8_t*>(cp + o * 2 * G + G),
+                          dp + o * G / SUPER * 2};
+          int4_row<MR>(xq, xsum.data(), G, m0, w, out);
+          for (int i = 0; i < MR; ++i) yp[(m0 + i) * O + o] = out[i];
+        }
+      };
+      for (; m + 4 <= M; m += 4) run(std::integral_constant<int, 4>{}, m);
+      for (; m < M; ++m) run(std::integral_constant<int, 1>{}, m);
+    }
   });
   return y;
+}
+
+// ------------------------------------------------------------------------------------- int4 quantiser
+
+// Each group's (scale, min), w ~ scale·q - min with q in 0..15: seekling.model.quant.int4_fit in C++ (its
+// reference; see there).
+std::tuple<at::Tensor, at::Tensor> int4_fit(const at::Tensor& groups_in) {
+  TORCH_CHECK(groups_in.scalar_type() == at::kFloat && groups_in.dim() == 2 && groups_in.size(1) == 32,
+              "int4_fit: groups must be fp32 [N, 32]");
+  constexpr int STEPS = 21;
+  const auto groups = groups_in.contiguous();
+  const int64_t N = groups.size(0);
+  auto scale = at::empty({N}, groups.options()), low = at::empty({N}, groups.options());
+  const float* gp = groups.data_ptr<float>();
+  float *sp = scale.data_ptr<float>(), *lp = low.data_ptr<float>();
+  at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const float* x = gp + n * 32;
+      float lo = 0.f, hi = 0.f, ss = 0.f;
+      for (int i = 0; i < 32; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]), ss += x[i] * x[i];
+      const float span = std::max(hi - lo, 1e-30f), rms = std::sqrt(ss / 32.f);
+      float w[32], sw = 0.f, swx = 0.f;
+      for (int i = 0; i < 32; ++i) w[i] = rms + std::fabs(x[i]), sw += w[i], swx += w[i] * x[i];
+      float best_s = span / 15.f, best_b = lo, best_e = 0.f;
+      for (int i = 0; i < 32; ++i) {
+        const float q = std::min(15.f, std::max(0.f, std::nearbyint((x[i] - lo) / best_s)));
+        const float r = best_s * q + best_b - x[i];
+        best_e += w[i] * r * r;
+      }
+      for (int step = 0; step < STEPS; ++step) {
+        const float iscale = (14.f + 2.f * step / (STEPS - 1)) / span;
+        float q[32], swl = 0.f, swl2 = 0.f, swxl = 0.f;
+        for (int i = 0; i < 32; ++i) {
+          q[i] = std::min(15.f, std::max(0.f, std::nearbyint((x[i] - lo) * iscale)));
+          swl += w[i] * q[i], swl2 += w[i] * q[i] * q[i], swxl += w[i] * x[i] * q[i];
+        }
+        const float det = sw * swl2 - swl * swl;
+        if (!(det > 0.f)) continue;
+        const float s = (sw * swxl - swx * swl) / det, off = (swl2 * swx - swl * swxl) / det;
+        float err = 0.f;
+        for (int i = 0; i < 32; ++i) {
+          const float r = s * q[i] + off - x[i];
+          err += w[i] * r * r;
+        }
+        if (err < best_e && s > 0.f) best_e = err, best_s = s, best_b = off;
+      }
+      sp[n] = best_s, lp[n] = -best_b;
+    }
+  });
+  return {scale, low};
+}
+
+std::string simd_level() {
+#if defined(SEEKLING_AVX2)
+  return "AVX2";
+#else
+  return "portable C++";
+#endif
 }
 
 }  // namespace
 
 TORCH_LIBRARY(seekling, m) {
   m.def("f32_linear(Tensor x, Tensor w) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor q, Tensor s) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor q, Tensor s, Tensor? bs) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor q, Tensor codes, Tensor dm) -> Tensor");
+  m.def("int4_fit(Tensor groups) -> (Tensor, Tensor)");
+  m.def("simd_level() -> str", &simd_level);
 }
 
 TORCH_LIBRARY_IMPL(seekling, CPU, m) {
   m.impl("f32_linear", &f32_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int4_fit", &int4_fit);
 }
