@@ -25,7 +25,9 @@ Bounds (a server's, `Grammars.timeout_s`): a constraint is at most MAX_CONSTRAIN
 first compiled in a child process (forked from a preloaded server, so it starts in milliseconds) that is killed
 past `timeout_s` seconds or when the caller says it is no longer wanted; only a constraint that compiled there in
 time is compiled here. A compile cannot be interrupted in-process, so this keeps every compile bounded in time
-and memory, a client that leaves stops its compile, and shutdown never waits for one.
+and memory, a client that leaves stops its compile, and shutdown never waits for one. The forkserver (~275 MB: it
+imports xgrammar, hence torch) starts with the first bounded compile, which waits for it (seconds, not counted
+in the bound): a server that is never asked for a constraint does not pay for it.
 
 Speculative decoding: `Matcher.fill` writes the masks of a verification's rows (the state after each draft
 accepted so far) and rolls the drafts back; the matcher moves for good only in `accept`, over the tokens the
@@ -235,9 +237,12 @@ class Grammars:
         try:  # outside the lock: a long compile holds up no other request
             if self.timeout_s is None:
                 compiled = _compile(compiler, marked)
-            else:  # probed, then compiled in a daemon thread: the caller can leave, and exit never waits for it
-                self._probe(marked, cancelled)
-                compiled = _in_daemon(lambda: _compile(compiler, marked), cancelled)
+            else:  # probed, then compiled, on a daemon thread: the caller can leave, and exit never waits for it
+                def probed() -> Any:
+                    self._probe(marked, cancelled)
+                    return _compile(compiler, marked)
+
+                compiled = _in_daemon(probed, cancelled)
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"the {key[0]} constraint does not compile: {_LOCATION.sub('', str(e)).strip()}") from e
         with self._lock:
@@ -313,8 +318,8 @@ def _new_compiler(vocab: list[bytes], vocab_size: int, stop_token_ids: list[int]
 
 @functools.cache
 def _process_context() -> Any:
-    """Children forked from a server process that has imported xgrammar once (its start costs seconds; each child
-    then starts in milliseconds, and is safe to fork: that server runs no threads)."""
+    """Children forked from a server process that has imported xgrammar once (its start costs seconds, on the first
+    probe; each child then starts in milliseconds, and is safe to fork: that server runs no threads)."""
     try:
         context = multiprocessing.get_context("forkserver")
     except ValueError:  # (no forkserver on Windows)
@@ -343,16 +348,6 @@ def _in_daemon(fn: Callable[[], Any], cancelled: Callable[[], bool] | None) -> A
     if "error" in box:
         raise box["error"]
     return box["value"]
-
-
-def warm_compiler_processes() -> None:
-    """Start the server that probe children fork from (seconds: it imports xgrammar), so that the first bounded
-    compile does not wait for it. Safe to call from any thread, more than once."""
-    context = _process_context()
-    if context.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
 
 
 def _probe_compile(conn: Any, vocab: list[bytes], vocab_size: int, stop_token_ids: list[int], threads: int,

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from seekling.engine.grammar import warm_compiler_processes
 from seekling.serve.anthropic_api import anthropic_router
 from seekling.serve.history import history_router
 from seekling.serve.metrics import Metrics, MetricsMiddleware
@@ -94,13 +92,6 @@ def openapi_document(app: FastAPI, settings: Settings) -> dict:
     return doc
 
 
-def warm_grammar_compiler() -> None:
-    try:
-        warm_compiler_processes()
-    except Exception:  # (the first constrained request will try again, and say why)
-        log.exception("could not start the grammar compiler's processes")
-
-
 def create_app(engine, settings: Settings) -> FastAPI:
     model_name = settings.model_name or (
         os.path.basename(os.path.normpath(settings.model)) if settings.model else "seekling"
@@ -123,8 +114,6 @@ def create_app(engine, settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         worker.start()
-        if grammars is not None:
-            threading.Thread(target=warm_grammar_compiler, daemon=True).start()
         yield
         worker.stop()
         store.close()
