@@ -131,7 +131,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if out.reasoning:
             print(f"<think>\n{out.reasoning}\n</think>")
         print(out.text)
-        print(f"[{len(out.token_ids)} tokens, finish: {out.finish_reason}]\n")
+        error = f" ({out.outputs[0].error})" if out.outputs[0].error else ""
+        print(f"[{len(out.token_ids)} tokens, finish: {out.finish_reason}{error}]\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -165,6 +166,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
                         thinking = False
                     print(d.text, end="", flush=True)
                     answer += d.text
+                if d.error:  # this request failed inside the engine (finish_reason "error")
+                    print(f"\n[error: {d.error}]")
         except KeyboardInterrupt:
             print("\n[stopped]")
         if thinking:
