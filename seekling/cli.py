@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from seekling.atomic import DiskFull
 from seekling.train.trainer import add_train_flags, train_config
 
 
@@ -128,7 +129,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if out.reasoning:
             print(f"<think>\n{out.reasoning}\n</think>")
         print(out.text)
-        print(f"[{len(out.token_ids)} tokens, finish: {out.finish_reason}]\n")
+        error = f" ({out.outputs[0].error})" if out.outputs[0].error else ""
+        print(f"[{len(out.token_ids)} tokens, finish: {out.finish_reason}{error}]\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -162,6 +164,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
                         thinking = False
                     print(d.text, end="", flush=True)
                     answer += d.text
+                if d.error:  # this request failed inside the engine (finish_reason "error")
+                    print(f"\n[error: {d.error}]")
         except KeyboardInterrupt:
             print("\n[stopped]")
         if thinking:
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (FileNotFoundError, ValueError, MemoryError) as e:  # bad input: a clear message, not a traceback
+    except (FileNotFoundError, ValueError, MemoryError, DiskFull) as e:  # bad input, no space: a clear message
         print(f"seekling {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -491,7 +491,10 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {directory} (only tokenizer.json tokenizers load)")
     config_file = directory / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"{config_file} is not JSON: {e}") from e
     template = config.get("chat_template")
     if isinstance(template, list):  # the old named-templates form: [{"name": ..., "template": ...}]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -500,8 +503,12 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         template = jinja_file.read_text(encoding="utf-8")
     if template is not None and hashlib.sha256(template.encode()).hexdigest() in _LEGACY_TEMPLATES:
         template = CHAT_TEMPLATE
+    try:
+        backend = HFTokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # (tokenizers raises a bare Exception for a file it cannot read)
+        raise ValueError(f"{tokenizer_file} is not a tokenizer: {e}") from e
     return Tokenizer(
-        HFTokenizer.from_file(str(tokenizer_file)),
+        backend,
         chat_template=template,
         bos_token=_token_content(config.get("bos_token")),
         eos_token=_token_content(config.get("eos_token")),

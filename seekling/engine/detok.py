@@ -127,3 +127,21 @@ def prompt_opens_think(prompt_text: str) -> bool:
     """The R1 generation prompt ends with `<think>\\n`: the completion starts inside the think block."""
     tail = prompt_text.rstrip()
     return tail.endswith(THINK_START)
+
+
+# Tokens that open a user's turn in the chat templates seekling renders (DeepSeek's, which the R1-Distill Qwen and
+# Llama tokenizers share; Qwen's ChatML; Llama 3's header). A model that writes one has finished its answer and
+# started imagining the user's: it stops there, as the exported Modelfile's `stop` says.
+TURN_STARTS = ("<｜User｜>", "<|im_start|>", "<|start_header_id|>")
+
+
+def turn_start_ids(tokenizer: Any) -> set[int]:
+    """The ids of the TURN_STARTS that are single tokens of `tokenizer` (none without a tokenizer)."""
+    if tokenizer is None:
+        return set()
+    found = set()
+    for text in TURN_STARTS:
+        ids = tokenizer.encode(text)
+        if len(ids) == 1 and tokenizer.decode(ids) == text:
+            found.add(ids[0])
+    return found

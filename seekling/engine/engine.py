@@ -31,7 +31,7 @@ import torch
 
 from seekling.engine.cache import BlockManager
 from seekling.engine.compiled import CompiledDecode
-from seekling.engine.detok import IncrementalDecoder, TextStream, prompt_opens_think
+from seekling.engine.detok import IncrementalDecoder, TextStream, prompt_opens_think, turn_start_ids
 from seekling.engine.grammar import Grammars, Matcher
 from seekling.engine.sampling import (
     SamplingParams,
@@ -168,13 +168,14 @@ class Engine:
         use_kernels(self.device)
         self.compiled = CompiledDecode(model, self.kv) if compile else None
         # Every eos id stops a sequence: the tokenizer's, the checkpoint's (generation_config.json may list
-        # several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>), and the end-of-turn tokens of the family's chat
-        # formats that the vocabulary has.
+        # several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>), the end-of-turn tokens of the family's chat
+        # formats that the vocabulary has, and a token that opens the user's turn (detok.turn_start_ids).
         model_eos = list(model.eos_token_ids)
         eos = tokenizer.eos_token_id if tokenizer is not None else (model_eos or [model.config.eos_token_id])[0]
         turn_ends = [tokenizer.convert_tokens_to_ids(t) for t in family_of(model).stop_tokens] if tokenizer else []
         self.eos_token_id: int | None = eos
-        self.eos_token_ids: set[int] = {t for t in [eos, *model_eos, *turn_ends] if t is not None}
+        self.eos_token_ids: set[int] = ({t for t in [eos, *model_eos, *turn_ends] if t is not None}
+                                        | turn_start_ids(tokenizer))
         self.grammars = Grammars(tokenizer, model.config.vocab_size, sorted(self.eos_token_ids))  # constraints
         self._lock = threading.Lock()  # guards the inbox and the set of live request ids
         self._step_lock = threading.RLock()  # one step at a time
@@ -204,16 +205,21 @@ class Engine:
         raise ValueError("a prompt is a string, a list of chat messages ({'role', 'content'}) or a list of "
                          f"token ids; got {type(prompt).__name__}")
 
-    def compile_constraint(self, constraint: StructuredOutputsParams) -> None:
-        """Compile a request's constraint into the engine's cache (ValueError if it does not compile). add_request
-        does this itself; a server calls it first on a worker thread, since a new grammar can take seconds."""
-        self.grammars.compile(constraint)
+    def compile_constraint(self, constraint: StructuredOutputsParams, cancelled: Any = None) -> None:
+        """Compile a request's constraint into the engine's cache (ValueError if it does not compile or is past
+        the bounds of `grammars`). add_request does this itself; a server calls it first on a worker thread, since
+        a new grammar can take seconds; `cancelled()` turning true stops a bounded compile (grammar.py)."""
+        self.grammars.compile(constraint, cancelled)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request (thread-safe); returns its id. Bad input raises ValueError here, at once."""
+                    request_id: str | None = None, prompt_ids: list[int] | None = None) -> str:
+        """Queue a request (thread-safe); returns its id. Bad input raises ValueError here, at once.
+        `prompt_ids`: the tokens of a text prompt, when the caller has tokenized it already."""
         params = params if params is not None else SamplingParams()
-        ids, text = self._encode(prompt)
+        if prompt_ids is not None and isinstance(prompt, str):
+            ids, text = list(prompt_ids), prompt
+        else:
+            ids, text = self._encode(prompt)
         V = self.config.vocab_size
         if not ids:
             raise ValueError("the prompt is empty")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys, written back untouched
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         problems = []
         for name, value, allowed in (("model_type", self.model_type, MODEL_TYPES),
                                      ("scoring_func", self.scoring_func, SCORING_FUNCS),
@@ -210,6 +213,41 @@ class ModelConfig:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: not a model directory")
         return cls.from_hf_dict(json.loads(path.read_text()))
+
+
+def check_field_types(config: Any) -> None:
+    """ValueError naming every field of a config dataclass whose value is not of its annotated type (a config.json
+    with "hidden_size": "64" or "num_hidden_layers": null), before any layer is built from it."""
+    hints = typing.get_type_hints(type(config))
+    problems = [f"{f.name} must be {_type_name(hints[f.name])}, got {getattr(config, f.name)!r}"
+                for f in dataclasses.fields(config) if not _is_a(getattr(config, f.name), hints[f.name])]
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def _alternatives(kind: Any) -> tuple[Any, ...]:
+    return typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    for alt in _alternatives(kind):
+        base = typing.get_origin(alt) or alt
+        if alt is Any or (alt is type(None) and value is None):
+            return True
+        if base is bool and isinstance(value, bool):
+            return True
+        if base in (int, float) and isinstance(value, int if base is int else (int, float)) \
+                and not isinstance(value, bool) and (base is int or math.isfinite(value)):
+            return True
+        if base in (dict, list, str) and isinstance(value, base):
+            return True
+    return False
+
+
+def _type_name(kind: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+             list: "a list", type(None): "null"}
+    return " or ".join(names.get(typing.get_origin(a) or a, str(a)) for a in _alternatives(kind))
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekling.config import check_field_types
 from seekling.model.layers import (
     MLP,
     Batch,
@@ -69,6 +70,9 @@ class DenseConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     eos_token_id: int | None = None  # config.json's (generation_config.json's list, when loaded, comes first)
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], **family: Any) -> DenseConfig:

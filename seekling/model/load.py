@@ -109,13 +109,23 @@ def open_directory(directory: Path) -> Checkpoint:
         raise FileNotFoundError(f"model directory {directory} does not exist")
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory}/config.json not found: not a model directory")
-    raw = json.loads((directory / "config.json").read_text())
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{directory}/config.json is not JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{directory}/config.json is not a JSON object")
     if raw.get("quantization_config"):
         method = raw["quantization_config"].get("quant_method")
         raise ValueError(f"{directory} holds a quantized checkpoint ({method}); use the bf16/fp32 release")
     fam = family(raw.get("model_type", "deepseek_v3"), raw.get("architectures"))
-    return Checkpoint(str(directory), fam, fam.read_config(raw), checkpoint_tensors(directory),
-                      read_generation_config(directory))
+    try:
+        config = fam.read_config(raw)
+    except KeyError as e:
+        raise ValueError(f"{directory}/config.json has no {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{directory}/config.json: {e}") from e
+    return Checkpoint(str(directory), fam, config, checkpoint_tensors(directory), read_generation_config(directory))
 
 
 def open_gguf(path: Path) -> Checkpoint:

@@ -84,6 +84,11 @@ class ToolParser:
         self.in_calls = False
         self.calls = 0  # calls started so far
 
+    def cut_call(self) -> tuple[int, str] | None:
+        """After the final push: the call whose arguments never ended (the answer was cut inside it), as (its
+        index, the text that opened it), or None. Only formats that release a call before it ends can have one."""
+        return None
+
     def push(self, piece: str, final: bool = False) -> list[Event]:
         self.buf += piece
         out: list[Event] = []
@@ -130,6 +135,10 @@ class DeepSeekParser(ToolParser):
         super().__init__(parallel)
         self.state = "begin"  # begin -> between -> header -> args -> between ... -> done
         self.keep = True  # the current call is reported (not a dropped extra one)
+        self.header = ""  # the text that opened the current call
+
+    def cut_call(self) -> tuple[int, str] | None:
+        return (self.calls - 1, self.header) if self.state == "args" and self.keep else None
 
     def _calls(self, out: list[Event], final: bool) -> bool:
         if self.state == "begin":
@@ -154,6 +163,7 @@ class DeepSeekParser(ToolParser):
                     return True
                 return False
             self.keep = self._start(out, m.group(2))
+            self.header = TOOL_CALL_BEGIN + m.group(0)
             self.buf, self.state = self.buf[m.end():], "args"
             return True
         if self.state == "args":
