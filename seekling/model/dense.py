@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seekling.config import check_field_types
+from seekling.model.config import check_field_types
 from seekling.model.layers import (
     MLP,
     Batch,
