@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from seekling.engine.cache import BlockManager, allocate
+from seekling.engine.detok import turn_start_ids
 from seekling.engine.grammar import Grammars
 from seekling.engine.request import (
     CompletionOutput,
@@ -38,7 +39,7 @@ from seekling.engine.request import (
 from seekling.engine.sampling import SamplingParams, StructuredOutputsParams
 from seekling.engine.scheduler import Scheduler, Sequence, describe
 from seekling.engine.step import ModelStep
-from seekling.model.model import Transformer
+from seekling.model.families import family_of
 from seekling.model.quant import use_kernels
 
 __all__ = ["CompletionOutput", "Delta", "Engine", "Prompt", "RequestOutput"]
@@ -67,9 +68,7 @@ class Engine:
         model.prepare(quantize)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.generation_defaults: dict[str, Any] = dict(model.generation_defaults)
-        if speculative and not (isinstance(model, Transformer) and len(model.mtp_layers)):
-            model.num_cache_layers(True)  # a dense model says why it cannot
-            raise ValueError("speculative=True needs an MTP module (num_nextn_predict_layers >= 1)")
+        model.num_cache_layers(speculative)  # a model without an MTP module says why it cannot draft
         if speculative and num_speculative_tokens != 1:
             raise ValueError("num_speculative_tokens must be 1 (one MTP module drafts one token)")
         self.speculative, self.block_size = speculative, block_size
@@ -80,12 +79,15 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, self.kv, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    speculative)
         use_kernels(self.device)
-        # Every eos id stops a sequence: the tokenizer's, and the checkpoint's (generation_config.json may
-        # list several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>).
+        # Every eos id stops a sequence: the tokenizer's, the checkpoint's (generation_config.json may list
+        # several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>), the end-of-turn tokens of the family's chat
+        # formats that the vocabulary has, and a token that opens the user's turn (detok.turn_start_ids).
         model_eos = list(model.eos_token_ids)
         eos = tokenizer.eos_token_id if tokenizer is not None else (model_eos or [model.config.eos_token_id])[0]
+        turn_ends = [tokenizer.convert_tokens_to_ids(t) for t in family_of(model).stop_tokens] if tokenizer else []
         self.eos_token_id: int | None = eos
-        self.eos_token_ids: set[int] = {t for t in [eos, *model_eos] if t is not None}
+        self.eos_token_ids: set[int] = ({t for t in [eos, *model_eos, *turn_ends] if t is not None}
+                                        | turn_start_ids(tokenizer))
         self.grammars = Grammars(tokenizer, model.config.vocab_size, sorted(self.eos_token_ids))  # constraints
         self.step_module = ModelStep(model, self.kv, self.grammars, self.max_model_len, speculative=speculative,
                                      compile=compile, native=native, num_scheduler_steps=num_scheduler_steps)
@@ -96,18 +98,22 @@ class Engine:
         self._live: set[str] = set()
 
     # --- requests --------------------------------------------------------------------------------------------
-    def compile_constraint(self, constraint: StructuredOutputsParams) -> None:
-        """Compile a request's constraint into the engine's cache (ValueError if it does not compile). add_request
-        does this itself; a server calls it first on a worker thread, since a new grammar can take seconds."""
-        self.grammars.compile(constraint)
+    def compile_constraint(self, constraint: StructuredOutputsParams, cancelled: Any = None) -> None:
+        """Compile a request's constraint into the engine's cache (ValueError if it does not compile or is past
+        the bounds of `grammars`). add_request does this itself; a server calls it first on a worker thread, since
+        a new grammar can take seconds; `cancelled()` turning true stops a bounded compile (grammar.py)."""
+        self.grammars.compile(constraint, cancelled)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    prompt_ids: list[int] | None = None) -> str:
         """Queue a request (thread-safe); returns its id. Bad input raises ValueError here, at once. A prompt of
-        token ids is used as it is (a server that rendered and tokenised the chat passes those)."""
-        return self._queue(prompt, params if params is not None else SamplingParams(), request_id)[0]
+        token ids is used as it is; `prompt_ids`: the tokens of a text prompt the caller has tokenised already
+        (a server renders and tokenises a chat once)."""
+        return self._queue(prompt, params if params is not None else SamplingParams(), request_id, prompt_ids)[0]
 
-    def _queue(self, prompt: Prompt, params: SamplingParams, request_id: str | None) -> tuple[str, list[int]]:
-        ids, opens_think = encode_prompt(prompt, self.tokenizer)
+    def _queue(self, prompt: Prompt, params: SamplingParams, request_id: str | None,
+               prompt_ids: list[int] | None = None) -> tuple[str, list[int]]:
+        ids, opens_think = encode_prompt(prompt, self.tokenizer, prompt_ids)
         check_request(ids, params, vocab_size=self.config.vocab_size, max_model_len=self.max_model_len,
                       max_num_seqs=self.scheduler.max_num_seqs, has_tokenizer=self.tokenizer is not None,
                       cache_slots=self.blocks.num_blocks * self.block_size, extra_slots=int(self.speculative))

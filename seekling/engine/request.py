@@ -14,7 +14,7 @@ from seekling.engine.detok import prompt_opens_think
 from seekling.engine.sampling import SamplingParams
 from seekling.model.layers import CausalLM
 from seekling.model.load import QUANTIZE, load_pretrained, release_freed_memory
-from seekling.tokenizer import load_tokenizer
+from seekling.tokenizer import bundled_tokenizer
 
 Prompt = str | list[dict[str, Any]] | list[int]
 THINK_TAIL = 8  # prompt tokens decoded to tell whether a token-id prompt opens a think block
@@ -92,8 +92,8 @@ def load_model(model_or_path: torch.nn.Module | str | Path, tokenizer: Any, devi
     if isinstance(model_or_path, (str, Path)):
         model = load_pretrained(model_or_path, device=device, dtype=dtype, max_memory_gb=max_memory_gb,
                                 quantize=quantize)
-        if tokenizer is None and (Path(model_or_path) / "tokenizer.json").is_file():
-            tokenizer = load_tokenizer(model_or_path)
+        if tokenizer is None:
+            tokenizer = bundled_tokenizer(model_or_path)
             release_freed_memory()
     elif dtype is not None or max_memory_gb is not None:
         raise ValueError("dtype and max_memory_gb apply when the engine loads a directory; convert a model object "
@@ -101,15 +101,18 @@ def load_model(model_or_path: torch.nn.Module | str | Path, tokenizer: Any, devi
     else:
         model = model_or_path
     if not isinstance(model, CausalLM):
-        raise ValueError(f"the engine runs seekling's model families (DeepSeek-V3 Transformer, Qwen2/Llama "
-                         f"DenseModel), got {type(model).__name__}")
+        raise ValueError(f"the engine runs seekling's model families (seekling/model/families/: a Transformer "
+                         f"or DenseModel), got {type(model).__name__}")
     return model, tokenizer
 
 
-def encode_prompt(prompt: Prompt, tokenizer: Any) -> tuple[list[int], bool]:
-    """(token ids, whether the prompt opens a think block). Token ids pass as they are (a server tokenises once,
-    when it renders the chat); only their last few are decoded, to see whether they open <think>."""
+def encode_prompt(prompt: Prompt, tokenizer: Any, prompt_ids: list[int] | None = None) -> tuple[list[int], bool]:
+    """(token ids, whether the prompt opens a think block). Token ids pass as they are, and so do `prompt_ids`
+    given with a text prompt (a server tokenises once, when it renders the chat); of an id prompt only the last
+    few are decoded, to see whether they open <think>."""
     tok = tokenizer
+    if isinstance(prompt, str) and prompt_ids is not None:
+        return list(prompt_ids), prompt_opens_think(prompt)
     if isinstance(prompt, str):
         if tok is None:
             raise ValueError("a text prompt needs a tokenizer (pass token ids, or Engine(model, tok))")

@@ -1,8 +1,16 @@
-"""Loading a model directory: DeepSeek-V3 (ours, transformers' or DeepSeek's unquantised layout) as a
-`Transformer`, Qwen2 / Llama (the DeepSeek-R1-Distill releases) as a `DenseModel`.
+"""Loading a model: a Hugging Face directory of any family seekling runs (seekling/model/families/: DeepSeek-V3,
+ours, transformers' or DeepSeek's unquantised layout; DeepSeek-V2; Qwen2, Qwen3, Llama), a GGUF file, or a
+model pulled by Ollama (`ollama:NAME[:TAG]`, seekling/sources.py).
 
     model = load_pretrained("runs/speedrun/rl")                       # fp32 on the CPU
     model = load_pretrained("DeepSeek-R1-Distill-Qwen-1.5B", quantize="int8")
+    model = load_pretrained("ollama:deepseek-r1:8b")                  # a GGUF keeps its own bits
+
+The source gives a `Checkpoint`: its family (config.json's model_type, or the GGUF's architecture), the config,
+and the tensors by Hugging Face name as sources that read themselves (safetensors headers: checkpoint.py; GGUF
+tensors, with the layouts llama.cpp's converter changed undone: gguf_file.py and the family). Everything after
+that is the same for both. A GGUF whose weights are quantised loads with int8 weights (dequantised, then
+re-quantised per row as it streams in) unless a `dtype` asks for float ones.
 
 Memory is what decides whether a laptop can run a model, so the load is planned from the safetensors
 headers before any tensor is read (refused when it would not fit, or exceed `max_memory_gb`), and tensors
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +36,11 @@ import torch
 from torch import nn
 
 from seekling.checkpoint import DTYPES, StoredTensor, checkpoint_tensors, read_generation_config
-from seekling.config import ModelConfig
-from seekling.model.dense import SUPPORTED_MODEL_TYPES, DenseConfig, DenseModel, rope_inv_freq
+from seekling.model.families import Family, family, gguf_family
+from seekling.model.gguf_file import FLOAT_TYPES, GGUFFile, GGUFTensor
 from seekling.model.layers import CausalLM, free_parameters
-from seekling.model.mla import rope_inv_freq as mla_rope_inv_freq
-from seekling.model.model import Transformer
 from seekling.model.quant import QBLOCK, TILE, Int8Weight, concat, quantize
+from seekling.sources import is_gguf, resolve_model
 
 QUANTIZE = ("int8",)
 EMBED_CHUNK_ROWS = 8192  # rows of an embedding / output head read and quantised at a time
@@ -84,34 +92,68 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def _build(directory: Path, raw: dict[str, Any]) -> CausalLM:
-    """The model of config.json, on the meta device (no memory)."""
+@dataclass
+class Checkpoint:
+    """What a model source holds, whatever its format."""
+
+    name: str  # the path, for messages
+    family: Family
+    config: Any
+    stored: dict[str, Any]  # Hugging Face name -> a source with shape, dtype, is_float, read(rows)
+    generation: tuple[dict[str, Any], list[int]]  # (SamplingParams defaults, eos ids)
+    quantized: bool = False  # a GGUF whose matmul weights are quantised
+
+
+def open_directory(directory: Path) -> Checkpoint:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory}/config.json not found: not a model directory")
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{directory}/config.json is not JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{directory}/config.json is not a JSON object")
     if raw.get("quantization_config"):
         method = raw["quantization_config"].get("quant_method")
         raise ValueError(f"{directory} holds a quantized checkpoint ({method}); use the bf16/fp32 release")
-    model_type = raw.get("model_type", "deepseek_v3")
-    with torch.device("meta"):
-        if model_type in SUPPORTED_MODEL_TYPES:
-            return DenseModel(DenseConfig.from_dict(raw))
-        if model_type in ("deepseek_v3", "deepseek_v2"):
-            return Transformer(ModelConfig.from_hf_dict(raw))
-    raise ValueError(f"unsupported architecture: model_type={model_type!r} (architectures="
-                     f"{raw.get('architectures')}); seekling reads deepseek_v3, deepseek_v2, "
-                     f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    fam = family(raw.get("model_type", "deepseek_v3"), raw.get("architectures"))
+    try:
+        config = fam.read_config(raw)
+    except KeyError as e:
+        raise ValueError(f"{directory}/config.json has no {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{directory}/config.json: {e}") from e
+    return Checkpoint(str(directory), fam, config, checkpoint_tensors(directory), read_generation_config(directory))
 
 
-def _expected(model: CausalLM, stored: dict[str, StoredTensor], directory: Path) -> dict[str, torch.Tensor]:
+def open_gguf(path: Path) -> Checkpoint:
+    f = GGUFFile(path)
+    f.check_types()
+    raw = gguf_family(f).config_from_gguf(f)
+    fam = family(raw["model_type"])
+    config = fam.read_config(raw)
+    stored = fam.tensors_from_gguf(f, config)
+    weights = [t for t in stored.values() if isinstance(t, GGUFTensor) and len(t.shape) >= 2]
+    quantized = sum(t.ggml_type not in FLOAT_TYPES for t in weights) * 2 > len(weights)
+    return Checkpoint(str(path), fam, config, stored, f.generation_config(), quantized)
+
+
+def open_checkpoint(source: str | Path) -> Checkpoint:
+    path = resolve_model(source)
+    return open_gguf(path) if is_gguf(path) else open_directory(path)
+
+
+def _expected(model: CausalLM, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """The model's state (parameters and stored buffers) by name, checked against the files' names and shapes."""
+    stored, where = ckpt.stored, ckpt.name
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if tied:
         expected.pop("lm_head.weight")  # shares embed_tokens; a saved copy is ignored
-    skip = {"lm_head.weight"} if tied else set()
+    skip = ckpt.family.unread_tensors(model.config) | ({"lm_head.weight"} if tied else set())
     n_layers = len(model.model.layers)
-    if isinstance(model, Transformer):  # DeepSeek's MTP modules carry copies of the shared embedding and head
-        n = model.config.num_hidden_layers
-        skip |= {f"model.layers.{n + k}.{s}" for k in range(model.config.num_nextn_predict_layers)
-                 for s in ("embed_tokens.weight", "shared_head.head.weight")}
 
     def ignorable(name: str) -> bool:
         parts = name.split(".")
@@ -120,15 +162,15 @@ def _expected(model: CausalLM, stored: dict[str, StoredTensor], directory: Path)
 
     unexpected = [k for k in stored if k not in expected and not ignorable(k)]
     if unexpected:
-        raise ValueError(f"{directory}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+        raise ValueError(f"{where}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
                          f"for {type(model).__name__}")
     missing = [k for k in expected if k not in stored]
     if missing:
-        raise ValueError(f"{directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(f"{where}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for name, t in expected.items():
         if tuple(stored[name].shape) != tuple(t.shape):
             raise ValueError(f"tensor {name} has shape {list(stored[name].shape)} in {stored[name].file.name}, "
-                             f"expected {list(t.shape)} from config.json")
+                             f"expected {list(t.shape)} from the config")
     return expected
 
 
@@ -201,61 +243,47 @@ def _quantize_streamed(t: StoredTensor) -> Int8Weight:
     return concat([quantize(t.read(part)) for part in chunks])
 
 
-def _reset_buffers(model: CausalLM, device: torch.device) -> None:
-    """Buffers that are not stored (RoPE frequencies, expert load counters) are computed."""
-    if isinstance(model, DenseModel):
-        model.model.inv_freq = rope_inv_freq(model.config).to(device)
-        return
-    inv_freq, factor = mla_rope_inv_freq(model.config)
-    model.model.rotary_emb.inv_freq = inv_freq.to(device)
-    model.model.rotary_emb.attention_factor = factor
-    for moe in model.moe_layers():
-        moe.load.zero_()
-        moe.last_load.zero_()
-
-
 def _relayer(name: str) -> str:
     """The group a tensor loads with: its layer ("model.layers.3"), or "" for the embedding, norms, head."""
     parts = name.split(".")
     return ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else ""
 
 
-def load_pretrained(directory: str | Path, device: str | torch.device | None = None,
+def load_pretrained(source: str | Path, device: str | torch.device | None = None,
                     dtype: str | torch.dtype | None = None, max_memory_gb: float | None = None,
                     quantize: str | None = None) -> CausalLM:
-    """Load a model directory (see the module docstring). dtype None / "auto": fp32 on the CPU, else the
-    checkpoint's. quantize="int8": int8 weights for inference (the model is then not trainable or savable)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory}/config.json not found: not a model directory")
+    """Load a model directory, GGUF file or `ollama:NAME[:TAG]` (see the module docstring). dtype None / "auto":
+    fp32 on the CPU, else the checkpoint's. quantize="int8": int8 weights for inference (the model is then not
+    trainable or savable); a GGUF with quantised weights loads so unless a dtype asks for float weights."""
     if quantize not in (None, *QUANTIZE):
         raise ValueError(f"unknown quantize={quantize!r}: {', '.join(QUANTIZE)} (or None)")
-    raw = json.loads((directory / "config.json").read_text())
+    ckpt = open_checkpoint(source)
+    if ckpt.quantized and quantize is None and dtype is None:  # a quantised GGUF keeps 8 bits unless asked
+        quantize = "int8"
     device = torch.device(device or "cpu")
-    model = _build(directory, raw)
-    stored = checkpoint_tensors(directory)
-    if isinstance(model, Transformer):
-        _drop_missing_mtp(model, stored)
-    expected = _expected(model, stored, directory)
+    with torch.device("meta"):
+        model = ckpt.family.build(ckpt.config)
+    ckpt.family.fit_to_checkpoint(model, set(ckpt.stored))
+    stored = ckpt.stored
+    expected = _expected(model, ckpt)
     budget = _budget(device, max_memory_gb)
     _allocate_big_tensors_apart()
     target = _dtype(None if dtype == "auto" else dtype) or _auto_dtype(
         stored, device, _bytes_needed(expected, torch.float32, quantize) <= budget)
-    _check_memory(directory, _bytes_needed(expected, target, quantize), budget, target, quantize, max_memory_gb)
+    _check_memory(Path(ckpt.name), _bytes_needed(expected, target, quantize), budget, target, quantize,
+                  max_memory_gb)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if quantize is None:
         _materialize(model, device, target)
         if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
-        expected = _expected(model, stored, directory)  # the allocated tensors, by the same names
-        _reset_buffers(model, device)
+        expected = _expected(model, ckpt)  # the allocated tensors, by the same names
+        model.reset_buffers(device)
         model.prepare()  # fused layouts first, so every tensor is read straight into its final place
         _read_into(list(expected), expected, stored)
     else:
         _load_quantized(model, stored, device, target, quantize)
-    model.generation_defaults, eos = read_generation_config(directory)
+    model.generation_defaults, eos = ckpt.generation
     model.eos_token_ids = eos or model.eos_token_ids
     release_freed_memory()
     return model.eval()
@@ -278,17 +306,6 @@ def _load_quantized(model: CausalLM, stored: dict[str, StoredTensor], device: to
     for n in rest:  # the final norm
         _materialize(model.get_submodule(n.rpartition(".")[0]), device, dtype)
     _read_into(rest, dict(model.state_dict(keep_vars=True)), stored)
-    _reset_buffers(model, device)
+    model.reset_buffers(device)
     free_parameters(model, model.prepare_head(quantize_to, head_w, embed_w))
     model.quantized = quantize_to
-
-
-def _drop_missing_mtp(model: Transformer, stored: dict[str, StoredTensor]) -> None:
-    """transformers' DeepseekV3ForCausalLM has no MTP modules and saves none while its config still says
-    num_nextn_predict_layers=1: build only the MTP layers the checkpoint really holds."""
-    cfg, n = model.config, model.config.num_hidden_layers
-    present = [k for k in range(cfg.num_nextn_predict_layers) if f"model.layers.{n + k}.eh_proj.weight" in stored]
-    if len(present) != cfg.num_nextn_predict_layers:
-        cfg.extra["num_nextn_predict_layers_in_config"] = cfg.num_nextn_predict_layers
-        cfg.num_nextn_predict_layers = len(present)
-        del model.model.layers[n + len(present):]

@@ -347,37 +347,52 @@ int64_t sample(float* l, int64_t V, const std::vector<double>& p, uint64_t& stat
 
 // ------------------------------------------------------------------------------------------------ the model
 
+// moe.py route()'s variants: scoring sigmoid | softmax; topk_method noaux_tc (the balancing bias steers the choice,
+// groups scored by their best two) | greedy (no groups) | group_limited_greedy (groups scored by their best one).
+enum Scoring { SIGMOID = 0, SOFTMAX = 1 };
+enum Method { NOAUX_TC = 0, GREEDY = 1, GROUP_LIMITED_GREEDY = 2 };
+
 struct Routing {
-  int64_t n_experts = 0, top_k = 0, n_group = 1, topk_group = 1;
+  int64_t n_experts = 0, top_k = 0, n_group = 1, topk_group = 1, scoring = SIGMOID, method = NOAUX_TC;
   bool norm_topk_prob = true;
   float route_scale = 1.f;
 
-  // [n_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor]
+  // [n_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor, scoring, method]
   static Routing of(const std::vector<double>& r) {
-    TORCH_CHECK(r.size() == 6, "native: routing takes 6 numbers");
+    TORCH_CHECK(r.size() == 8, "native: routing takes 8 numbers");
     Routing out;
     out.n_experts = r[0], out.top_k = r[1], out.n_group = r[2], out.topk_group = r[3];
-    out.norm_topk_prob = r[4] != 0, out.route_scale = r[5];
+    out.norm_topk_prob = r[4] != 0, out.route_scale = r[5], out.scoring = r[6], out.method = r[7];
     TORCH_CHECK(out.n_experts <= 512 && out.n_group <= 64 && out.top_k <= out.n_experts &&
-                out.n_group >= 1 && out.n_experts % out.n_group == 0 && out.topk_group <= out.n_group,
-                "native: a routing this file does not cover");
+                out.n_group >= 1 && out.n_experts % out.n_group == 0 && out.topk_group <= out.n_group &&
+                (out.scoring == SIGMOID || out.scoring == SOFTMAX) && out.method >= NOAUX_TC &&
+                out.method <= GROUP_LIMITED_GREEDY, "native: a routing this file does not cover");
     return out;
   }
 };
 
-// moe.py route(): top-k of sigmoid affinities + correction bias (within the best groups), weighted by the
-// unbiased affinities. -> expert ids [k] in the order torch.topk returns them, and their weights.
-void route(const Routing& route_, const float* scores, const float* bias, int64_t* ids, float* weights) {
-  const int64_t E = route_.n_experts, k = route_.top_k;
-  float biased[512];
-  for (int64_t j = 0; j < E; ++j) biased[j] = scores[j] + bias[j];
-  if (route_.n_group > 1) {
-    const int64_t G = route_.n_group, per = E / G;
+// moe.py route() for one token: router logits [E] -> the scores (sigmoid or softmax), the top-k chosen on the
+// scores (+ the balancing bias for noaux_tc; `bias` may be null), within the best groups; weights are the unbiased
+// scores, renormalised over the k when norm_topk_prob, times route_scale. -> ids [k] in torch.topk's order.
+void route(const Routing& r, const float* logits, const float* bias, int64_t* ids, float* weights) {
+  const int64_t E = r.n_experts, k = r.top_k;
+  float scores[512], chosen_by[512];
+  if (r.scoring == SIGMOID) {
+    for (int64_t j = 0; j < E; ++j) scores[j] = 1.f / (1.f + std::exp(-logits[j]));
+  } else {
+    const float mx = *std::max_element(logits, logits + E);
+    float z = 0.f;
+    for (int64_t j = 0; j < E; ++j) z += (scores[j] = std::exp(logits[j] - mx));
+    for (int64_t j = 0; j < E; ++j) scores[j] /= z;
+  }
+  for (int64_t j = 0; j < E; ++j) chosen_by[j] = r.method == NOAUX_TC && bias ? scores[j] + bias[j] : scores[j];
+  if (r.n_group > 1 && r.method != GREEDY) {
+    const int64_t G = r.n_group, per = E / G;
     float gs[64];
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t g = 0; g < G; ++g) {  // the group's best one, or best two summed
       float a = -std::numeric_limits<float>::infinity(), b = a;
       for (int64_t j = g * per; j < (g + 1) * per; ++j) {
-        const float v = biased[j];
+        const float v = chosen_by[j];
         if (v > a) {
           b = a;
           a = v;
@@ -385,10 +400,10 @@ void route(const Routing& route_, const float* scores, const float* bias, int64_
           b = v;
         }
       }
-      gs[g] = a + b;
+      gs[g] = r.method == NOAUX_TC ? a + b : a;
     }
     bool keep[64] = {false};
-    for (int64_t t = 0; t < route_.topk_group; ++t) {
+    for (int64_t t = 0; t < r.topk_group; ++t) {
       int64_t best = -1;
       for (int64_t g = 0; g < G; ++g)
         if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
@@ -396,22 +411,22 @@ void route(const Routing& route_, const float* scores, const float* bias, int64_
     }
     for (int64_t g = 0; g < G; ++g)
       if (!keep[g])
-        for (int64_t j = g * per; j < (g + 1) * per; ++j) biased[j] = -std::numeric_limits<float>::infinity();
+        for (int64_t j = g * per; j < (g + 1) * per; ++j) chosen_by[j] = -std::numeric_limits<float>::infinity();
   }
   bool taken[512] = {false};
   float sum = 0.f;
   for (int64_t t = 0; t < k; ++t) {
     int64_t best = -1;
     for (int64_t j = 0; j < E; ++j)
-      if (!taken[j] && (best < 0 || biased[j] > biased[best])) best = j;
+      if (!taken[j] && (best < 0 || chosen_by[j] > chosen_by[best])) best = j;
     taken[best] = true;
     ids[t] = best;
     weights[t] = scores[best];
     sum += scores[best];
   }
   for (int64_t t = 0; t < k; ++t) {
-    if (route_.norm_topk_prob) weights[t] = weights[t] / (sum + 1e-20f);
-    if (route_.route_scale != 1.f) weights[t] *= route_.route_scale;
+    if (r.norm_topk_prob) weights[t] = weights[t] / (sum + 1e-20f);
+    if (r.route_scale != 1.f) weights[t] *= r.route_scale;
   }
 }
 
@@ -663,7 +678,7 @@ class Model {
     l.gate = get(t, "gate", false);
     l.moe = l.gate.defined();
     if (l.moe) {
-      l.bias = get(t, "bias");
+      l.bias = get(t, "bias", false);  // only noaux_tc routing has the balancing bias
       l.ew13 = get(t, "ew13");
       l.ew2 = get(t, "ew2");
     }
@@ -899,11 +914,11 @@ class Model {
   void moe(const Layer& L, const float* x, int64_t N, float* y) {
     const int64_t E = route_.n_experts, k = route_.top_k, I = L.ew2.size(2);
     grow(s_.scores, N * E);
-    matmul(x, h_, N, h_, fp(L.gate), E, s_.scores.data(), E);
-    for (int64_t j = 0; j < N * E; ++j) s_.scores[j] = 1.f / (1.f + std::exp(-s_.scores[j]));
+    matmul(x, h_, N, h_, fp(L.gate), E, s_.scores.data(), E);  // router logits
     std::vector<int64_t> ids(N * k);
     std::vector<float> wts(N * k);
-    for (int64_t i = 0; i < N; ++i) route(route_, s_.scores.data() + i * E, fp(L.bias), ids.data() + i * k, wts.data() + i * k);
+    for (int64_t i = 0; i < N; ++i) route(route_, s_.scores.data() + i * E, L.bias.defined() ? fp(L.bias) : nullptr, ids.data() + i * k,
+            wts.data() + i * k);
     mlp(fp(L.w13), fp(L.w2), L.w2.size(1), x, N, y, nullptr);  // the shared experts
     const float* W13 = fp(L.ew13);
     const float* W2 = fp(L.ew2);
@@ -939,18 +954,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("mtp", &Model::mtp, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("decode", &Model::decode, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("speculate", &Model::speculate, pybind11::call_guard<pybind11::gil_scoped_release>());
-  // moe.py route() on affinities [N, E] (the parity test's entry point) -> (weights [N, k], expert ids [N, k])
-  m.def("route", [](const at::Tensor& scores, const at::Tensor& bias, const std::vector<double>& routing) {
+  // moe.py route() on router logits [N, E] (the parity test's entry point) -> (weights [N, k], expert ids [N, k])
+  m.def("route", [](const at::Tensor& logits, const c10::optional<at::Tensor>& bias, const std::vector<double>& routing) {
     const Routing r = Routing::of(routing);
-    const auto s = scores.contiguous(), b = bias.contiguous();
-    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(1) == r.n_experts && b.numel() == r.n_experts,
-                "route: scores [N, E] and bias [E], fp32");
+    const auto s = logits.contiguous();
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(1) == r.n_experts, "route: logits [N, E] fp32");
+    at::Tensor b;
+    if (bias.has_value() && bias->defined()) {
+      b = bias->contiguous();
+      TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == r.n_experts, "route: bias [E] fp32");
+    }
     const int64_t N = s.size(0);
     auto w = at::empty({N, r.top_k}, at::kFloat);
     auto ids = at::empty({N, r.top_k}, at::kLong);
     for (int64_t i = 0; i < N; ++i)
-      route(r, s.data_ptr<float>() + i * r.n_experts, b.data_ptr<float>(), ids.data_ptr<int64_t>() + i * r.top_k,
-            w.data_ptr<float>() + i * r.top_k);
+      route(r, s.data_ptr<float>() + i * r.n_experts, b.defined() ? b.data_ptr<float>() : nullptr,
+            ids.data_ptr<int64_t>() + i * r.top_k, w.data_ptr<float>() + i * r.top_k);
     return std::make_pair(w, ids);
   });
   // One token from each row of logits [M, V] with that row's parameters and random state (the Python step's rows)

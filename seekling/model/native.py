@@ -96,12 +96,15 @@ def unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
+SCORING = {"sigmoid": 0, "softmax": 1}  # the C++ router's codes for moe.route()'s variants
+METHODS = {"noaux_tc": 0, "greedy": 1, "group_limited_greedy": 2}
+
+
 def _unsupported_routing(gate: torch.nn.Module) -> str | None:
-    """The C++ router implements DeepSeek-V3's (sigmoid scores, top-k on scores + correction bias, group-limited on
-    the sum of each group's top two, normalised, scaled); any other variant runs the Python step."""
-    scoring = getattr(gate, "scoring_func", "sigmoid")
-    method = getattr(gate, "topk_method", "noaux_tc")
-    if scoring != "sigmoid" or method != "noaux_tc":
+    """The C++ router implements moe.route()'s variants (DeepSeek-V3's sigmoid noaux_tc, V2's softmax greedy and
+    group_limited_greedy); anything else runs the Python step, never a silently different routing."""
+    scoring, method = getattr(gate, "scoring_func", "sigmoid"), getattr(gate, "topk_method", "noaux_tc")
+    if scoring not in SCORING or method not in METHODS:
         return f"routing {scoring}/{method} runs the Python step"
     if gate.n_experts > MAX_EXPERTS or gate.n_group > MAX_GROUPS:
         return f"more than {MAX_EXPERTS} experts or {MAX_GROUPS} groups run the Python step"
@@ -110,8 +113,9 @@ def _unsupported_routing(gate: torch.nn.Module) -> str | None:
 
 def routing_of(gate: torch.nn.Module) -> list[float]:
     """The router's numbers as the C++ side takes them (every MoE layer of a model routes alike)."""
+    scoring, method = getattr(gate, "scoring_func", "sigmoid"), getattr(gate, "topk_method", "noaux_tc")
     return [float(x) for x in (gate.n_experts, gate.top_k, gate.n_group, gate.topk_group, gate.norm_topk_prob,
-                               gate.route_scale)]
+                               gate.route_scale, SCORING[scoring], METHODS[method])]
 
 
 def _layer_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -123,7 +127,9 @@ def _layer_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
     mlp = layer.mlp
     if hasattr(mlp, "gate"):  # MoE
         t |= {"w13": mlp.shared_experts.w13, "w2": mlp.shared_experts.w2, "gate": mlp.gate.weight,
-              "bias": mlp.gate.e_score_correction_bias, "ew13": mlp.w13, "ew2": mlp.w2}
+              "ew13": mlp.w13, "ew2": mlp.w2}
+        if mlp.gate.e_score_correction_bias is not None:  # (only noaux_tc routing has one)
+            t["bias"] = mlp.gate.e_score_correction_bias
     else:
         t |= {"w13": mlp.w13, "w2": mlp.w2}
     if hasattr(layer, "eh_proj"):  # the MTP module
@@ -157,7 +163,7 @@ class NativeModel:
         cfg |= {"q_lora_rank": float(c.q_lora_rank or 0),
                 "attention_factor": float(m.model.rotary_emb.attention_factor)}
         gates = [layer.mlp.gate for layer in m.main_layers if hasattr(layer.mlp, "gate")]
-        routing = routing_of(gates[0]) if gates else [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+        routing = routing_of(gates[0]) if gates else [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
         self._prepared = m.embed_w  # a new `prepare` makes new tensors: then take them again
         self._impl = self._module.Model(top, layers, mtp, cfg, self.kv, routing)
 
