@@ -115,17 +115,18 @@ class Engine:
                  dtype: str | torch.dtype | None = None, quantize: str | None = None,
                  max_memory_gb: float | None = None, compile: bool = False):
         """From a directory, `dtype` ("float32", "bfloat16"/"bf16", ...; default: the loader's choice),
-        `quantize="int8"` (int8 weights streamed in as the checkpoint is read, seekling/model/quant.py) and
+        `quantize="int8"` / `"int4"` (weights quantised as the checkpoint is read, seekling/model/quant.py) and
         `max_memory_gb` (refuse weights that would not fit) apply to the load; the generation defaults of the
         checkpoint's generation_config.json end up in `generation_defaults` (for the server; `generate` does
         not apply them) and its eos ids all stop a sequence. A model object is prepared in place
-        (`quantize="int8"` then frees its float weights). `compile=True` runs plain decode steps of up to
+        (`quantize` then frees its float weights). `compile=True` runs plain decode steps of up to
         `max_batch` sequences through torch.compile of the model's own `infer` (compiled here, ~1 minute the
         first time; torch caches the result on disk for later processes)."""
         if quantize not in (None, *QUANTIZE):
             raise ValueError(f"unknown quantize={quantize!r}: {', '.join(QUANTIZE)} (or None)")
         if quantize is not None and device is not None and torch.device(device).type != "cpu":
-            raise ValueError("quantize='int8' runs seekling's CPU kernels; on a GPU run bf16 (dtype='bfloat16')")
+            raise ValueError(f"quantize={quantize!r} runs seekling's CPU kernels; on a GPU run bf16 "
+                             "(dtype='bfloat16')")
         if isinstance(model_or_path, (str, Path)):
             model = load_pretrained(model_or_path, device=device, dtype=dtype, max_memory_gb=max_memory_gb,
                                     quantize=quantize)

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from seekling.model import kernels
 from seekling.model.kernels import load_kernels, use_kernels
 
-__all__ = ["Int4Weight", "Int8Weight", "QBLOCK", "TILE", "concat", "embed", "from_ggml", "linear", "load_kernels",
-           "quantize", "quantize_stack", "use_kernels"]
+__all__ = ["KINDS", "Int4Weight", "Int8Weight", "QBLOCK", "RowStack", "TILE", "concat", "embed", "from_ggml",
+           "head_kind", "linear", "load_kernels", "quantize", "quantize_stack", "quantized_nbytes", "use_kernels"]
 
 QBLOCK = 32  # activations are quantised per block of this many values (weight rows are padded to it)
 TILE = 4  # output rows per tile of the kernels' layouts
@@ -162,7 +162,31 @@ class Int4Weight:
         return out.view(*ids.shape, self.in_features)
 
 
-QuantWeight = Int8Weight | Int4Weight
+@dataclass
+class RowStack:
+    """Quantised weights of different kinds stacked on their output rows: a fused projection whose parts a GGUF
+    file stores in different types (Q4_K_M's q and k in Q4_K, v in Q6_K). `linear` runs each part and
+    concatenates the outputs."""
+
+    parts: list[Int8Weight | Int4Weight]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size([sum(p.shape[0] for p in self.parts), self.parts[0].in_features])
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts], dim=-2)
+
+
+QuantWeight = Int8Weight | Int4Weight | RowStack
 
 
 def _empty(kind: str, lead: tuple[int, ...], out: int, k: int, block_scales: bool = False) -> QuantWeight:
@@ -325,7 +349,7 @@ def quantize(w: torch.Tensor | Sequence[torch.Tensor], kind: str = "int8") -> Qu
         for index in np.ndindex(*lead):
             _fill(out, index, [parts[0][index]], kind)
         return out
-    return quantize_stack([parts], kind)[0] if parts[0].dim() == 2 else quantize(parts[0], kind)
+    return quantize_stack([parts], kind)[0]
 
 
 def quantize_stack(experts: Sequence[Sequence[torch.Tensor]], kind: str = "int8") -> QuantWeight:
@@ -343,12 +367,31 @@ def quantize_stack(experts: Sequence[Sequence[torch.Tensor]], kind: str = "int8"
     return w
 
 
+def quantized_nbytes(shape: tuple[int, ...], kind: str) -> int:
+    """What a weight [..., out, in] costs in `kind`'s layout (padding included): planned from headers."""
+    *lead, out, k = shape
+    n = math.prod(lead)
+    if kind == "int8":
+        return n * (_tiles(out) * TILE * _round_up(k, QBLOCK) + 4 * out)
+    groups = _round_up(2 * -(-k // PAIR), SUPER)
+    return n * out * (_round_up(k, PAIR) // 2 + 2 * groups + 4 * groups // SUPER)
+
+
+def head_kind(quantize_to: str) -> str:
+    """The output head (and a tied embedding, the same tensor) stays at 8 bits under int4, as llama.cpp's
+    Q4_K_M keeps it at 6: its errors go straight into the logits, and at batch 1 it is one matrix of many."""
+    return "int8" if quantize_to == "int4" else quantize_to
+
+
 def concat(parts: list[QuantWeight]) -> QuantWeight:
-    """Quantised weights of one kind and width stacked along their output rows (every part but the last a
-    whole number of int8 tiles): the fused projections of a GGUF file, an embedding quantised in chunks."""
+    """Quantised weights of one width stacked along their output rows: the fused projections of a GGUF file,
+    an embedding quantised in chunks. Parts of one kind become one weight (int8 parts but the last must be
+    whole tiles); parts of different kinds a `RowStack`."""
     first = parts[0]
-    if any(type(p) is not type(first) or p.in_features != first.in_features for p in parts):
-        raise ValueError("concat: the parts must be of one kind and width")
+    if any(p.in_features != first.in_features for p in parts):
+        raise ValueError("concat: the parts must have the same width")
+    if any(type(p) is not type(first) for p in parts) or isinstance(first, RowStack):
+        return RowStack([q for p in parts for q in (p.parts if isinstance(p, RowStack) else [p])])
     if isinstance(first, Int8Weight):
         if any(p.shape[0] % TILE for p in parts[:-1]):
             raise ValueError("concat: every int8 part but the last must be whole tiles")
@@ -393,6 +436,9 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     for few checks on the way: at batch 1 this wrapper runs ~30 times a step."""
     tw = type(w)
     if tw is not Int8Weight and tw is not Int4Weight:
+        if tw is RowStack:
+            y = torch.cat([linear(x, p) for p in w.parts], dim=-1)
+            return y if bias is None else y + bias
         return kernels.float_linear(x, w, bias)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not x2.is_cpu:
