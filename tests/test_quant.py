@@ -207,6 +207,40 @@ def test_quantize_parts_and_stacks_equal_the_whole():
                            whole.dequantize())
 
 
+def test_without_a_compiler_the_fbgemm_path_runs(monkeypatch, caplog, tmp_path):
+    """A failed kernel build (no C++ compiler) is logged as such, and quantised weights then run on torch's
+    fbgemm int8 path: close to the exact product, and an int4 model's greedy tokens are those of its exact
+    (torch reference) product."""
+    import logging
+
+    import torch.utils.cpp_extension
+
+    from seekling.model import kernels
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setitem(kernels._state, "loaded", None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with caplog.at_level(logging.INFO, logger="seekling.kernels"):
+        assert load_kernels() is False
+    assert "matmul path: torch's own ops" in caplog.text and "command not found" in caplog.text
+    torch.manual_seed(5)
+    x = torch.randn(3, 200)
+    for kind in ("int8", "int4"):
+        w = quantize(torch.randn(100, 200), kind)
+        ref = reference_product(x, w)
+        assert (linear(x, w) - ref).abs().max() < 0.03 * ref.abs().max()  # 7-bit per-tensor activations
+    tiny_moe().save_pretrained(tmp_path)
+    prompts = [torch.randint(2, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 12)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine = Engine(tmp_path, quantize="int4")
+    fallback = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+    monkeypatch.setitem(kernels._state, "loaded", None)  # the exact product, dequantised per call
+    exact = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+    assert [t[:2] for t in fallback] == [t[:2] for t in exact]  # 7-bit activations: near-ties later on
+
+
 def tiny_moe(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     cfg = preset("tiny", vocab_size=256, num_hidden_layers=2, hidden_size=64, intermediate_size=128,

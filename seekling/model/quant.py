@@ -244,13 +244,14 @@ def int4_fit(groups: torch.Tensor, steps: int = 21) -> tuple[torch.Tensor, torch
 
     The min-max fit, then `steps` candidate scales from 14/range to 16/range: each rounds the group, solves the
     least-squares scale and offset for that rounding (weighted by rms + |w|, so large weights count more), and
-    the best is kept. The same search as kernels.cpp's `int4_fit` (this is its reference and the path without
-    the kernels); llama.cpp's Q4_K quantiser searches the same way (make_qkx2_quants)."""
+    the best is kept (a candidate's residual is Σw x² - scale·Σw x q - offset·Σw x: the least-squares residual
+    is orthogonal to q and 1). The same search as kernels.cpp's `int4_fit` (this is its reference and the path
+    without the kernels); llama.cpp's Q4_K quantiser searches the same way (make_qkx2_quants)."""
     x = groups
     lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
     span = (hi - lo).clamp(min=1e-30)
     w = x.pow(2).mean(-1, keepdim=True).sqrt() + x.abs()
-    sw, swx = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True)
+    sw, swx, swx2 = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True), (w * x * x).sum(-1, keepdim=True)
     best_s, best_b = span / 15, lo  # offset b = -min
     q = torch.round((x - lo) / best_s).clamp(0, 15)
     best_e = (w * (best_s * q + best_b - x) ** 2).sum(-1, keepdim=True)
@@ -262,7 +263,7 @@ def int4_fit(groups: torch.Tensor, steps: int = 21) -> tuple[torch.Tensor, torch
         ok = det > 0
         det = torch.where(ok, det, 1.0)
         s, b = (sw * swxl - swx * swl) / det, (swl2 * swx - swl * swxl) / det
-        e = (w * (s * q + b - x) ** 2).sum(-1, keepdim=True)
+        e = swx2 - s * swxl - b * swx
         better = ok & (e < best_e) & (s > 0)
         best_e, best_s, best_b = torch.where(better, e, best_e), torch.where(better, s, best_s), torch.where(
             better, b, best_b)
@@ -441,16 +442,19 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
             return y if bias is None else y + bias
         return kernels.float_linear(x, w, bias)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if not x2.is_cpu:
+    loaded = kernels.loaded()
+    if not x2.is_cpu or loaded is None:
         y = reference_product(x2, w)
-    elif kernels.loaded():
+    elif loaded:
         xf = x2 if x2.dtype == torch.float32 else x2.float()
         if tw is Int4Weight:
             y = torch.ops.seekling.int4_linear(xf, w.q, w.codes, w.dm)
         else:
             y = torch.ops.seekling.int8_linear(xf, w.q, w.scale, w.block_scale)
     else:
-        y = reference_product(x2, w)
+        y = kernels.fallback_linear(x2 if x2.dtype == torch.float32 else x2.float(), w)
+        if y is None:
+            y = reference_product(x2, w)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     if bias is not None:
