@@ -29,6 +29,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -42,6 +44,10 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SEEKLING_AVX2 1
+// VNNI (AVX512-VNNI with VL, or AVX-VNNI): vpdpbusd sums four u8 x s8 products into int32 in one instruction
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define SEEKLING_VNNI 1
+#endif
 #endif
 
 namespace {
@@ -159,6 +165,21 @@ struct QuantizedX {
 // PREFETCH bytes ahead. bs (optional): a GGUF file's fp16 scale per block, [tile][block][row].
 constexpr int64_t TILE = 4, PREFETCH = 1024;
 
+#ifdef SEEKLING_AVX2
+// Eight int32 sums of four u8 x s8 products each (no operand is -128: see the top of the file).
+inline __m256i dot_u8s8(__m256i u, __m256i s, __m256i ones16) {
+#if defined(SEEKLING_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  (void)ones16;
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(SEEKLING_VNNI)
+  (void)ones16;
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones16);
+#endif
+}
+#endif
+
 // MR rows of quantised x against one tile: out[m][r] = sum_b xs[m, b] * bs[b, r] * (xq[m, b] . w[r, b]).
 template <int MR, bool BS>
 inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* tile, const at::Half* bs,
@@ -184,7 +205,7 @@ inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_
       const __m256i ax = _mm256_sign_epi8(xv, xv);
       const float xsb = xs[m * nb + b];
       for (int r = 0; r < TILE; ++r) {
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[r], xv)), ones);
+        const __m256i p = dot_u8s8(ax, _mm256_sign_epi8(wv[r], xv), ones);
         acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(BS ? xsb * bsr[r] : xsb), acc[m][r]);
       }
     }
@@ -398,6 +419,100 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q_in, const at:
   return y;
 }
 
+
+// EXPERIMENT: activations quantised per 256 (one scale per super-block): int32 accumulation over a super-block.
+template <int MR>
+inline void int4_row256(const int8_t* xq_all, const float* xs_all, int64_t Kp, int64_t S_x, const float* xsum,
+                        int64_t G, int64_t m0, const Int4Row& w, float* out) {
+  const int64_t pairs = Kp / 64, S = G / SUPER;
+  const int8_t* xq = xq_all + m0 * Kp;
+  const float* xs = xs_all + m0 * S_x;
+  xsum += m0 * G;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    const __m256i codes = _mm256_broadcastsi128_si256(
+        _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.sc + s * SUPER))));
+    __m256i ai[MR];
+    for (int m = 0; m < MR; ++m) ai[m] = _mm256_setzero_si256();
+    const int64_t p_end = std::min<int64_t>(pairs, (s + 1) * SUPER / 2);
+    for (int64_t p = s * SUPER / 2; p < p_end; ++p) {
+      const int j = static_cast<int>(2 * (p - s * SUPER / 2));
+      _mm_prefetch(reinterpret_cast<const char*>(w.q + p * 32 + PREFETCH), _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + p * 32));
+      const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      const __m256i sc0 = _mm256_shuffle_epi8(codes, _mm256_load_si256(reinterpret_cast<const __m256i*>(LANE16[j])));
+      const __m256i sc1 =
+          _mm256_shuffle_epi8(codes, _mm256_load_si256(reinterpret_cast<const __m256i*>(LANE16[j + 1])));
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* xm = xq + m * Kp + p * 64;
+        const __m256i p0 = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm))), sc0);
+        const __m256i p1 = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32))), sc1);
+        ai[m] = _mm256_add_epi32(ai[m], _mm256_add_epi32(p0, p1));
+      }
+    }
+    const float d = half_to_float(w.dm[2 * s]);
+    const __m256 dmin = _mm256_set1_ps(half_to_float(w.dm[2 * s + 1]));
+    const __m256 mins = _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.mins + s * SUPER))));
+    for (int m = 0; m < MR; ++m) {
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[m]), _mm256_set1_ps(d * xs[m * S_x + s]), acc[m]);
+      acc[m] = _mm256_fnmadd_ps(_mm256_mul_ps(mins, _mm256_loadu_ps(xsum + m * G + s * SUPER)), dmin, acc[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) out[m] = hsum(acc[m]);
+}
+
+at::Tensor int4_linear256(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& codes_in,
+                          const at::Tensor& dm_in) {
+  const auto x = x_in.contiguous(), q = q_in.contiguous(), codes = codes_in.contiguous(), dm = dm_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), O = q.size(0), Kp = q.size(1) * 64, G = codes.size(2), S = G / SUPER;
+  auto y = at::empty({M, O}, x.options());
+  // per-256 activation quantisation: Kp padded to S * 256
+  const int64_t Kq = S * 256;
+  std::vector<int8_t> xq(M * Kq, 0);
+  std::vector<float> xs(M * S), xsum(M * G, 0.f);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t s = 0; s < S; ++s) {
+      float amax = 0.f;
+      for (int64_t i = s * 256; i < std::min<int64_t>(K, (s + 1) * 256); ++i) amax = std::max(amax, std::fabs(xp[m * K + i]));
+      const float sc = amax / 127.f;
+      xs[m * S + s] = sc;
+      for (int64_t i = s * 256; i < std::min<int64_t>(K, (s + 1) * 256); ++i)
+        xq[m * Kq + i] = sc > 0.f ? static_cast<int8_t>(std::nearbyint(xp[m * K + i] / sc)) : 0;
+      for (int64_t g = s * 8; g < (s + 1) * 8; ++g) {
+        int32_t t = 0;
+        for (int64_t i = 0; i < 32; ++i) t += xq[m * Kq + g * 32 + i];
+        xsum[m * G + g] = sc * static_cast<float>(t);
+      }
+    }
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const at::Half* dp = dm.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, O, grain(Kp / 2), [&](int64_t b, int64_t e) {
+    float out[4];
+    for (int64_t o = b; o < e; ++o) {
+      const Int4Row w{qp + o * Kp / 2, cp + o * 2 * G, reinterpret_cast<const int8_t*>(cp + o * 2 * G + G),
+                      dp + o * G / SUPER * 2};
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        int4_row256<4>(xq.data(), xs.data(), Kq, S, xsum.data(), G, m, w, out);
+        for (int i = 0; i < 4; ++i) yp[(m + i) * O + o] = out[i];
+      }
+      for (; m < M; ++m) {
+        int4_row256<1>(xq.data(), xs.data(), Kq, S, xsum.data(), G, m, w, out);
+        yp[m * O + o] = out[0];
+      }
+    }
+  });
+  return y;
+}
+
 // ------------------------------------------------------------------------------------- int4 quantiser
 
 // Each group's (scale, min), w ~ scale·q - min with q in 0..15: seekling.model.quant.int4_fit in C++ (its
@@ -476,8 +591,102 @@ std::tuple<at::Tensor, at::Tensor> int4_fit(const at::Tensor& groups_in) {
   return {scale, low};
 }
 
+// ------------------------------------------------------------------------------- quantising rows (loads)
+
+// Rows of x (fp32 or bf16) -> the layouts' row pieces, one pass per row: the loader's hot loop (a quantising
+// load reads each weight once). Bitwise the results of quant.py's _int8_rows / _int4_rows (same divisions,
+// round-half-even and fp16 rounding), which stay the reference and the path without the kernels.
+template <typename T>
+inline float as_float(T v) { return static_cast<float>(v); }
+
+template <typename T>
+void int8_rows_of(const T* x, int64_t n, int64_t K, int64_t Kp, int8_t* q, float* scale) {
+  at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* row = x + r * K;
+      float amax = 0.f;
+      for (int64_t i = 0; i < K; ++i) amax = std::max(amax, std::fabs(as_float(row[i])));
+      const float s = std::max(amax, 1e-30f) / 127.f;
+      scale[r] = s;
+      for (int64_t i = 0; i < Kp; ++i)
+        q[r * Kp + i] = i < K ? static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(as_float(row[i]) / s)))) : 0;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
+              "quantize_int8_rows: x must be fp32 or bf16 [n, K]");
+  const auto x = x_in.contiguous();
+  const int64_t n = x.size(0), K = x.size(1), Kp = (K + QBLOCK - 1) / QBLOCK * QBLOCK;
+  auto q = at::empty({n, Kp / QBLOCK, QBLOCK}, x.options().dtype(at::kChar));
+  auto scale = at::empty({n}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kFloat)
+    int8_rows_of(x.data_ptr<float>(), n, K, Kp, q.data_ptr<int8_t>(), scale.data_ptr<float>());
+  else
+    int8_rows_of(x.data_ptr<at::BFloat16>(), n, K, Kp, q.data_ptr<int8_t>(), scale.data_ptr<float>());
+  return {q, scale};
+}
+
+inline float to_half_and_back(float v) { return static_cast<float>(at::Half(v)); }
+
+template <typename T>
+void int4_rows_of(const T* x, int64_t n, int64_t K, int64_t pairs, int64_t G, uint8_t* q, uint8_t* codes,
+                  at::Half* dm) {
+  const int64_t groups = 2 * pairs, S = G / SUPER;
+  at::parallel_for(0, n, 4, [&](int64_t b, int64_t e) {
+    std::vector<float> row(groups * 32), scale(G, 0.f), low(G, 0.f), cs(groups), cl(groups);
+    for (int64_t r = b; r < e; ++r) {
+      for (int64_t i = 0; i < groups * 32; ++i) row[i] = i < K ? as_float(x[r * K + i]) : 0.f;
+      for (int64_t g = 0; g < groups; ++g) fit_group(row.data() + g * 32, &scale[g], &low[g]);
+      uint8_t* sc = codes + r * 2 * G;
+      int8_t* mc = reinterpret_cast<int8_t*>(sc + G);
+      for (int64_t s = 0; s < S; ++s) {
+        float smax = 0.f, mmax = 0.f;
+        for (int64_t g = s * SUPER; g < (s + 1) * SUPER; ++g) smax = std::max(smax, scale[g]), mmax = std::max(mmax, std::fabs(low[g]));
+        const float d = to_half_and_back(smax / 255.f), dmin = to_half_and_back(mmax / 127.f);
+        dm[(r * S + s) * 2] = at::Half(smax / 255.f), dm[(r * S + s) * 2 + 1] = at::Half(mmax / 127.f);
+        for (int64_t g = s * SUPER; g < (s + 1) * SUPER; ++g) {
+          const float c = d > 0.f ? std::max(0.f, std::min(255.f, std::nearbyint(scale[g] / d))) : 0.f;
+          const float m = dmin > 0.f ? std::max(-127.f, std::min(127.f, std::nearbyint(low[g] / dmin))) : 0.f;
+          sc[g] = static_cast<uint8_t>(c), mc[g] = static_cast<int8_t>(m);
+          if (g < groups) cs[g] = d * c, cl[g] = dmin * m;
+        }
+      }
+      for (int64_t p = 0; p < pairs; ++p)
+        for (int64_t j = 0; j < 32; ++j) {
+          uint8_t v[2];
+          for (int h = 0; h < 2; ++h) {
+            const int64_t g = 2 * p + h;
+            v[h] = cs[g] > 0.f ? static_cast<uint8_t>(std::max(0.f, std::min(15.f, std::nearbyint((row[g * 32 + j] + cl[g]) / cs[g])))) : 0;
+          }
+          q[(r * pairs + p) * 32 + j] = v[0] | static_cast<uint8_t>(v[1] << 4);
+        }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_rows(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
+              "quantize_int4_rows: x must be fp32 or bf16 [n, K]");
+  const auto x = x_in.contiguous();
+  const int64_t n = x.size(0), K = x.size(1), pairs = (K + 63) / 64, G = (2 * pairs + SUPER - 1) / SUPER * SUPER;
+  auto q = at::empty({n, pairs, 32}, x.options().dtype(at::kByte));
+  auto codes = at::empty({n, 2, G}, x.options().dtype(at::kByte));
+  auto dm = at::empty({n, G / SUPER, 2}, x.options().dtype(at::kHalf));
+  if (x.scalar_type() == at::kFloat)
+    int4_rows_of(x.data_ptr<float>(), n, K, pairs, G, q.data_ptr<uint8_t>(), codes.data_ptr<uint8_t>(),
+                 dm.data_ptr<at::Half>());
+  else
+    int4_rows_of(x.data_ptr<at::BFloat16>(), n, K, pairs, G, q.data_ptr<uint8_t>(), codes.data_ptr<uint8_t>(),
+                 dm.data_ptr<at::Half>());
+  return {q, codes, dm};
+}
+
 std::string simd_level() {
-#if defined(SEEKLING_AVX2)
+#if defined(SEEKLING_VNNI)
+  return "AVX2 + VNNI";
+#elif defined(SEEKLING_AVX2)
   return "AVX2";
 #else
   return "portable C++";
@@ -491,6 +700,9 @@ TORCH_LIBRARY(seekling, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor s, Tensor? bs) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor q, Tensor codes, Tensor dm) -> Tensor");
   m.def("int4_fit(Tensor groups) -> (Tensor, Tensor)");
+  m.def("int4_linear256(Tensor x, Tensor q, Tensor codes, Tensor dm) -> Tensor");
+  m.def("quantize_int8_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("quantize_int4_rows(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("simd_level() -> str", &simd_level);
 }
 
@@ -499,4 +711,7 @@ TORCH_LIBRARY_IMPL(seekling, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
   m.impl("int4_fit", &int4_fit);
+  m.impl("int4_linear256", &int4_linear256);
+  m.impl("quantize_int8_rows", &quantize_int8_rows);
+  m.impl("quantize_int4_rows", &quantize_int4_rows);
 }

@@ -23,6 +23,7 @@ import os
 import platform
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,9 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
-def load_kernels() -> bool:
-    """Compile (first time) and load the C++ kernels; True when they are available. Thread-safe, once."""
+def load(check: Callable[[], None]) -> bool:
+    """Compile (first time) and load the C++ kernels, then run `check` (raising: the kernels compute wrongly on
+    this CPU); True when they are available. Thread-safe, once."""
     with _lock:
         if _state["loaded"] is None:
             try:
@@ -69,6 +71,7 @@ def load_kernels() -> bool:
                 load(name=name, sources=[str(copy)], is_python_module=False, verbose=False, extra_cflags=_CFLAGS,
                      extra_ldflags=["-fopenmp"])
                 _register_fakes()
+                check()
                 _state["loaded"] = True
                 log.info("matmul path: seekling's C++ kernels (%s)", torch.ops.seekling.simd_level())
             except Exception as e:  # no compiler, an unsupported platform: torch's own ops still work
@@ -91,11 +94,6 @@ def _register_fakes() -> None:
     torch.library.register_fake("seekling::int8_linear")(lambda x, q, s, bs: x.new_empty(x.shape[0], s.shape[0]))
     torch.library.register_fake("seekling::int4_linear")(
         lambda x, q, codes, dm, out: x.new_empty(x.shape[0], out))
-
-
-def use_kernels(device: torch.device) -> bool:
-    """Load the kernels when decoding runs on the CPU (a no-op elsewhere); True when they are in use."""
-    return device.type == "cpu" and load_kernels()
 
 
 def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

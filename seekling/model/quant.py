@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from seekling.model import kernels
-from seekling.model.kernels import load_kernels, use_kernels
 
 __all__ = ["KINDS", "Int4Weight", "Int8Weight", "QBLOCK", "RowStack", "TILE", "concat", "embed", "from_ggml",
            "head_kind", "linear", "load_kernels", "quantize", "quantize_stack", "quantized_nbytes", "use_kernels"]
@@ -51,6 +50,7 @@ SUPER = 8  # int4 groups per super-block (one fp16 d, dmin): 256 values, as Q4_K
 PAIR = 2 * GROUP  # int4 rows are padded to whole pairs of groups: one 32-byte load holds two groups
 CHUNK = 1 << 22  # values quantised at a time (16 MB of fp32): the transient memory of a quantising load
 KINDS = ("int8", "int4")
+_EXPERIMENT_256 = __import__("os").environ.get("SEEKLING_INT4_ABLOCK") == "256"  # EXPERIMENT
 
 
 # --------------------------------------------------------------------------------------------- layouts
@@ -223,8 +223,16 @@ def _put(w: QuantWeight, lead: tuple[int, ...], row0: int, pieces: tuple[torch.T
 # ------------------------------------------------------------------------------------- quantising rows
 
 
+def _fast(x: torch.Tensor) -> bool:
+    """Whether the kernels' one-pass row quantisers take these rows (as the file stores them: fp32 or bf16)."""
+    return bool(kernels.loaded()) and x.dtype in (torch.float32, torch.bfloat16)
+
+
 def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row (max|w| / 127): x [n, k] fp32 -> (q [n, blocks, 32] int8, scale [n] fp32)."""
+    """Symmetric int8 per row (max|w| / 127): x [n, k] -> (q [n, blocks, 32] int8, scale [n] fp32)."""
+    if _fast(x):
+        return torch.ops.seekling.quantize_int8_rows(x)
+    x = x.float()
     scale = x.abs().amax(dim=-1).clamp(min=1e-30) / QMAX
     q = torch.round(x / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return F.pad(q, (0, -x.shape[1] % QBLOCK)).view(x.shape[0], -1, QBLOCK), scale
@@ -232,7 +240,7 @@ def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _int8_block_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric int8 per block of 32 with an fp16 scale (Q8_0's rounding) -> (q, ones [n], scales [n, blocks])."""
-    blocks = F.pad(x, (0, -x.shape[1] % QBLOCK)).view(x.shape[0], -1, QBLOCK)
+    blocks = F.pad(x.float(), (0, -x.shape[1] % QBLOCK)).view(x.shape[0], -1, QBLOCK)
     bs = (blocks.abs().amax(-1) / QMAX).half()
     s = bs.float()[..., None]
     q = torch.where(s > 0, torch.round(blocks / s), 0).clamp_(-QMAX, QMAX).to(torch.int8)
@@ -288,11 +296,13 @@ def _int4_codes(scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, t
 
 def _int4_rows(x: torch.Tensor, scale: torch.Tensor | None = None,
                low: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [n, k] fp32 -> the int4 layout's row pieces (q [n, pairs, 32], codes, dm). Each group's (scale, min)
-    is fitted (`int4_fit`, in C++ when the kernels are loaded) unless given; the 4-bit values are then
-    rounded against the coded scale and min, so the codes' own rounding is compensated where it can be."""
+    """x [n, k] -> the int4 layout's row pieces (q [n, pairs, 32], codes, dm). Each group's (scale, min) is
+    fitted (`int4_fit`) unless given; the 4-bit values are then rounded against the coded scale and min, so
+    the codes' own rounding is compensated where it can be. With the kernels loaded, all of it in C++."""
+    if scale is None and _fast(x):
+        return torch.ops.seekling.quantize_int4_rows(x)
     n, k = x.shape
-    groups = F.pad(x, (0, -k % PAIR)).view(n, -1, GROUP)
+    groups = F.pad(x.float(), (0, -k % PAIR)).view(n, -1, GROUP)
     if scale is None:
         fit = kernels.int4_fit if kernels.loaded() else int4_fit
         scale, low = fit(groups.reshape(-1, GROUP))
@@ -308,15 +318,15 @@ def _int4_rows(x: torch.Tensor, scale: torch.Tensor | None = None,
 
 
 def _read_rows(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Rows [a, b) of a 2-D weight as fp32. A meta tensor carrying `stored` (the loader's handle on where the
-    tensor lies in its file: anything with read(slice)) is read from there: a quantising load never holds
-    the float tensor whole."""
+    """Rows [a, b) of a 2-D weight, in its own dtype. A meta tensor carrying `stored` (the loader's handle on
+    where the tensor lies in its file: anything with read(slice)) is read from there: a quantising load never
+    holds the float tensor whole."""
     if t.is_meta:
         stored = getattr(t, "stored", None)
         if stored is None:
             raise ValueError("a meta tensor without a stored source cannot be quantised")
-        return stored.read(slice(a, b)).float()
-    return t[a:b].detach().float()
+        return stored.read(slice(a, b))
+    return t[a:b].detach()
 
 
 def _fill(w: QuantWeight, lead: tuple[int, ...], parts: Sequence[torch.Tensor], kind: str) -> None:
@@ -448,7 +458,8 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     elif loaded:
         xf = x2 if x2.dtype == torch.float32 else x2.float()
         if tw is Int4Weight:
-            y = torch.ops.seekling.int4_linear(xf, w.q, w.codes, w.dm)
+            y = (torch.ops.seekling.int4_linear256 if _EXPERIMENT_256 else torch.ops.seekling.int4_linear)(
+                xf, w.q, w.codes, w.dm)
         else:
             y = torch.ops.seekling.int8_linear(xf, w.q, w.scale, w.block_scale)
     else:
@@ -460,6 +471,39 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     if bias is not None:
         y = y + bias
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def load_kernels() -> bool:
+    """Compile (first time) and load the C++ kernels (seekling/model/kernels.py), checked against the torch
+    reference; True when they are available."""
+    return kernels.load(_self_check)
+
+
+def use_kernels(device: torch.device) -> bool:
+    """Load the kernels when decoding runs on the CPU (a no-op elsewhere); True when they are in use."""
+    return device.type == "cpu" and load_kernels()
+
+
+def _self_check() -> None:
+    """The built kernels against the torch reference on small random cases (a few ms): a SIMD path this CPU
+    takes (AVX2, VNNI, the portable loops) that computed wrongly would turn into the fallback, not wrong
+    tokens."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(37, 200, generator=g), torch.randn(5, 200, generator=g)
+    for kind in ("int8", "int4"):
+        q = quantize(w, kind)
+        q8 = q if kind == "int4" else _with_block_scales(q)
+        for weight in (q, q8):
+            got = torch.ops.seekling.int4_linear(x, weight.q, weight.codes, weight.dm) if kind == "int4" else \
+                torch.ops.seekling.int8_linear(x, weight.q, weight.scale, weight.block_scale)
+            ref = reference_product(x, weight)
+            if not torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
+                raise RuntimeError(f"the {kind} kernel disagrees with the torch reference on this CPU "
+                                   f"(max error {(got - ref).abs().max().item():.3g})")
+    ref = x @ w.T
+    if not torch.allclose(torch.ops.seekling.f32_linear(x, w), ref, atol=1e-3, rtol=1e-3):
+        raise RuntimeError("the fp32 kernel disagrees with torch on this CPU")
+
 
 
 def embed(ids: torch.Tensor, w: torch.Tensor | QuantWeight) -> torch.Tensor:
