@@ -358,6 +358,48 @@ def test_requests_added_while_a_background_loop_steps(model):
         assert tokens[rid] == reference_greedy(model, p, 10)
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_failing_request_fails_alone(model, monkeypatch, speculative):
+    """Faults that belong to one request, at each place one can strike (its admission, its row of the shared
+    batch, its tokens mid-answer), end that request with finish_reason "error"; the bystanders in the same steps
+    (greedy, seeded, n=2) give exactly what they give alone."""
+    engine = Engine(model, max_num_seqs=8, block_size=4, speculative=speculative)
+    prompts = prompts_of([5, 7, 9, 4, 6])
+    seeded = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=10, ignore_eos=True)
+    nan_row = SamplingParams(temperature=1.0, max_tokens=10)
+    nan_row.repetition_penalty = float("nan")  # (past the checks) its probabilities are NaN: the batch's draw fails
+    bad_seed = SamplingParams(seed=1)
+    bad_seed.seed = "x"  # fails when its sequence is made, inside step()
+    ids = {name: engine.add_request(p, params) for name, p, params in (
+        ("greedy", prompts[0], GREEDY), ("seeded", prompts[1], seeded), ("nan_row", prompts[2], nan_row),
+        ("bad_seed", prompts[3], bad_seed), ("mid_answer", prompts[4], GREEDY), ("greedy2", prompts[1], GREEDY))}
+    append = engine._append
+
+    def third_token_fails(seq, tokens, logprobs):
+        if seq.request_id == ids["mid_answer"] and len(seq.output_ids) >= 2:
+            raise RuntimeError("a detokenizer fault")
+        return append(seq, tokens, logprobs)
+
+    monkeypatch.setattr(engine, "_append", third_token_fails)
+    tokens: dict[tuple[str, int], list[int]] = {}
+    finish: dict[tuple[str, int], tuple[str, str | None]] = {}
+    while engine.has_unfinished():
+        for rid, d in engine.step():
+            tokens.setdefault((rid, d.index), []).extend(d.token_ids)
+            if d.finish_reason:
+                finish[rid, d.index] = d.finish_reason, d.error
+    name = {rid: n for n, rid in ids.items()}
+    errors = {name[rid]: err for (rid, _), (reason, err) in finish.items() if reason == "error"}
+    assert set(errors) == {"nan_row", "bad_seed", "mid_answer"}
+    assert "TypeError" in errors["bad_seed"] and "detokenizer fault" in errors["mid_answer"]
+    assert len(tokens[ids["mid_answer"], 0]) == 2  # it had answered before its fault
+    assert tokens[ids["greedy"], 0] == reference_greedy(model, prompts[0], 10)
+    assert tokens[ids["greedy2"], 0] == reference_greedy(model, prompts[1], 10)
+    alone = Engine(model, block_size=4, speculative=speculative).generate([prompts[1]], seeded)[0]
+    assert [tokens[ids["seeded"], i] for i in range(2)] == [o.token_ids for o in alone.outputs]
+    assert engine.stats()["cache_blocks_used"] == 0 and not engine._requests and not engine._live
+
+
 def test_closing_a_stream_aborts_its_request(model):
     engine = Engine(model)
     stream = engine.stream(prompts_of([5])[0], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))

@@ -18,6 +18,7 @@ threads and `step()` from one loop; `generate` and `stream` drive `step()` thems
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import threading
 import uuid
@@ -48,6 +49,7 @@ from seekling.model.quant import use_kernels
 from seekling.tokenizer import load_tokenizer
 
 Prompt = str | list[dict[str, Any]] | list[int]
+log = logging.getLogger("seekling.engine")
 
 
 @dataclass
@@ -56,9 +58,10 @@ class Delta:
     text: str
     reasoning: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     logprobs: list[dict[int, float]] | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's cached_tokens)
+    error: str | None = None  # with finish_reason "error": what failed (the other requests went on)
 
 
 @dataclass
@@ -69,6 +72,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None
+    error: str | None = None  # finish_reason "error": why
 
 
 @dataclass
@@ -219,6 +223,8 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {V})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
+        if any(t >= V for t in (*(params.stop_token_ids or ()), *(params.logit_bias or ()))):
+            raise ValueError(f"stop_token_ids and logit_bias take token ids in [0, {V})")
         if params.stop_list and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         if params.n > self.scheduler.max_num_seqs:
@@ -273,8 +279,8 @@ class Engine:
         if matcher is None and params.structured_outputs is not None:
             matcher = self.grammars.matcher(params.structured_outputs, params.stop_token_ids)
         gen = None
-        if params.seed is not None:  # each sample its own stream: seed, seed + 1, ...
-            gen = torch.Generator(self.device).manual_seed(params.seed + index)
+        if params.seed is not None:  # each sample its own stream: seed, seed + 1, ... (manual_seed's range)
+            gen = torch.Generator(self.device).manual_seed((params.seed + index) % 2**64)
         tok = self.tokenizer
         text_out = tok is not None  # without a tokenizer only token ids come out
         return Sequence(
@@ -284,19 +290,29 @@ class Engine:
 
     # --- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[tuple[str, Delta]]:
-        """One scheduler iteration; returns the (request_id, Delta) produced by it."""
+        """One scheduler iteration; returns the (request_id, Delta) produced by it. A fault that belongs to one
+        request (its admission, its rows of the batch, its tokens) ends that request with finish_reason "error"
+        and the step goes on for the others."""
         with self._step_lock:
             with self._lock:  # moved under the lock, so has_unfinished() never misses a request
-                for request_id, _, ids, text, params in self._inbox:
-                    seq = self._new_seq(request_id, 0, ids, text, params)
-                    seq.num_forks = params.n - 1
-                    self._requests[request_id] = _Request(params, {0: seq}, params.n)
-                    self.scheduler.add(seq)
-                self._inbox = []
+                inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+                failed: list[tuple[str, Exception]] = []
+                for request_id, _, ids, text, params in inbox:
+                    self._requests[request_id] = _Request(params, {}, params.n)
+                    try:
+                        seq = self._new_seq(request_id, 0, ids, text, params)
+                    except Exception as e:
+                        failed.append((request_id, e))
+                        continue
+                    seq.num_forks = params.n - 1
+                    self._requests[request_id].seqs[0] = seq
+                    self.scheduler.add(seq)
             out: list[tuple[str, Delta]] = []
+            for request_id, e in failed:
+                out += self._end(request_id, "error", e)
             for request_id in aborts:
-                out += self._abort(request_id)
+                out += self._end(request_id, "abort")
             batch = self.scheduler.schedule()
             if batch:
                 # A trainer (GRPO rollouts) may hand us a model in training mode; MoE layers must not count
@@ -313,19 +329,25 @@ class Engine:
                         self.model.train()
             return out
 
-    def _abort(self, request_id: str) -> list[tuple[str, Delta]]:
+    def _end(self, request_id: str, reason: str, error: BaseException | None = None) -> list[tuple[str, Delta]]:
+        """Finish every unfinished sample of a request with `reason` ("abort", or "error" for a fault of its
+        own); unknown or finished requests are ignored (a request may finish while its abort is in flight)."""
         req = self._requests.get(request_id)
         if req is None:
             return []
+        message = None
+        if error is not None:
+            log.error("request %s failed alone: %r", request_id, error, exc_info=error)
+            message = f"{type(error).__name__}: {error}"
         out = []
         for index in range(req.params.n):
             seq = req.seqs.get(index)
             if seq is not None and seq.finish_reason is not None:
                 continue
             if seq is not None:
-                seq.finish_reason = "abort"
+                seq.finish_reason = reason
                 self.scheduler.finish(seq)
-            out.append((request_id, Delta(index, "", "", [], "abort")))
+            out.append((request_id, Delta(index, "", "", [], reason, error=message)))
         self._close(request_id)
         return out
 
@@ -335,6 +357,25 @@ class Engine:
             self._live.discard(request_id)
 
     def _run(self, batch: list[tuple[Sequence, int]]) -> list[tuple[str, Delta]]:
+        """Compute the batch (forward, masks, distributions, draws: nothing of a sequence changes), then let each
+        sequence absorb its tokens. When the computation fails, each sequence is run alone, so that the one whose
+        fault it is ends with an error and the others go on (the rerun writes the same cache entries again)."""
+        try:
+            computed = self._compute(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                return self._end(batch[0][0].request_id, "error", e)
+            log.warning("a batch of %d sequences failed (%r): running each alone", len(batch), e)
+            out: list[tuple[str, Delta]] = []
+            for seq, n in batch:
+                if seq.finish_reason is None:  # (a request of several samples may have failed already)
+                    out += self._run([(seq, n)])
+            return out
+        return self._absorb(batch, *computed)
+
+    def _compute(self, batch: list[tuple[Sequence, int]]) -> tuple:
+        """The batch's forward (and cache writes), its sampled rows' masked logits, distributions and draws:
+        (offsets of each sequence's fed tokens, hidden states, logits, probs or None, chosen tokens by row)."""
         items, offsets, off = [], [], 0
         for seq, n in batch:
             items.append((seq.pending()[:n], seq.num_cached, seq.block_table))
@@ -376,40 +417,64 @@ class Engine:
             plain = [i for i, (s, _) in enumerate(row_of) if not s.draft]
             drawn = sample(probs[plain], [row_of[i][0].generator for i in plain]).tolist() if plain else []
             chosen = dict(zip(plain, drawn, strict=True))
+        return offsets, hidden, logits, probs, chosen
 
+    def _absorb(self, batch: list[tuple[Sequence, int]], offsets: list[int], hidden: torch.Tensor,
+                logits: torch.Tensor | None, probs: torch.Tensor | None,
+                chosen: list[int] | dict[int, int] | None) -> list[tuple[str, Delta]]:
+        """Each sequence takes its tokens (verifying drafts, forking, stopping); a fault ends its request alone."""
         out: list[tuple[str, Delta]] = []
         mtp: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, first hidden row, count)
         r = 0
         for (seq, n), o in zip(batch, offsets, strict=True):
             start = seq.num_cached
-            if start + n - len(seq.draft) < seq.num_tokens:
+            prefill = start + n - len(seq.draft) < seq.num_tokens  # a chunk that does not reach the end yet
+            first, r = r, r if prefill else r + len(seq.draft) + 1
+            if seq.finish_reason is not None:  # its request failed meanwhile (another of its samples)
+                continue
+            if prefill:
                 seq.num_cached += n
                 self._register(seq, seq.tokens)
                 mtp.append((seq, start, o, n))
                 continue
-            k = len(seq.draft)
-            if k:
-                tokens = self._verify(seq, probs[r:r + k + 1] if probs is not None else None,
-                                      chosen[r:r + k + 1] if probs is None else None)
-            else:
-                tokens = [chosen[r]]
-            valid = n - k + len(tokens) - 1  # fed positions whose latent stays valid
-            seq.num_cached = start + valid
-            seq.draft, seq.draft_probs = [], None
-            self._register(seq, seq.tokens + tokens)
-            group = [(seq, tokens)]
-            if seq.num_forks:
-                group += self._fork(seq, probs[r:r + 1])
-            for s, toks in group:
-                lp = None
-                if s.params.logprobs is not None:
-                    lp = token_logprobs(logits[r:r + len(toks)], torch.tensor(toks), s.params.logprobs)
-                out += self._append(s, toks, lp)
-                if self.speculative and s.finish_reason is None:
-                    mtp.append((s, start, o, valid))
-            r += k + 1
+            try:
+                out += self._take(seq, n, o, first, logits, probs, chosen, mtp)
+            except Exception as e:
+                out += self._end(seq.request_id, "error", e)
+        mtp = [m for m in mtp if m[0].finish_reason is None]
         if self.speculative and mtp:
-            self._draft(mtp, hidden)
+            try:
+                self._draft(mtp, hidden)
+            except Exception as e:  # drafts are only proposals: without them the step stays exact
+                log.warning("MTP drafting failed (%r): this step drafts nothing", e)
+                for seq, *_ in mtp:
+                    seq.draft, seq.draft_probs = [], None
+        return out
+
+    def _take(self, seq: Sequence, n: int, o: int, r: int, logits: torch.Tensor, probs: torch.Tensor | None,
+              chosen: list[int] | dict[int, int] | None, mtp: list) -> list[tuple[str, Delta]]:
+        """One sequence's new tokens from rows r.. of the batch: verified drafts or its draw, plus its forks'."""
+        start, k = seq.num_cached, len(seq.draft)
+        if k:
+            tokens = self._verify(seq, probs[r:r + k + 1] if probs is not None else None,
+                                  chosen[r:r + k + 1] if probs is None else None)
+        else:
+            tokens = [chosen[r]]
+        valid = n - k + len(tokens) - 1  # fed positions whose latent stays valid
+        seq.num_cached = start + valid
+        seq.draft, seq.draft_probs = [], None
+        self._register(seq, seq.tokens + tokens)
+        group = [(seq, tokens)]
+        if seq.num_forks:
+            group += self._fork(seq, probs[r:r + 1])
+        out: list[tuple[str, Delta]] = []
+        for s, toks in group:
+            lp = None
+            if s.params.logprobs is not None:
+                lp = token_logprobs(logits[r:r + len(toks)], torch.tensor(toks), s.params.logprobs)
+            out += self._append(s, toks, lp)
+            if self.speculative and s.finish_reason is None:
+                mtp.append((s, start, o, valid))
         return out
 
     def _constrain(self, logits: torch.Tensor, row_of: list[tuple[Sequence, int]]) -> None:
@@ -592,7 +657,7 @@ class Engine:
                 if d.logprobs is not None:
                     o.logprobs = (o.logprobs or []) + d.logprobs
                 if d.finish_reason is not None:
-                    o.finish_reason = d.finish_reason
+                    o.finish_reason, o.error = d.finish_reason, d.error
                     if results[rid].finished:
                         pending.discard(rid)
         return [results[rid] for rid in order]

@@ -14,6 +14,7 @@ constrained decoding; see that class for exactly which text a constraint covers.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -91,8 +92,34 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+# Below this a temperature is raised to it (as vLLM does): logits / 1e-30 overflow to inf, and one row of NaN
+# probabilities would fail the whole batch's draw.
+MIN_TEMPERATURE = 1e-2
+# Bounds that keep every row of the batch finite: logits (|x| < ~1e3) times or over these stay far from fp32's range.
+REPETITION_PENALTY = (1e-2, 1e2)
+LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes (each sample seeds seed + index, mod 2**64)
+
+
+def _number(value: Any, integer: bool = False) -> bool:
+    """A real number (finite, not a bool), or an integer when `integer`."""
+    if isinstance(value, bool):
+        return False
+    if integer:
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _in(value: Any, low: float, high: float, integer: bool = False) -> bool:
+    return _number(value, integer) and low <= value <= high
+
+
 @dataclass
 class SamplingParams:
+    """A request's sampling, with vLLM's names. Every value is checked here, before it can reach the shared batch:
+    a value the sampler could not hold (NaN, an infinite or out-of-range number) raises ValueError, and values past
+    a bound that changes nothing are clamped (top_k past the vocabulary, a temperature below MIN_TEMPERATURE)."""
+
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -107,44 +134,56 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # number of top alternatives to return beside the chosen token
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
     structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (see the class)
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+        self.stop_list = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
+
+    def _problems(self) -> list[str]:
         problems = []
-        if not isinstance(self.n, int) or self.n < 1:
+        if not _in(self.n, 1, math.inf, integer=True):
             problems.append(f"n must be an integer >= 1, got {self.n!r}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _in(self.temperature, 0, math.inf):
+            problems.append(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (_number(self.top_p) and 0 < self.top_p <= 1):
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _in(self.top_k, -1, math.inf, integer=True):
             problems.append(f"top_k must be -1 or 0 (disabled) or a positive integer, got {self.top_k!r}")
-        if not 0 <= self.min_p <= 1:
-            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
-        if not -2 <= self.presence_penalty <= 2:
-            problems.append(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2 <= self.frequency_penalty <= 2:
-            problems.append(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if not _in(self.min_p, 0, 1):
+            problems.append(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _in(getattr(self, name), -2, 2):
+                problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not _in(self.repetition_penalty, *REPETITION_PENALTY):
+            problems.append(f"repetition_penalty must be in [{REPETITION_PENALTY[0]:g}, {REPETITION_PENALTY[1]:g}], "
+                            f"got {self.repetition_penalty!r}")
+        if self.max_tokens is not None and not _in(self.max_tokens, 1, math.inf, integer=True):
             problems.append(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+        if self.logprobs is not None and not _in(self.logprobs, 0, math.inf, integer=True):
             problems.append(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            problems.append(f"seed must be an integer or None, got {self.seed!r}")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not isinstance(s, str) or not s for s in stop):
+        if self.seed is not None and not _in(self.seed, *SEED_RANGE, integer=True):
+            problems.append(f"seed must be an integer in [-2**63, 2**64 - 1] or None, got {self.seed!r}")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):
             problems.append(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
+        if any(not _in(t, 0, math.inf, integer=True) for t in self.stop_token_ids or []):
             problems.append(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.logit_bias is not None and (not isinstance(self.logit_bias, dict) or any(
+                not _in(t, 0, math.inf, integer=True) or not _in(b, -LOGIT_BIAS, LOGIT_BIAS)
+                for t, b in self.logit_bias.items())):
+            problems.append(f"logit_bias must map token ids (integers >= 0) to numbers in [-{LOGIT_BIAS:g}, "
+                            f"{LOGIT_BIAS:g}], got {self.logit_bias!r}")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             problems.append("structured_outputs must be a StructuredOutputsParams, got "
                             f"{type(self.structured_outputs).__name__}")
-        if problems:
-            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
-        self.stop_list = stop
+        return problems
 
     @property
     def greedy(self) -> bool:
@@ -154,17 +193,22 @@ class SamplingParams:
     def plain_greedy(self) -> bool:
         """Greedy without penalties: the token is the argmax of the raw logits (no distribution needed)."""
         return (self.temperature == 0 and self.repetition_penalty == 1.0 and not self.presence_penalty
-                and not self.frequency_penalty)
+                and not self.frequency_penalty and not self.logit_bias)
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
                     outputs: list[list[int]]) -> torch.Tensor:
-    """logits [B, V]. Repetition penalty (HF/vLLM): for every token seen in prompt or output, divide a
-    positive logit by the penalty and multiply a negative one. Presence/frequency (OpenAI): subtract
-    presence * [count > 0] + frequency * count, counts over the generated tokens only."""
+    """logits [B, V]. Logit bias (OpenAI): added to the listed tokens' logits (ids past V are ignored). Repetition
+    penalty (HF/vLLM): for every token seen in prompt or output, divide a positive logit by the penalty and
+    multiply a negative one. Presence/frequency (OpenAI): subtract presence * [count > 0] + frequency * count,
+    counts over the generated tokens only."""
     logits = logits.clone()
     V = logits.shape[-1]
     for i, p in enumerate(params):
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < V]
+            logits[i, ids] += torch.tensor([float(p.logit_bias[t]) for t in ids], dtype=logits.dtype,
+                                           device=logits.device)
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(prompts[i]) | set(outputs[i])), dtype=torch.long,
                                 device=logits.device)
@@ -186,7 +230,7 @@ def probs_from_logits(logits: torch.Tensor, params: list[SamplingParams], prompt
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
     logits = logits / temps.unsqueeze(1)
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=logits.device).clamp(max=V)
+    top_k = torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in params], device=logits.device)
     top_p = torch.tensor([p.top_p for p in params], device=logits.device)
     min_p = torch.tensor([p.min_p for p in params], device=logits.device)
     if (top_k < V).any() or (top_p < 1).any():
@@ -213,7 +257,10 @@ def probs_from_logits(logits: torch.Tensor, params: list[SamplingParams], prompt
 
 def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row [B]; rows with a generator draw from it alone (reproducible per seed).
-    One-hot rows (greedy) take their argmax without drawing."""
+    One-hot rows (greedy) take their argmax without drawing. A row that is not a distribution (NaN: every token
+    masked, or a logit overflowed) raises ValueError rather than yielding an arbitrary token."""
+    if not torch.isfinite(probs).all():
+        raise ValueError("the next-token distribution is not finite (NaN or inf): nothing can be sampled from it")
     out = probs.argmax(-1)
     random = (probs.max(-1).values < 1).tolist()
     shared = [i for i, g in enumerate(generators) if g is None and random[i]]
@@ -235,7 +282,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[d
     alternatives, per row: {token_id: logprob}, the chosen token first."""
     lp = logits.float().log_softmax(-1)
     out = []
-    top = lp.topk(k, dim=-1) if k > 0 else None
+    top = lp.topk(min(k, lp.shape[-1]), dim=-1) if k > 0 else None
     for i in range(lp.shape[0]):
         d = {int(tokens[i]): float(lp[i, tokens[i]])}
         if top is not None:

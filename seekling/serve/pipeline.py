@@ -73,6 +73,8 @@ class Context:
                 kwargs[name] = getattr(body, name)
         if kwargs.get("top_k") == 0:
             kwargs["top_k"] = -1
+        if getattr(body, "logit_bias", None):
+            kwargs["logit_bias"] = {int(t): b for t, b in body.logit_bias.items()}
         if logprobs is not None:
             kwargs["logprobs"] = logprobs
         try:

@@ -19,6 +19,10 @@ from seekling.serve.security import Settings
 LENIENT = ConfigDict(extra="ignore", allow_inf_nan=False)
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 MAX_TOOLS = 128
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+TOKEN_ID = r"^[0-9]{1,9}$"  # a logit_bias key (a token id, as JSON object keys are strings)
+TOP_K_MAX = 2**31 - 1
+TOP_K_DOC = "-1 or 0: off; past the vocabulary it is the whole vocabulary."
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's and Anthropic's rule for function names
 
 
@@ -198,10 +202,12 @@ def build_schemas(settings: Settings, model_name: str) -> Schemas:
         max_tokens: tokens | None = Field(None, description=f"Default and upper bound: {settings.max_tokens_cap}.")
         temperature: float | None = Field(None, ge=0.0, le=2.0)
         top_p: float | None = Field(None, gt=0.0, le=1.0)
-        top_k: int | None = Field(None, ge=-1, description="-1 or 0: off.")
-        seed: int | None = Field(None, ge=0, le=2**63 - 1)
+        top_k: int | None = Field(None, ge=-1, le=TOP_K_MAX, description=TOP_K_DOC)
+        seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
         presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
         frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+        logit_bias: dict[Annotated[str, Field(pattern=TOKEN_ID)], Annotated[float, Field(ge=-100, le=100)]] | None = (
+            Field(None, max_length=MAX_LOGIT_BIAS, description="Token id -> a bias in [-100, 100] added to its logit."))
 
     class ChatCompletionRequest(SamplingFields):
         messages: list[chat_message] = Field(min_length=1, max_length=settings.max_messages, description=(
@@ -268,7 +274,7 @@ def build_schemas(settings: Settings, model_name: str) -> Schemas:
         stream: bool = False
         temperature: float | None = Field(None, ge=0.0, le=1.0)
         top_p: float | None = Field(None, gt=0.0, le=1.0)
-        top_k: int | None = Field(None, ge=-1)
+        top_k: int | None = Field(None, ge=-1, le=TOP_K_MAX, description=TOP_K_DOC)
         tools: list[AnthropicTool] | None = Field(None, max_length=MAX_TOOLS)
         tool_choice: AnthropicToolChoice | None = None
         thinking: AnthropicThinking | None = None

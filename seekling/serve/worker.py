@@ -17,7 +17,8 @@ log = logging.getLogger("seekling.serve")
 
 
 class EngineFailure(Exception):
-    """The engine raised inside step(); every request in flight at that moment is ended with this."""
+    """The engine failed this request: a fault of its own (a delta with finish_reason "error", the other requests
+    went on), or step() itself raised (every request in flight at that moment is ended with this)."""
 
 
 @dataclass
@@ -98,6 +99,11 @@ class EngineWorker:
                     if ticket is None:  # aborted meanwhile
                         continue
                     ticket.started = True
+                    if delta.finish_reason == "error":  # this request alone failed
+                        del self.tickets[request_id]
+                        failure = EngineFailure(getattr(delta, "error", None) or "the request failed")
+                        ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, failure)
+                        continue
                     ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, delta)
                     if delta.finish_reason is not None:
                         ticket.finished.add(delta.index)
