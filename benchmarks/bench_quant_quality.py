@@ -129,18 +129,26 @@ def gguf_bits(path: Path) -> tuple[float, dict[str, int]]:
 
 def evaluate(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
-    fp32 = seekling.load_pretrained(model_dir, dtype="float32")
-    fp32.prepare()
-    seqs = sequences(model_dir, fp32, args.sequences, args.tokens, args.seed)
-    reference = seekling_logprobs(fp32, seqs)
-    del fp32
+    work = args.workdir / model_dir.name
+    work.mkdir(parents=True, exist_ok=True)
+    cached = work / f"reference-{args.sequences}x{args.tokens}-seed{args.seed}.pt"  # fp32's sequences and logprobs
+    if cached.exists():
+        seqs, reference = torch.load(cached)
+    else:
+        fp32 = seekling.load_pretrained(model_dir, dtype="float32")
+        fp32.prepare()
+        seqs = sequences(model_dir, fp32, args.sequences, args.tokens, args.seed)
+        reference = seekling_logprobs(fp32, seqs)
+        del fp32
+        torch.save((seqs, reference), cached)
     rows: dict[str, Any] = {}
     for kind in args.kinds:
         model = seekling.load_pretrained(model_dir, quantize=kind)
         rows[f"seekling {kind}"] = compare(reference, seekling_logprobs(model, seqs))
         del model
-    work = args.workdir / model_dir.name
-    work.mkdir(parents=True, exist_ok=True)
+    if args.no_llama:
+        return {"model": str(model_dir), "sequences": len(seqs), "tokens": args.tokens,
+                "seconds": time.time() - t0, "rows": rows}
     f32 = bench_llamacpp.convert(args.llama_cpp_src, model_dir, work / "F32.gguf", "f32")
     files = {"F32": f32}
     for name, ftype in LLAMA_FTYPES.items():
@@ -170,6 +178,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/seekling-bench-quality"))
+    ap.add_argument("--no-llama", action="store_true", help="seekling's rows only (llama.cpp's are kept in --json)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -7,7 +7,7 @@
 // described in seekling/model/quant.py):
 //
 //   f32_linear(x [M, K], w [O, K]) -> x @ w^T      fp32; rows of w 4 at a time, 8 lanes, the next 4 prefetched
-//   int8_linear(x, q, s, bs?) -> x @ W^T            int8 W = q * s per row (* bs per block of 32, fp16), q in tiles
+//   int8_linear(x, q, s, O) -> x @ W^T              int8 W = q * s, an fp16 scale per block of 32 (Q8_0), q in tiles
 //                                                  of 4 rows [O / 4, Kp / 32, 4, 32], Kp = K rounded up to 32
 //   int4_linear(x, q, codes, dm) -> x @ W^T         int4 groups of 32, W = d·sc·q - dmin·m, row-major
 //   int4_fit(groups [N, 32]) -> (scale [N], min [N])   the int4 quantiser's per-group search
@@ -15,8 +15,8 @@
 // Both quantised products quantise each row of x to int8 in blocks of 32 (one scale per block: max|x| / 127,
 // rounded to nearest even, as torch.round) — llama.cpp's Q8_0 activations — and multiply in integers:
 //   int8: u8 x s8 products with maddubs (|x| times w with x's sign moved onto w, so no operand is ever -128
-//         and no int16 pair sum can saturate: 2 * 127 * 127 < 2^15), each block's int32 sum scaled by its
-//         activation scale (and block scale) in fp32;
+//         and no int16 pair sum can saturate: 2 * 127 * 127 < 2^15; vpdpbusd where VNNI is), each block's
+//         int32 sum scaled by its activation scale times its weight scale in fp32;
 //   int4: the 4-bit values (0..15) are the unsigned operand of maddubs as they are; the int16 pair sums are
 //         multiplied by the group's 8-bit scale code in the same madd that widens them to int32
 //         (2 * 15 * 127 * 255 < 2^31 with room), then scaled by the activation block's scale in fp32; d and
@@ -159,10 +159,10 @@ struct QuantizedX {
   }
 };
 
-// The weights are stored in tiles of 4 output rows with their blocks interleaved, q[tile][block][row][32]: a
-// tile is one sequential stream (4 rows of a short matrix read side by side would be 4 short streams, which
-// the hardware prefetcher follows badly: 11 vs 22 GB/s from DRAM at 896-wide rows on one core), prefetched
-// PREFETCH bytes ahead. bs (optional): a GGUF file's fp16 scale per block, [tile][block][row].
+// The weights are stored in tiles of 4 output rows with their blocks interleaved, q[tile][block][row][32], and
+// their fp16 scales beside them, s[tile][block][row]: a tile is one sequential stream (4 rows of a short matrix
+// read side by side would be 4 short streams, which the hardware prefetcher follows badly: 11 vs 22 GB/s from
+// DRAM at 896-wide rows on one core), prefetched PREFETCH bytes ahead.
 constexpr int64_t TILE = 4, PREFETCH = 1024;
 
 #ifdef SEEKLING_AVX2
@@ -180,9 +180,9 @@ inline __m256i dot_u8s8(__m256i u, __m256i s, __m256i ones16) {
 }
 #endif
 
-// MR rows of quantised x against one tile: out[m][r] = sum_b xs[m, b] * bs[b, r] * (xq[m, b] . w[r, b]).
-template <int MR, bool BS>
-inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* tile, const at::Half* bs,
+// MR rows of quantised x against one tile: out[m][r] = sum_b xs[m, b] * s[b, r] * (xq[m, b] . w[r, b]).
+template <int MR>
+inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_t* tile, const at::Half* ws,
                       float out[][TILE]) {
   const int64_t nb = Kp / QBLOCK;
 #ifdef SEEKLING_AVX2
@@ -195,18 +195,17 @@ inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_
     _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
     __m256i wv[TILE];
-    float bsr[TILE];
-    for (int r = 0; r < TILE; ++r) {
-      wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + r * QBLOCK));
-      bsr[r] = BS ? half_to_float(bs[b * TILE + r]) : 1.f;
-    }
+    for (int r = 0; r < TILE; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + r * QBLOCK));
+    // the tile's 4 block scales at once (F16C), times each x row's block scale; broadcast from memory per row
+    const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ws + b * TILE)));
     for (int m = 0; m < MR; ++m) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + b * QBLOCK));
       const __m256i ax = _mm256_sign_epi8(xv, xv);
-      const float xsb = xs[m * nb + b];
+      alignas(16) float f[4];
+      _mm_store_ps(f, _mm_mul_ps(s4, _mm_set1_ps(xs[m * nb + b])));
       for (int r = 0; r < TILE; ++r) {
         const __m256i p = dot_u8s8(ax, _mm256_sign_epi8(wv[r], xv), ones);
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(BS ? xsb * bsr[r] : xsb), acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(f + r), acc[m][r]);
       }
     }
   }
@@ -221,7 +220,7 @@ inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_
         const int8_t* xb = xq + m * Kp + b * QBLOCK;
         const int8_t* wb = tile + (b * TILE + r) * QBLOCK;
         for (int64_t i = 0; i < QBLOCK; ++i) d += static_cast<int32_t>(xb[i]) * wb[i];
-        a += static_cast<float>(d) * (BS ? xs[m * nb + b] * half_to_float(bs[b * TILE + r]) : xs[m * nb + b]);
+        a += static_cast<float>(d) * (xs[m * nb + b] * half_to_float(ws[b * TILE + r]));
       }
       out[m][r] = a;
     }
@@ -230,54 +229,41 @@ inline void int8_tile(const int8_t* xq, const float* xs, int64_t Kp, const int8_
 }
 
 // Tiles [t_begin, t_end) against x rows [m0, m0 + MR); rows past O (the last tile's padding) are not stored.
-template <int MR, bool BS>
-void int8_rows(const QuantizedX& x, int64_t m0, const int8_t* wq, const float* ws, const at::Half* bs, int64_t O,
-               int64_t t_begin, int64_t t_end, float* y) {
+template <int MR>
+void int8_rows(const QuantizedX& x, int64_t m0, const int8_t* wq, const at::Half* ws, int64_t O, int64_t t_begin,
+               int64_t t_end, float* y) {
   float out[MR][TILE];
   const int64_t Kp = x.Kp;
   for (int64_t t = t_begin; t < t_end; ++t) {
-    int8_tile<MR, BS>(x.q.data() + m0 * Kp, x.s.data() + m0 * x.nb, Kp, wq + t * TILE * Kp,
-                      BS ? bs + t * x.nb * TILE : nullptr, out);
+    int8_tile<MR>(x.q.data() + m0 * Kp, x.s.data() + m0 * x.nb, Kp, wq + t * TILE * Kp, ws + t * x.nb * TILE, out);
     for (int m = 0; m < MR; ++m)
-      for (int64_t r = 0; r < TILE && t * TILE + r < O; ++r)
-        y[(m0 + m) * O + t * TILE + r] = out[m][r] * ws[t * TILE + r];
+      for (int64_t r = 0; r < TILE && t * TILE + r < O; ++r) y[(m0 + m) * O + t * TILE + r] = out[m][r];
   }
 }
 
-template <bool BS>
-void int8_all(const QuantizedX& x, const int8_t* wp, const float* sp, const at::Half* bp, int64_t O, int64_t tiles,
-              float* yp) {
-  // Two x rows share each tile's loads (2 x 4 accumulators); an odd last row goes alone. Every x row's result
-  // is computed the same way whatever the other rows (batch invariance).
-  at::parallel_for(0, tiles, grain(TILE * x.Kp), [&](int64_t b, int64_t e) {
-    int64_t m = 0;
-    for (; m + 2 <= x.M; m += 2) int8_rows<2, BS>(x, m, wp, sp, bp, O, b, e, yp);
-    for (; m < x.M; ++m) int8_rows<1, BS>(x, m, wp, sp, bp, O, b, e, yp);
-  });
-}
-
-at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wq_in, const at::Tensor& ws_in,
-                       const std::optional<at::Tensor>& bs_in) {
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wq_in, const at::Tensor& ws_in, int64_t O) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "int8_linear: x must be fp32");
-  TORCH_CHECK(wq_in.scalar_type() == at::kChar && ws_in.scalar_type() == at::kFloat,
-              "int8_linear: int8 weights with fp32 scales");
+  TORCH_CHECK(wq_in.scalar_type() == at::kChar && ws_in.scalar_type() == at::kHalf,
+              "int8_linear: int8 weights with fp16 block scales");
   TORCH_CHECK(x_in.dim() == 2 && wq_in.dim() == 4 && wq_in.size(2) == TILE && wq_in.size(3) == QBLOCK &&
-              ws_in.dim() == 1 && (ws_in.size(0) + TILE - 1) / TILE == wq_in.size(0),
-              "int8_linear: x [M, K], q [tiles, blocks, 4, 32], s [O]");
+              ws_in.dim() == 3 && ws_in.size(0) == wq_in.size(0) && ws_in.size(1) == wq_in.size(1) &&
+              ws_in.size(2) == TILE && (O + TILE - 1) / TILE == wq_in.size(0),
+              "int8_linear: x [M, K], q [tiles, blocks, 4, 32], s [tiles, blocks, 4]");
   const auto x = x_in.contiguous(), wq = wq_in.contiguous(), ws = ws_in.contiguous();
-  const int64_t K = x.size(1), O = ws.size(0), tiles = wq.size(0), Kp = wq.size(1) * QBLOCK;
+  const int64_t K = x.size(1), tiles = wq.size(0), Kp = wq.size(1) * QBLOCK;
   TORCH_CHECK(Kp >= K && Kp - K < QBLOCK, "int8_linear: weight rows must be K padded to 32");
   auto y = at::empty({x.size(0), O}, x.options());
   const QuantizedX xq(x, Kp);
-  if (bs_in.has_value()) {
-    const auto bs = bs_in->contiguous();
-    TORCH_CHECK(bs.scalar_type() == at::kHalf && bs.dim() == 3 && bs.size(0) == tiles && bs.size(1) == Kp / QBLOCK &&
-                bs.size(2) == TILE, "int8_linear: block scales must be fp16 [tiles, blocks, 4]");
-    int8_all<true>(xq, wq.data_ptr<int8_t>(), ws.data_ptr<float>(), bs.data_ptr<at::Half>(), O, tiles,
-                   y.data_ptr<float>());
-  } else {
-    int8_all<false>(xq, wq.data_ptr<int8_t>(), ws.data_ptr<float>(), nullptr, O, tiles, y.data_ptr<float>());
-  }
+  const int8_t* wp = wq.data_ptr<int8_t>();
+  const at::Half* sp = ws.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  // Two x rows share each tile's loads (2 x 4 accumulators); an odd last row goes alone. Every x row's result
+  // is computed the same way whatever the other rows (batch invariance).
+  at::parallel_for(0, tiles, grain(TILE * Kp), [&](int64_t b, int64_t e) {
+    int64_t m = 0;
+    for (; m + 2 <= xq.M; m += 2) int8_rows<2>(xq, m, wp, sp, O, b, e, yp);
+    for (; m < xq.M; ++m) int8_rows<1>(xq, m, wp, sp, O, b, e, yp);
+  });
   return y;
 }
 
@@ -600,16 +586,23 @@ template <typename T>
 inline float as_float(T v) { return static_cast<float>(v); }
 
 template <typename T>
-void int8_rows_of(const T* x, int64_t n, int64_t K, int64_t Kp, int8_t* q, float* scale) {
+void int8_rows_of(const T* x, int64_t n, int64_t K, int64_t Kp, int8_t* q, at::Half* scale) {
+  const int64_t nb = Kp / QBLOCK;
   at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const T* row = x + r * K;
-      float amax = 0.f;
-      for (int64_t i = 0; i < K; ++i) amax = std::max(amax, std::fabs(as_float(row[i])));
-      const float s = std::max(amax, 1e-30f) / 127.f;
-      scale[r] = s;
-      for (int64_t i = 0; i < Kp; ++i)
-        q[r * Kp + i] = i < K ? static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(as_float(row[i]) / s)))) : 0;
+      for (int64_t blk = 0; blk < nb; ++blk) {
+        const int64_t lo = blk * QBLOCK, hi = std::min<int64_t>(lo + QBLOCK, K);
+        float amax = 0.f;
+        for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(as_float(row[i])));
+        const at::Half h(amax / 127.f);
+        const float s = static_cast<float>(h);
+        scale[r * nb + blk] = h;
+        for (int64_t i = lo; i < lo + QBLOCK; ++i)
+          q[r * Kp + i] = (i < hi && s > 0.f)
+                              ? static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(as_float(row[i]) / s))))
+                              : 0;
+      }
     }
   });
 }
@@ -620,11 +613,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_rows(const at::Tensor& x_in) {
   const auto x = x_in.contiguous();
   const int64_t n = x.size(0), K = x.size(1), Kp = (K + QBLOCK - 1) / QBLOCK * QBLOCK;
   auto q = at::empty({n, Kp / QBLOCK, QBLOCK}, x.options().dtype(at::kChar));
-  auto scale = at::empty({n}, x.options().dtype(at::kFloat));
+  auto scale = at::empty({n, Kp / QBLOCK}, x.options().dtype(at::kHalf));
   if (x.scalar_type() == at::kFloat)
-    int8_rows_of(x.data_ptr<float>(), n, K, Kp, q.data_ptr<int8_t>(), scale.data_ptr<float>());
+    int8_rows_of(x.data_ptr<float>(), n, K, Kp, q.data_ptr<int8_t>(), scale.data_ptr<at::Half>());
   else
-    int8_rows_of(x.data_ptr<at::BFloat16>(), n, K, Kp, q.data_ptr<int8_t>(), scale.data_ptr<float>());
+    int8_rows_of(x.data_ptr<at::BFloat16>(), n, K, Kp, q.data_ptr<int8_t>(), scale.data_ptr<at::Half>());
   return {q, scale};
 }
 
@@ -697,7 +690,7 @@ std::string simd_level() {
 
 TORCH_LIBRARY(seekling, m) {
   m.def("f32_linear(Tensor x, Tensor w) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor q, Tensor s, Tensor? bs) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor q, Tensor s, int out) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor q, Tensor codes, Tensor dm) -> Tensor");
   m.def("int4_fit(Tensor groups) -> (Tensor, Tensor)");
   m.def("int4_linear256(Tensor x, Tensor q, Tensor codes, Tensor dm) -> Tensor");

@@ -5,7 +5,7 @@ The kernels are compiled on first use with torch's cpp_extension and the user's 
 
 Without a compiler (python:slim images, macOS without its command-line tools) the quantised products run on
 torch's own int8 GEMM, fbgemm's dynamic linear (`quantized::linear_dynamic`): each int8 / int4 weight is packed
-for it on first use as int8 with a scale per row (int4 values requantised: at most 1/254 of a row's largest
+for it on first use as int8 with a scale per row (requantised: at most 1/254 of a row's largest
 weight more error), and activations are quantised per call to 7 bits per tensor (`reduce_range`: AVX2's
 maddubs would saturate at 8). Measured on a 2-core EPYC, one thread, CPU time: 1.3-2.4x the kernels' time at
 batch 1, faster than them at 8 rows. Candidates ruled out: the torch reference (dequantising per call: 70x
@@ -91,7 +91,7 @@ def loaded() -> bool | None:
 def _register_fakes() -> None:
     """Output shapes for torch.compile's tracing (the ops exist once the library is loaded)."""
     torch.library.register_fake("seekling::f32_linear")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
-    torch.library.register_fake("seekling::int8_linear")(lambda x, q, s, bs: x.new_empty(x.shape[0], s.shape[0]))
+    torch.library.register_fake("seekling::int8_linear")(lambda x, q, s, out: x.new_empty(x.shape[0], out))
     torch.library.register_fake("seekling::int4_linear")(
         lambda x, q, codes, dm, out: x.new_empty(x.shape[0], out))
 
@@ -122,16 +122,13 @@ def fallback_linear(x: torch.Tensor, w: Any) -> torch.Tensor | None:
 
 def _pack(w: Any) -> Any:
     """The weight as fbgemm's packed int8 (a scale per row), built a chunk of rows at a time."""
-    out, k = w.shape
-    if getattr(w, "block_scale", False) is None:  # per-row int8: its own values and scales, exactly
-        values, scales = w.unpacked().contiguous(), w.scale.double()
-    else:  # int4, or int8 with block scales: requantised per row
-        values, scales = torch.empty(out, k, dtype=torch.int8), torch.empty(out, dtype=torch.float64)
-        step = max(1, (1 << 22) // max(1, k))
-        for a in range(0, out, step):
-            rows = w.rows(torch.arange(a, min(a + step, out)))
-            s = rows.abs().amax(-1).clamp(min=1e-30) / 127
-            values[a:a + step], scales[a:a + step] = torch.round(rows / s[:, None]).clamp_(-127, 127), s
+    out, k = w.shape  # requantised per row (fbgemm's granularity)
+    values, scales = torch.empty(out, k, dtype=torch.int8), torch.empty(out, dtype=torch.float64)
+    step = max(1, (1 << 22) // max(1, k))
+    for a in range(0, out, step):
+        rows = w.rows(torch.arange(a, min(a + step, out)))
+        s = rows.abs().amax(-1).clamp(min=1e-30) / 127
+        values[a:a + step], scales[a:a + step] = torch.round(rows / s[:, None]).clamp_(-127, 127), s
     try:
         with warnings.catch_warnings():  # torch 2.13 marks quantised tensors deprecated; still its one fast op
             warnings.simplefilter("ignore", UserWarning)

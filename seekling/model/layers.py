@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seekling.model.quant import Int4Weight, Int8Weight, head_kind, linear, quantize
+from seekling.model.quant import Int4Weight, Int8Weight, head_kind, layer_mode, linear, quantize
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -125,7 +125,7 @@ class MLP(nn.Module):
         if quantize_to is None:
             self.w13, self.w2 = fuse_parameters(pair, self), alias(self.down_proj.weight, self)
             return []
-        self.w13, self.w2 = quantize(pair, quantize_to), quantize(self.down_proj.weight, quantize_to)
+        self.w13, self.w2 = quantize(pair, quantize_to), quantize(self.down_proj.weight, quantize_to, "down")
         return pair + [self.down_proj.weight]
 
     def infer(self, x: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -343,7 +343,9 @@ class CausalLM(nn.Module):
         for m in self.modules():
             m.fusions = []
         with torch.no_grad():
-            replaced = [p for layer in self.model.layers for p in layer.prepare(quantize_to)]
+            n = len(self.model.layers)
+            replaced = [p for i, layer in enumerate(self.model.layers)
+                        for p in layer.prepare(layer_mode(quantize_to, i, n))]
             replaced += self.prepare_head(quantize_to)
         if quantize_to is not None:
             free_parameters(self, replaced)
@@ -359,7 +361,8 @@ class CausalLM(nn.Module):
             return []
         tied = head is emb
         self.head_w = head_w if head_w is not None else quantize(head, head_kind(quantize_to))
-        self.embed_w = self.head_w if tied else embed_w if embed_w is not None else quantize(emb, quantize_to)
+        self.embed_w = self.head_w if tied else embed_w if embed_w is not None else quantize(emb, quantize_to,
+                                                                                            "embed")
         return [head] if tied else [head, emb]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

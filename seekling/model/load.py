@@ -35,7 +35,7 @@ from seekling.model.dense import SUPPORTED_MODEL_TYPES, DenseConfig, DenseModel,
 from seekling.model.layers import CausalLM, free_parameters
 from seekling.model.mla import rope_inv_freq as mla_rope_inv_freq
 from seekling.model.model import Transformer
-from seekling.model.quant import KINDS, head_kind, quantized_nbytes
+from seekling.model.quant import KINDS, head_kind, layer_mode, quantized_nbytes, use_kernels, weight_kind
 
 QUANTIZE = KINDS
 
@@ -137,20 +137,30 @@ def _expected(model: CausalLM, stored: dict[str, StoredTensor], directory: Path)
 FLOAT_KEPT = ("gate.weight", "kv_b_proj.weight")  # read in float by `infer` (routers; MLA's per-head bmm)
 
 
-def _quantized_bytes(name: str, t: torch.Tensor, itemsize: int, quantize_to: str, head: str) -> int:
-    """What a tensor costs after `prepare(quantize_to)`: the matmul weights in their quantised layout (the
-    output head at `head_kind`); norms, routers, kv_b_proj and buffers keep their float size."""
-    if t.dim() < 2 or name.endswith(FLOAT_KEPT):
-        return t.numel() * itemsize
-    return quantized_nbytes(tuple(t.shape), head_kind(quantize_to) if name == head else quantize_to)
+def _planned_kind(name: str, quantize_to: str, head: str, n_layers: int) -> str:
+    """The kind `prepare(quantize_to)` gives the weight `name` (the same policy: `layer_mode`, `weight_kind`)."""
+    if name == head:
+        return head_kind(quantize_to)
+    parts = name.split(".")
+    if parts[:2] != ["model", "layers"]:
+        return weight_kind(quantize_to, "embed")
+    mode = layer_mode(quantize_to, int(parts[2]), n_layers)
+    role = "expert_down" if ".experts." in name and name.endswith("down_proj.weight") else \
+        "down" if name.endswith("down_proj.weight") else ""
+    return weight_kind(mode, role)
 
 
 def _bytes_needed(expected: dict[str, torch.Tensor], dtype: torch.dtype, quantize_to: str | None) -> int:
+    """The model's bytes after `prepare(quantize_to)`, from shapes alone: matmul weights in their quantised
+    layouts; norms, routers, kv_b_proj and buffers at their float size."""
     size = lambda t: dtype.itemsize if t.is_floating_point() else t.element_size()
-    if quantize_to:
-        head = "lm_head.weight" if "lm_head.weight" in expected else "model.embed_tokens.weight"  # tied: one
-        return sum(_quantized_bytes(n, t, size(t), quantize_to, head) for n, t in expected.items())
-    return sum(t.numel() * size(t) for t in expected.values())
+    if not quantize_to:
+        return sum(t.numel() * size(t) for t in expected.values())
+    head = "lm_head.weight" if "lm_head.weight" in expected else "model.embed_tokens.weight"  # tied: one
+    n_layers = 1 + max((int(n.split(".")[2]) for n in expected if n.startswith("model.layers.")), default=0)
+    return sum(t.numel() * size(t) if t.dim() < 2 or n.endswith(FLOAT_KEPT) else
+               quantized_nbytes(tuple(t.shape), _planned_kind(n, quantize_to, head, n_layers))
+               for n, t in expected.items())
 
 
 def _budget(device: torch.device, max_memory_gb: float | None) -> int:
@@ -260,6 +270,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device | None = N
         model.prepare()  # fused layouts first, so every tensor is read straight into its final place
         _read_into(list(expected), expected, stored)
     else:
+        use_kernels(device)  # quantise with them (one C++ pass a row), not with the torch reference
         _load_quantized(model, stored, device, target, quantize)
     model.generation_defaults, eos = read_generation_config(directory)
     model.eos_token_ids = eos or model.eos_token_ids
@@ -271,9 +282,10 @@ def _load_quantized(model: CausalLM, stored: dict[str, StoredTensor], device: to
                     quantize_to: str) -> None:
     """Layer by layer, then the embedding and head: every matmul weight is quantised as it is read (see the
     module docstring)."""
+    n = len(model.model.layers)
     for i, layer in enumerate(model.model.layers):
-        _prepare_streamed(layer, f"model.layers.{i}.", stored, device, dtype,
-                          lambda m: m.prepare(quantize_to))
+        mode = layer_mode(quantize_to, i, n)
+        _prepare_streamed(layer, f"model.layers.{i}.", stored, device, dtype, lambda m, mode=mode: m.prepare(mode))
     _prepare_streamed(model, "", stored, device, dtype, lambda m: m.prepare_head(quantize_to), skip="model.layers.")
     _reset_buffers(model, device)
     model.quantized = quantize_to

@@ -145,7 +145,7 @@ class MoE(nn.Module):
             self.w2 = fuse_parameters(downs, self).view(E, h, two_i // 2)
         else:  # [E, out, in], each expert quantised into its slot (a streaming load reads one expert at a time)
             self.w13 = quantize_stack([[e.gate_proj.weight, e.up_proj.weight] for e in self.experts], quantize_to)
-            self.w2 = quantize_stack([[e.down_proj.weight] for e in self.experts], quantize_to)
+            self.w2 = quantize_stack([[e.down_proj.weight] for e in self.experts], quantize_to, "expert_down")
         for e, expert in enumerate(self.experts):
             expert.w13, expert.w2 = self.w13[e], self.w2[e]
         replaced = self.shared_experts.prepare(quantize_to)

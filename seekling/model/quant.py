@@ -3,8 +3,9 @@
 Batch-1 decoding is bound by the bytes of weights read per token, so what a weight costs is how it is stored
 and how the kernel reads it. `linear(x, w)` is the one matmul of every inference forward; w is one of
   - a float tensor [out, in]: seekling's fp32 kernel at one to a few rows on the CPU, else F.linear;
-  - `Int8Weight`: int8 values, symmetric, with one fp32 scale per output row (`quantize(w, "int8")`, 8.0 bits a
-    weight) or, for a GGUF file's Q8_0 / Q5_0 / Q6_K tensors, one fp16 scale per block of 32 as well (8.5 bits);
+  - `Int8Weight`: int8 values, symmetric, with an fp16 scale per block of 32: llama.cpp's Q8_0, 8.5 bits a weight.
+    (Per-row scales, 8.0 bits, measured 22x the KL against fp32 on a trained speedrun model: trained weights
+    have outliers within rows, which a scale per 32 confines.)
   - `Int4Weight`: 4-bit values in groups of 32 with a scale and a min each, w = d·sc·q - dmin·m (q 0..15), the
     group's scale and min as 8-bit codes (sc 0..255, m -127..127) under an fp16 (d, dmin) per super-block of 8
     groups: 4 + 16/32 + 32/256 = 4.625 bits a weight. This is llama.cpp's Q4_K structure with 8-bit codes where
@@ -40,7 +41,8 @@ import torch.nn.functional as F
 from seekling.model import kernels
 
 __all__ = ["KINDS", "Int4Weight", "Int8Weight", "QBLOCK", "RowStack", "TILE", "concat", "embed", "from_ggml",
-           "head_kind", "linear", "load_kernels", "quantize", "quantize_stack", "quantized_nbytes", "use_kernels"]
+           "head_kind", "layer_mode", "linear", "load_kernels", "quantize", "quantize_stack", "quantized_nbytes",
+           "use_kernels", "weight_kind"]
 
 QBLOCK = 32  # activations are quantised per block of this many values (weight rows are padded to it)
 TILE = 4  # output rows per tile of the kernels' layouts
@@ -66,54 +68,42 @@ def _round_up(n: int, m: int) -> int:
 
 @dataclass
 class Int8Weight:
-    """W ~= q * scale[:, None] (* block_scale per block of 32) for a weight [out, in]: int8 q in the kernel's
-    layout, tiles of TILE output rows with their blocks of QBLOCK interleaved, [..., out / TILE, in / QBLOCK,
-    TILE, QBLOCK] (rows and columns zero-padded to whole tiles and blocks), fp32 scale [..., out], and for GGUF
-    imports an fp16 block_scale [..., out / TILE, in / QBLOCK, TILE] (None: per-row scales only). Leading dims
-    stack experts."""
+    """W ~= q * scale per block of 32 for a weight [out, in] (llama.cpp's Q8_0: int8 values, symmetric, an fp16
+    scale each 32): int8 q in the kernel's layout, tiles of TILE output rows with their blocks of QBLOCK
+    interleaved, [..., out / TILE, in / QBLOCK, TILE, QBLOCK], and the scales [..., out / TILE, in / QBLOCK,
+    TILE] beside them (rows and columns zero-padded to whole tiles and blocks). Leading dims stack experts."""
 
     q: torch.Tensor
     scale: torch.Tensor
     in_features: int
-    block_scale: torch.Tensor | None = None
+    out_features: int
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size([self.scale.shape[-1], self.in_features])
+        return torch.Size([self.out_features, self.in_features])
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.block_scale is None else self.block_scale.numel() * 2
-        return self.q.numel() + self.scale.numel() * 4 + extra
+        return self.q.numel() + self.scale.numel() * 2
 
     def __getitem__(self, index: int) -> Int8Weight:
         """A stacked expert's weight (q [E, ...]): a view, no copy."""
-        bs = None if self.block_scale is None else self.block_scale[index]
-        return Int8Weight(self.q[index], self.scale[index], self.in_features, bs)
+        return Int8Weight(self.q[index], self.scale[index], self.in_features, self.out_features)
 
-    def unpacked(self) -> torch.Tensor:
-        """q back in row-major order, [..., out, in] (int8)."""
-        *lead, tiles, blocks, tile, block = self.q.shape
-        rows = self.q.transpose(-3, -2).reshape(*lead, tiles * tile, blocks * block)
-        return rows[..., :self.scale.shape[-1], :self.in_features]
+    def _rows(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Rows laid out [..., blocks, 32] with their scales [..., blocks] -> [..., in] fp32."""
+        return (q.float() * scale.float()[..., None]).flatten(-2)[..., :self.in_features]
 
     def dequantize(self) -> torch.Tensor:
-        q = self.q.float()
-        if self.block_scale is not None:
-            q = q * self.block_scale.float()[..., None]
-        *lead, tiles, blocks, tile, block = q.shape
-        rows = q.transpose(-3, -2).reshape(*lead, tiles * tile, blocks * block)[..., :self.scale.shape[-1],
-                                                                                 :self.in_features]
-        return rows * self.scale[..., None]
+        *lead, tiles, blocks, tile, block = self.q.shape
+        rows = self._rows(self.q.transpose(-3, -2), self.scale.transpose(-2, -1))  # [..., tiles, TILE, in]
+        return rows.reshape(*lead, tiles * tile, self.in_features)[..., :self.out_features, :]
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: the dequantised rows `ids` -> [*ids.shape, in] fp32 (row i lies in tile i // TILE)."""
         flat = ids.reshape(-1)
-        q = self.q[flat // TILE, :, flat % TILE].float()  # [n, blocks, QBLOCK]
-        if self.block_scale is not None:
-            q = q * self.block_scale[flat // TILE, :, flat % TILE].float()[..., None]
-        q = q.flatten(1)[:, :self.in_features]
-        return (q * self.scale[flat][:, None]).view(*ids.shape, self.in_features)
+        t, r = flat // TILE, flat % TILE
+        return self._rows(self.q[t, :, r], self.scale[t, :, r]).view(*ids.shape, self.in_features)
 
 
 @dataclass
@@ -189,14 +179,12 @@ class RowStack:
 QuantWeight = Int8Weight | Int4Weight | RowStack
 
 
-def _empty(kind: str, lead: tuple[int, ...], out: int, k: int, block_scales: bool = False) -> QuantWeight:
+def _empty(kind: str, lead: tuple[int, ...], out: int, k: int) -> QuantWeight:
     """A zero weight of `kind` to be filled row by row (`_put`): the padding stays zero and contributes 0."""
-    t = _tiles(out)
     if kind == "int8":
-        blocks = -(-k // QBLOCK)
-        bs = torch.zeros(*lead, t, blocks, TILE, dtype=torch.float16) if block_scales else None
+        t, blocks = _tiles(out), -(-k // QBLOCK)
         return Int8Weight(torch.zeros(*lead, t, blocks, TILE, QBLOCK, dtype=torch.int8),
-                          torch.zeros(*lead, out) if not block_scales else torch.ones(*lead, out), k, bs)
+                          torch.zeros(*lead, t, blocks, TILE, dtype=torch.float16), k, out)
     pairs = -(-k // PAIR)
     supers = -(-2 * pairs // SUPER)
     return Int4Weight(torch.zeros(*lead, out, pairs, 32, dtype=torch.uint8),
@@ -210,11 +198,9 @@ def _put(w: QuantWeight, lead: tuple[int, ...], row0: int, pieces: tuple[torch.T
     if isinstance(w, Int8Weight):
         rows = torch.arange(row0, row0 + n)
         t, r = rows // TILE, rows % TILE
-        q, scale, *bs = pieces
+        q, scale = pieces
         w.q[lead].transpose(-3, -2)[t, r] = q
-        w.scale[lead][row0:row0 + n] = scale
-        if bs:
-            w.block_scale[lead].transpose(-2, -1)[t, r] = bs[0]
+        w.scale[lead].transpose(-2, -1)[t, r] = scale
     else:
         for target, piece in zip((w.q, w.codes, w.dm), pieces, strict=True):
             target[lead][row0:row0 + n] = piece
@@ -229,22 +215,15 @@ def _fast(x: torch.Tensor) -> bool:
 
 
 def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row (max|w| / 127): x [n, k] -> (q [n, blocks, 32] int8, scale [n] fp32)."""
+    """Symmetric int8 per block of 32 (max|w| / 127 as fp16; the values rounded against the stored scale):
+    x [n, k] -> (q [n, blocks, 32] int8, scale [n, blocks] fp16)."""
     if _fast(x):
         return torch.ops.seekling.quantize_int8_rows(x)
-    x = x.float()
-    scale = x.abs().amax(dim=-1).clamp(min=1e-30) / QMAX
-    q = torch.round(x / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
-    return F.pad(q, (0, -x.shape[1] % QBLOCK)).view(x.shape[0], -1, QBLOCK), scale
-
-
-def _int8_block_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per block of 32 with an fp16 scale (Q8_0's rounding) -> (q, ones [n], scales [n, blocks])."""
     blocks = F.pad(x.float(), (0, -x.shape[1] % QBLOCK)).view(x.shape[0], -1, QBLOCK)
-    bs = (blocks.abs().amax(-1) / QMAX).half()
-    s = bs.float()[..., None]
+    scale = (blocks.abs().amax(-1) / QMAX).half()
+    s = scale.float()[..., None]
     q = torch.where(s > 0, torch.round(blocks / s), 0).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, torch.ones(x.shape[0]), bs
+    return q, scale
 
 
 def int4_fit(groups: torch.Tensor, steps: int = 21) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,20 +316,16 @@ def _fill(w: QuantWeight, lead: tuple[int, ...], parts: Sequence[torch.Tensor], 
         step = max(TILE, CHUNK // max(1, k) // TILE * TILE)
         for a in range(0, rows, step):
             x = _read_rows(part, a, min(a + step, rows))
-            if kind == "int4":
-                pieces = _int4_rows(x)
-            elif w.block_scale is not None:
-                pieces = _int8_block_rows(x)
-            else:
-                pieces = _int8_rows(x)
-            _put(w, lead, row0 + a, pieces)
+            _put(w, lead, row0 + a, _int4_rows(x) if kind == "int4" else _int8_rows(x))
         row0 += rows
 
 
-def quantize(w: torch.Tensor | Sequence[torch.Tensor], kind: str = "int8") -> QuantWeight:
+def quantize(w: torch.Tensor | Sequence[torch.Tensor], kind: str = "int8", role: str = "") -> QuantWeight:
     """A weight [..., out, in] (leading dims: stacked experts), or a list of 2-D parts stacked on their rows
     (a fused projection, with no float concatenation), quantised to `kind` ("int8": per-row symmetric;
-    "int4": groups of 32, see the module docstring) in the kernels' layout, a chunk of rows at a time."""
+    "int4": groups of 32, see the module docstring; a `layer_mode` answer with the weight's `role`) in the
+    kernels' layout, a chunk of rows at a time."""
+    kind = weight_kind(kind, role)
     if kind not in KINDS:
         raise ValueError(f"unknown quantisation {kind!r}: {', '.join(KINDS)}")
     parts = [w] if isinstance(w, torch.Tensor) else list(w)
@@ -363,10 +338,11 @@ def quantize(w: torch.Tensor | Sequence[torch.Tensor], kind: str = "int8") -> Qu
     return quantize_stack([parts], kind)[0]
 
 
-def quantize_stack(experts: Sequence[Sequence[torch.Tensor]], kind: str = "int8") -> QuantWeight:
+def quantize_stack(experts: Sequence[Sequence[torch.Tensor]], kind: str = "int8", role: str = "") -> QuantWeight:
     """[E, out, in] from E experts' parts (each a list of 2-D tensors stacked on their rows, e.g. [gate, up]):
     every expert is quantised into its slot of one preallocated weight, so a load holds one expert's chunk in
     float at a time. Indexing the result (w[e]) is a view."""
+    kind = weight_kind(kind, role)
     if kind not in KINDS:
         raise ValueError(f"unknown quantisation {kind!r}: {', '.join(KINDS)}")
     out, k = sum(p.shape[0] for p in experts[0]), experts[0][0].shape[1]
@@ -383,7 +359,7 @@ def quantized_nbytes(shape: tuple[int, ...], kind: str) -> int:
     *lead, out, k = shape
     n = math.prod(lead)
     if kind == "int8":
-        return n * (_tiles(out) * TILE * _round_up(k, QBLOCK) + 4 * out)
+        return n * _tiles(out) * TILE * _round_up(k, QBLOCK) // QBLOCK * (QBLOCK + 2)
     groups = _round_up(2 * -(-k // PAIR), SUPER)
     return n * out * (_round_up(k, PAIR) // 2 + 2 * groups + 4 * groups // SUPER)
 
@@ -391,7 +367,20 @@ def quantized_nbytes(shape: tuple[int, ...], kind: str) -> int:
 def head_kind(quantize_to: str) -> str:
     """The output head (and a tied embedding, the same tensor) stays at 8 bits under int4, as llama.cpp's
     Q4_K_M keeps it at 6: its errors go straight into the logits, and at batch 1 it is one matrix of many."""
-    return "int8" if quantize_to == "int4" else quantize_to
+    return "int8" if quantize_to.startswith("int4") else quantize_to
+
+
+def layer_mode(quantize_to: str | None, layer: int, n_layers: int) -> str | None:
+    """What `prepare` quantises layer `layer` of `n_layers` to: `quantize_to` itself (EXPERIMENT: policies)."""
+    return quantize_to
+
+
+def weight_kind(quantize_to: str, role: str = "") -> str:
+    """The kind of one weight of a layer prepared with `layer_mode`'s answer: "int4+" layers keep their down
+    projections ("down"; "expert_down" for routed experts) at 8 bits."""
+    if quantize_to == "int4+":
+        return "int8" if role in ("down", "expert_down") else "int4"
+    return quantize_to
 
 
 def concat(parts: list[QuantWeight]) -> QuantWeight:
@@ -406,19 +395,10 @@ def concat(parts: list[QuantWeight]) -> QuantWeight:
     if isinstance(first, Int8Weight):
         if any(p.shape[0] % TILE for p in parts[:-1]):
             raise ValueError("concat: every int8 part but the last must be whole tiles")
-        if len({p.block_scale is None for p in parts}) > 1:
-            parts = [p if p.block_scale is not None else _with_block_scales(p) for p in parts]
-        bs = None if parts[0].block_scale is None else torch.cat([p.block_scale for p in parts], dim=-3)
-        return Int8Weight(torch.cat([p.q for p in parts], dim=-4), torch.cat([p.scale for p in parts], dim=-1),
-                          first.in_features, bs)
+        return Int8Weight(torch.cat([p.q for p in parts], dim=-4), torch.cat([p.scale for p in parts], dim=-3),
+                          first.in_features, sum(p.out_features for p in parts))
     return Int4Weight(torch.cat([p.q for p in parts], dim=-3), torch.cat([p.codes for p in parts], dim=-3),
                       torch.cat([p.dm for p in parts], dim=-3), first.in_features)
-
-
-def _with_block_scales(w: Int8Weight) -> Int8Weight:
-    """The same weight with block scales of one (the per-row scales stay): for concatenation with a GGUF
-    Q8_0 part."""
-    return Int8Weight(w.q, w.scale, w.in_features, torch.ones(w.q.shape[:-1], dtype=torch.float16))
 
 
 # ------------------------------------------------------------------------------------------ the product
@@ -461,7 +441,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
             y = (torch.ops.seekling.int4_linear256 if _EXPERIMENT_256 else torch.ops.seekling.int4_linear)(
                 xf, w.q, w.codes, w.dm)
         else:
-            y = torch.ops.seekling.int8_linear(xf, w.q, w.scale, w.block_scale)
+            y = torch.ops.seekling.int8_linear(xf, w.q, w.scale, w.out_features)
     else:
         y = kernels.fallback_linear(x2 if x2.dtype == torch.float32 else x2.float(), w)
         if y is None:
@@ -492,14 +472,12 @@ def _self_check() -> None:
     w, x = torch.randn(37, 200, generator=g), torch.randn(5, 200, generator=g)
     for kind in ("int8", "int4"):
         q = quantize(w, kind)
-        q8 = q if kind == "int4" else _with_block_scales(q)
-        for weight in (q, q8):
-            got = torch.ops.seekling.int4_linear(x, weight.q, weight.codes, weight.dm) if kind == "int4" else \
-                torch.ops.seekling.int8_linear(x, weight.q, weight.scale, weight.block_scale)
-            ref = reference_product(x, weight)
-            if not torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
-                raise RuntimeError(f"the {kind} kernel disagrees with the torch reference on this CPU "
-                                   f"(max error {(got - ref).abs().max().item():.3g})")
+        got = torch.ops.seekling.int4_linear(x, q.q, q.codes, q.dm) if kind == "int4" else \
+            torch.ops.seekling.int8_linear(x, q.q, q.scale, q.out_features)
+        ref = reference_product(x, q)
+        if not torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
+            raise RuntimeError(f"the {kind} kernel disagrees with the torch reference on this CPU "
+                               f"(max error {(got - ref).abs().max().item():.3g})")
     ref = x @ w.T
     if not torch.allclose(torch.ops.seekling.f32_linear(x, w), ref, atol=1e-3, rtol=1e-3):
         raise RuntimeError("the fp32 kernel disagrees with torch on this CPU")
@@ -550,10 +528,10 @@ def _ggml_chunk(name: str, size: int, raw: np.ndarray, n: int, k: int) -> tuple[
     blocks = raw.reshape(-1, size)
     if name == "Q8_0":  # llama.cpp never writes -128 (the kernels' int8 range is -127..127): one would become -127
         q = torch.from_numpy(np.ascontiguousarray(blocks[:, 2:]).view(np.int8)).view(n, -1, QBLOCK)
-        return "int8", (q.clamp(min=-QMAX), torch.ones(n), _f16(blocks[:, :2]).view(n, -1).half())
+        return "int8", (q.clamp(min=-QMAX), _f16(blocks[:, :2]).view(n, -1).half())
     if name == "Q5_0":  # w = d (q - 16), q 5 bits: int8 exactly
         q = (_nibbles(blocks[:, 6:]) | _q5_high_bits(blocks[:, 2:6])).to(torch.int16) - 16
-        return "int8", (q.to(torch.int8).view(n, -1, QBLOCK), torch.ones(n), _f16(blocks[:, :2]).view(n, -1).half())
+        return "int8", (q.to(torch.int8).view(n, -1, QBLOCK), _f16(blocks[:, :2]).view(n, -1).half())
     if name in ("Q4_0", "Q4_1"):
         q = _nibbles(blocks[:, 2:18] if name == "Q4_0" else blocks[:, 4:20]).float()
         d = _f16(blocks[:, :2])
@@ -576,7 +554,7 @@ def _ggml_chunk(name: str, size: int, raw: np.ndarray, n: int, k: int) -> tuple[
 
     values = torch.from_numpy(dequantize(np.ascontiguousarray(blocks).reshape(n, -1),
                                          GGMLQuantizationType[name])).view(n, k)
-    return "int8", _int8_block_rows(values)
+    return "int8", _int8_rows(values)
 
 
 def _ggml_float(name: str, raw: np.ndarray, n: int, k: int) -> torch.Tensor:
@@ -619,6 +597,6 @@ def from_ggml(data: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torch
             b = min(a + step, out)
             kind, pieces = _ggml_chunk(name, size, np.array(raw[e * out + a:e * out + b]), b - a, k)
             if w is None:
-                w = _empty(kind, tuple(lead), out, k, block_scales=kind == "int8")
+                w = _empty(kind, tuple(lead), out, k)
             _put(w, index, a, pieces)
     return w
