@@ -72,6 +72,14 @@ REAL_SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-0.6b": dict(model_type="qwen2", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936,
                        max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=True),
+    # a 16B-total MoE whole (memory checks, not a benchmark row): DeepSeek-V2-Lite's shapes (27 layers, 64 experts
+    # of 1408, 6 active + 2 shared, MLA 512, 102,400 vocabulary: 15.7B) in the DeepSeek-V3 architecture
+    "v2-lite-16b": dict(model_type="deepseek_v3", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, n_routed_experts=64,
+                        num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+                        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, routed_scaling_factor=1.0, norm_topk_prob=False, num_nextn_predict_layers=0,
+                        max_position_embeddings=163840, rope_theta=10000.0, tie_word_embeddings=False),
 }
 BLOCK = 16  # seekling's KV block size (Engine default)
 
@@ -260,7 +268,7 @@ def prepare_shape(work: Path, name: str, seed: int, std: float = 0.05) -> Path:
     import torch
 
     import seekling
-    from seekling.atomic import save_safetensors, write_text
+    from seekling.atomic import write_text
     from seekling.model.dense import DenseConfig, DenseModel
 
     dst = work / f"{name}-seed{seed}"
@@ -278,15 +286,15 @@ def prepare_shape(work: Path, name: str, seed: int, std: float = 0.05) -> Path:
         with torch.device("meta"):
             names = DenseModel(DenseConfig.from_dict(config)).state_dict()
     g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for key, t in names.items():
-        if key == "lm_head.weight" and shape.get("tie_word_embeddings"):
-            continue
-        if key.endswith("norm.weight") or key.endswith("e_score_correction_bias"):
-            value = torch.ones(t.shape) if key.endswith("norm.weight") else torch.zeros(t.shape)
-        else:
-            value = torch.randn(t.shape, generator=g) * std
-        tensors[key] = value.to(torch.float32 if key.endswith("e_score_correction_bias") else torch.bfloat16)
+    names = {k: t for k, t in names.items() if not (k == "lm_head.weight" and shape.get("tie_word_embeddings"))}
+
+    def value(key: str, t: torch.Tensor) -> torch.Tensor:
+        if key.endswith("e_score_correction_bias"):
+            return torch.zeros(t.shape)
+        if key.endswith("norm.weight"):
+            return torch.ones(t.shape, dtype=torch.bfloat16)
+        return (torch.randn(t.shape, generator=g) * std).bfloat16()
+
     dst.mkdir(parents=True, exist_ok=True)
     synthetic_tokenizer(shape["vocab_size"]).save_pretrained(dst)
     if isinstance(config, dict):
@@ -294,8 +302,37 @@ def prepare_shape(work: Path, name: str, seed: int, std: float = 0.05) -> Path:
     else:
         config.save(dst)
     write_text(dst / "generation_config.json", json.dumps({"eos_token_id": 1, "do_sample": False}))
-    save_safetensors(dst / "model.safetensors", tensors)
+    dtypes = {k: "F32" if k.endswith("e_score_correction_bias") else "BF16" for k in names}
+    write_safetensors_streamed(dst / "model.safetensors", {k: (dtypes[k], tuple(t.shape)) for k, t in names.items()},
+                               lambda k: value(k, names[k]))
     return dst
+
+
+def write_safetensors_streamed(path: Path, specs: dict[str, tuple[str, tuple[int, ...]]], make: Any) -> None:
+    """A safetensors file written one tensor at a time (`make(name)` in the order of `specs`): a 16B-parameter
+    checkpoint never sits in memory whole. Atomic (temp file + rename)."""
+    import struct
+
+    from seekling.atomic import atomic_path
+
+    sizes = {"BF16": 2, "F32": 4}
+    header, offset = {}, 0
+    for name, (dtype, shape) in specs.items():
+        n = math.prod(shape) * sizes[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name in specs:
+            f.write(make(name).contiguous().view(-1).view(torch_uint8()).numpy().tobytes())
+
+
+def torch_uint8() -> Any:
+    import torch
+
+    return torch.uint8
 
 
 def chat_prompts(model_dir: Path, n: int, seed: int) -> list[list[int]]:

@@ -269,19 +269,39 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wq_in, const at
 
 // ------------------------------------------------------------------------------------------------- int4
 
-constexpr int64_t SUPER = 8;  // groups of 32 per (d, dmin)
+constexpr int64_t SUPER = 8;  // groups of 32 per (d, dmin) and per activation scale: 256 values
 
-// Per activation row, what the min term needs: xsum[g] = xs[g] * Σ xq over group g (zero-padded to G).
-std::vector<float> group_sums(const QuantizedX& x, int64_t G) {
-  std::vector<float> out(x.M * G, 0.f);
-  for (int64_t m = 0; m < x.M; ++m)
-    for (int64_t g = 0; g < x.nb; ++g) {
-      int32_t t = 0;
-      for (int64_t i = 0; i < QBLOCK; ++i) t += x.q[m * x.Kp + g * QBLOCK + i];
-      out[m * G + g] = x.s[m * x.nb + g] * static_cast<float>(t);
-    }
-  return out;
-}
+// x quantised for the int4 product: int8 per super-block of 256 (one scale each, as llama.cpp's Q8_K), padded to
+// whole super-blocks, and what the min term needs: xsum[g] = xs[g / 8] * Σ xq over group g.
+struct QuantizedX256 {
+  int64_t M, Kq, S;
+  std::vector<int8_t> q;
+  std::vector<float> s, xsum;
+  QuantizedX256(const at::Tensor& x, int64_t S_) : M(x.size(0)), Kq(S_ * 256), S(S_), q(M * Kq), s(M * S_),
+                                                    xsum(M * S_ * SUPER) {
+    const float* xp = x.data_ptr<float>();
+    const int64_t K = x.size(1);
+    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m)
+        for (int64_t sb = 0; sb < S; ++sb) {
+          const int64_t lo = sb * 256, hi = std::min<int64_t>(K, lo + 256);
+          float amax = 0.f;
+          for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(xp[m * K + i]));
+          const float sc = amax / 127.f;
+          s[m * S + sb] = sc;
+          for (int64_t i = lo; i < lo + 256; ++i) {
+            const float v = (i < hi && sc > 0.f) ? std::nearbyint(xp[m * K + i] / sc) : 0.f;
+            q[m * Kq + i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+          }
+          for (int64_t g = 0; g < SUPER; ++g) {
+            int32_t t = 0;
+            for (int64_t i = 0; i < QBLOCK; ++i) t += q[m * Kq + lo + g * QBLOCK + i];
+            xsum[(m * S + sb) * SUPER + g] = sc * static_cast<float>(t);
+          }
+        }
+    });
+  }
+};
 
 struct Int4Row {
   const uint8_t* q;      // [pairs, 32]
@@ -298,67 +318,80 @@ alignas(32) const uint8_t LANE16[8][32] = {
     L(0), L(1), L(2), L(3), L(4), L(5), L(6), L(7)
 #undef L
 };
+
+// One pair of groups (64 weights, 32 bytes) of a row against MR rows of x, summed into ai[m] (int32): the
+// 4-bit values are maddubs' unsigned operand, and the madd that widens the pair sums to int32 multiplies them
+// by the groups' scale codes.
+template <int MR>
+inline void int4_pair(const uint8_t* q, const int8_t* xq, int64_t Kq, __m256i codes, int j, __m256i ai[]) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  _mm_prefetch(reinterpret_cast<const char*>(q + PREFETCH), _MM_HINT_T0);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+  const __m256i sc0 = _mm256_shuffle_epi8(codes, _mm256_load_si256(reinterpret_cast<const __m256i*>(LANE16[j])));
+  const __m256i sc1 = _mm256_shuffle_epi8(codes, _mm256_load_si256(reinterpret_cast<const __m256i*>(LANE16[j + 1])));
+  for (int m = 0; m < MR; ++m) {
+    const int8_t* xm = xq + m * Kq;
+    const __m256i p0 = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm))), sc0);
+    const __m256i p1 = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32))), sc1);
+    ai[m] = _mm256_add_epi32(ai[m], _mm256_add_epi32(p0, p1));
+  }
+}
 #endif
 
-// One weight row against MR rows of quantised x (from row m0): out[m] = Σ_s d_s Σ_{g in s} sc_g xs_g (q_g . xq_g)
-// - dmin_s Σ_{g in s} m_g xsum_g.
+// One weight row against MR rows of x (from row m0): out[m] = Σ_s xs[s] d_s Σ_{g in s} sc_g (q_g . xq_g)
+// - dmin_s Σ_{g in s} m_g xsum_g. Over a super-block the products stay in int32 (< 8 * 2 * 2 * 15 * 127 * 255).
 template <int MR>
-inline void int4_row(const QuantizedX& x, const float* xsum, int64_t G, int64_t m0, const Int4Row& w, float* out) {
-  const int64_t pairs = x.Kp / 64, S = G / SUPER;
-  const int8_t* xq = x.q.data() + m0 * x.Kp;
-  const float* xs = x.s.data() + m0 * x.nb;
-  xsum += m0 * G;
+inline void int4_row(const QuantizedX256& x, int64_t pairs, int64_t m0, const Int4Row& w, float* out) {
+  const int64_t S = x.S, Kq = x.Kq;
+  const int8_t* xq = x.q.data() + m0 * Kq;
+  const float* xs = x.s.data() + m0 * S;
+  const float* xsum = x.xsum.data() + m0 * S * SUPER;
 #ifdef SEEKLING_AVX2
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  __m256 acc[MR], low[MR];  // separate chains for the scaled products and the min term
+  for (int m = 0; m < MR; ++m) acc[m] = low[m] = _mm256_setzero_ps();
   for (int64_t s = 0; s < S; ++s) {
     const __m256i codes = _mm256_broadcastsi128_si256(
         _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.sc + s * SUPER))));
-    __m256 fs[MR];
-    for (int m = 0; m < MR; ++m) fs[m] = _mm256_setzero_ps();
-    const int64_t p_end = std::min<int64_t>(pairs, (s + 1) * SUPER / 2);
-    for (int64_t p = s * SUPER / 2; p < p_end; ++p) {
-      const int j = static_cast<int>(2 * (p - s * SUPER / 2));
-      _mm_prefetch(reinterpret_cast<const char*>(w.q + p * 32 + PREFETCH), _MM_HINT_T0);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + p * 32));
-      const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      const __m256i sc0 = _mm256_shuffle_epi8(codes, _mm256_load_si256(reinterpret_cast<const __m256i*>(LANE16[j])));
-      const __m256i sc1 =
-          _mm256_shuffle_epi8(codes, _mm256_load_si256(reinterpret_cast<const __m256i*>(LANE16[j + 1])));
-      for (int m = 0; m < MR; ++m) {
-        const int8_t* xm = xq + m * x.Kp + p * 64;
-        const __m256i p0 = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm))), sc0);
-        const __m256i p1 = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32))), sc1);
-        fs[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(xs[m * x.nb + 2 * p]), fs[m]);
-        fs[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(xs[m * x.nb + 2 * p + 1]), fs[m]);
-      }
+    __m256i ai[MR];
+    for (int m = 0; m < MR; ++m) ai[m] = _mm256_setzero_si256();
+    const uint8_t* qs = w.q + s * 4 * 32;
+    const int8_t* xs8 = xq + s * 256;
+    if ((s + 1) * 4 <= pairs) {  // a whole super-block: four pairs, unrolled
+      int4_pair<MR>(qs, xs8, Kq, codes, 0, ai);
+      int4_pair<MR>(qs + 32, xs8 + 64, Kq, codes, 2, ai);
+      int4_pair<MR>(qs + 64, xs8 + 128, Kq, codes, 4, ai);
+      int4_pair<MR>(qs + 96, xs8 + 192, Kq, codes, 6, ai);
+    } else {
+      for (int64_t p = s * 4; p < pairs; ++p) int4_pair<MR>(w.q + p * 32, xq + p * 64, Kq, codes, 2 * (p - s * 4), ai);
     }
-    const __m256 d = _mm256_set1_ps(half_to_float(w.dm[2 * s])), dmin = _mm256_set1_ps(half_to_float(w.dm[2 * s + 1]));
+    const float d = half_to_float(w.dm[2 * s]);
+    const __m256 dmin = _mm256_set1_ps(half_to_float(w.dm[2 * s + 1]));
     const __m256 mins = _mm256_cvtepi32_ps(
         _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.mins + s * SUPER))));
     for (int m = 0; m < MR; ++m) {
-      acc[m] = _mm256_fmadd_ps(fs[m], d, acc[m]);
-      acc[m] = _mm256_fnmadd_ps(_mm256_mul_ps(mins, _mm256_loadu_ps(xsum + m * G + s * SUPER)), dmin, acc[m]);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[m]), _mm256_set1_ps(d * xs[m * S + s]), acc[m]);
+      low[m] = _mm256_fmadd_ps(_mm256_mul_ps(mins, _mm256_loadu_ps(xsum + (m * S + s) * SUPER)), dmin, low[m]);
     }
   }
-  for (int m = 0; m < MR; ++m) out[m] = hsum(acc[m]);
+  for (int m = 0; m < MR; ++m) out[m] = hsum(_mm256_sub_ps(acc[m], low[m]));
 #else
   for (int m = 0; m < MR; ++m) {
     float a = 0.f;
     for (int64_t s = 0; s < S; ++s) {
-      float fsum = 0.f, msum = 0.f;
+      int32_t dot = 0;
+      float msum = 0.f;
       for (int64_t g = s * SUPER; g < std::min<int64_t>((s + 1) * SUPER, 2 * pairs); ++g) {
         const uint8_t* qb = w.q + (g / 2) * 32;
         const int shift = (g % 2) * 4;
-        int32_t dot = 0;
-        for (int64_t i = 0; i < QBLOCK; ++i) dot += static_cast<int32_t>((qb[i] >> shift) & 15) * xq[m * x.Kp + g * QBLOCK + i];
-        fsum += static_cast<float>(dot * static_cast<int32_t>(w.sc[g])) * xs[m * x.nb + g];
+        int32_t t = 0;
+        for (int64_t i = 0; i < QBLOCK; ++i) t += static_cast<int32_t>((qb[i] >> shift) & 15) * xq[m * Kq + g * QBLOCK + i];
+        dot += t * static_cast<int32_t>(w.sc[g]);
       }
-      for (int64_t g = s * SUPER; g < (s + 1) * SUPER; ++g) msum += static_cast<float>(w.mins[g]) * xsum[m * G + g];
-      a += fsum * half_to_float(w.dm[2 * s]) - msum * half_to_float(w.dm[2 * s + 1]);
+      for (int64_t g = 0; g < SUPER; ++g) msum += static_cast<float>(w.mins[s * SUPER + g]) * xsum[(m * S + s) * SUPER + g];
+      a += static_cast<float>(dot) * xs[m * S + s] * half_to_float(w.dm[2 * s]) - msum * half_to_float(w.dm[2 * s + 1]);
     }
     out[m] = a;
   }
@@ -373,127 +406,32 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q_in, const at:
               dm_in.scalar_type() == at::kHalf && dm_in.dim() == 3 && dm_in.size(2) == 2,
               "int4_linear: q uint8 [O, pairs, 32], codes uint8 [O, 2, G], dm fp16 [O, G / 8, 2]");
   const auto x = x_in.contiguous(), q = q_in.contiguous(), codes = codes_in.contiguous(), dm = dm_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), O = q.size(0), Kp = q.size(1) * 64, G = codes.size(2);
+  const int64_t M = x.size(0), K = x.size(1), O = q.size(0), pairs = q.size(1), Kp = pairs * 64, G = codes.size(2);
   TORCH_CHECK(Kp >= K && Kp - K < 64 && G % SUPER == 0 && G >= Kp / QBLOCK && dm.size(1) == G / SUPER &&
               codes.size(0) == O && dm.size(0) == O, "int4_linear: shapes do not match (x [M, K] vs q [O, K / 64, 32])");
   auto y = at::empty({M, O}, x.options());
-  const QuantizedX xq(x, Kp);
-  const std::vector<float> xsum = group_sums(xq, G);
+  const QuantizedX256 xq(x, G / SUPER);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const at::Half* dp = dm.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
-  constexpr int64_t ROWS = 16;  // weight rows per block: the block's x rows are read once per block from L1
+  constexpr int64_t ROWS = 16;  // weight rows per block: the block's x rows are read from L1 for all of them
   at::parallel_for(0, O, grain(Kp / 2), [&](int64_t b, int64_t e) {
     float out[4];
     for (int64_t o0 = b; o0 < e; o0 += ROWS) {
       const int64_t o1 = std::min(e, o0 + ROWS);
-      int64_t m = 0;
       auto run = [&](auto mr, int64_t m0) {
         constexpr int MR = decltype(mr)::value;
         for (int64_t o = o0; o < o1; ++o) {
           const Int4Row w{qp + o * Kp / 2, cp + o * 2 * G, reinterpret_cast<const int8_t*>(cp + o * 2 * G + G),
                           dp + o * G / SUPER * 2};
-          int4_row<MR>(xq, xsum.data(), G, m0, w, out);
+          int4_row<MR>(xq, pairs, m0, w, out);
           for (int i = 0; i < MR; ++i) yp[(m0 + i) * O + o] = out[i];
         }
       };
+      int64_t m = 0;
       for (; m + 4 <= M; m += 4) run(std::integral_constant<int, 4>{}, m);
       for (; m < M; ++m) run(std::integral_constant<int, 1>{}, m);
-    }
-  });
-  return y;
-}
-
-
-// EXPERIMENT: activations quantised per 256 (one scale per super-block): int32 accumulation over a super-block.
-template <int MR>
-inline void int4_row256(const int8_t* xq_all, const float* xs_all, int64_t Kp, int64_t S_x, const float* xsum,
-                        int64_t G, int64_t m0, const Int4Row& w, float* out) {
-  const int64_t pairs = Kp / 64, S = G / SUPER;
-  const int8_t* xq = xq_all + m0 * Kp;
-  const float* xs = xs_all + m0 * S_x;
-  xsum += m0 * G;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
-  for (int64_t s = 0; s < S; ++s) {
-    const __m256i codes = _mm256_broadcastsi128_si256(
-        _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.sc + s * SUPER))));
-    __m256i ai[MR];
-    for (int m = 0; m < MR; ++m) ai[m] = _mm256_setzero_si256();
-    const int64_t p_end = std::min<int64_t>(pairs, (s + 1) * SUPER / 2);
-    for (int64_t p = s * SUPER / 2; p < p_end; ++p) {
-      const int j = static_cast<int>(2 * (p - s * SUPER / 2));
-      _mm_prefetch(reinterpret_cast<const char*>(w.q + p * 32 + PREFETCH), _MM_HINT_T0);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + p * 32));
-      const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      const __m256i sc0 = _mm256_shuffle_epi8(codes, _mm256_load_si256(reinterpret_cast<const __m256i*>(LANE16[j])));
-      const __m256i sc1 =
-          _mm256_shuffle_epi8(codes, _mm256_load_si256(reinterpret_cast<const __m256i*>(LANE16[j + 1])));
-      for (int m = 0; m < MR; ++m) {
-        const int8_t* xm = xq + m * Kp + p * 64;
-        const __m256i p0 = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm))), sc0);
-        const __m256i p1 = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32))), sc1);
-        ai[m] = _mm256_add_epi32(ai[m], _mm256_add_epi32(p0, p1));
-      }
-    }
-    const float d = half_to_float(w.dm[2 * s]);
-    const __m256 dmin = _mm256_set1_ps(half_to_float(w.dm[2 * s + 1]));
-    const __m256 mins = _mm256_cvtepi32_ps(
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.mins + s * SUPER))));
-    for (int m = 0; m < MR; ++m) {
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[m]), _mm256_set1_ps(d * xs[m * S_x + s]), acc[m]);
-      acc[m] = _mm256_fnmadd_ps(_mm256_mul_ps(mins, _mm256_loadu_ps(xsum + m * G + s * SUPER)), dmin, acc[m]);
-    }
-  }
-  for (int m = 0; m < MR; ++m) out[m] = hsum(acc[m]);
-}
-
-at::Tensor int4_linear256(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& codes_in,
-                          const at::Tensor& dm_in) {
-  const auto x = x_in.contiguous(), q = q_in.contiguous(), codes = codes_in.contiguous(), dm = dm_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), O = q.size(0), Kp = q.size(1) * 64, G = codes.size(2), S = G / SUPER;
-  auto y = at::empty({M, O}, x.options());
-  // per-256 activation quantisation: Kp padded to S * 256
-  const int64_t Kq = S * 256;
-  std::vector<int8_t> xq(M * Kq, 0);
-  std::vector<float> xs(M * S), xsum(M * G, 0.f);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t s = 0; s < S; ++s) {
-      float amax = 0.f;
-      for (int64_t i = s * 256; i < std::min<int64_t>(K, (s + 1) * 256); ++i) amax = std::max(amax, std::fabs(xp[m * K + i]));
-      const float sc = amax / 127.f;
-      xs[m * S + s] = sc;
-      for (int64_t i = s * 256; i < std::min<int64_t>(K, (s + 1) * 256); ++i)
-        xq[m * Kq + i] = sc > 0.f ? static_cast<int8_t>(std::nearbyint(xp[m * K + i] / sc)) : 0;
-      for (int64_t g = s * 8; g < (s + 1) * 8; ++g) {
-        int32_t t = 0;
-        for (int64_t i = 0; i < 32; ++i) t += xq[m * Kq + g * 32 + i];
-        xsum[m * G + g] = sc * static_cast<float>(t);
-      }
-    }
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const at::Half* dp = dm.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, O, grain(Kp / 2), [&](int64_t b, int64_t e) {
-    float out[4];
-    for (int64_t o = b; o < e; ++o) {
-      const Int4Row w{qp + o * Kp / 2, cp + o * 2 * G, reinterpret_cast<const int8_t*>(cp + o * 2 * G + G),
-                      dp + o * G / SUPER * 2};
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) {
-        int4_row256<4>(xq.data(), xs.data(), Kq, S, xsum.data(), G, m, w, out);
-        for (int i = 0; i < 4; ++i) yp[(m + i) * O + o] = out[i];
-      }
-      for (; m < M; ++m) {
-        int4_row256<1>(xq.data(), xs.data(), Kq, S, xsum.data(), G, m, w, out);
-        yp[m * O + o] = out[0];
-      }
     }
   });
   return y;
@@ -693,7 +631,6 @@ TORCH_LIBRARY(seekling, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor s, int out) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor q, Tensor codes, Tensor dm) -> Tensor");
   m.def("int4_fit(Tensor groups) -> (Tensor, Tensor)");
-  m.def("int4_linear256(Tensor x, Tensor q, Tensor codes, Tensor dm) -> Tensor");
   m.def("quantize_int8_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("quantize_int4_rows(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("simd_level() -> str", &simd_level);
@@ -704,7 +641,6 @@ TORCH_LIBRARY_IMPL(seekling, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
   m.impl("int4_fit", &int4_fit);
-  m.impl("int4_linear256", &int4_linear256);
   m.impl("quantize_int8_rows", &quantize_int8_rows);
   m.impl("quantize_int4_rows", &quantize_int4_rows);
 }

@@ -14,9 +14,11 @@ and how the kernel reads it. `linear(x, w)` is the one matmul of every inference
     falls back to 5 or 8 bits there). The min (asymmetric groups) is worth ~15% less squared error than
     Q4_0-style symmetric groups at 0.125 bits; `quantize(w, "int4")` fits each group's scale and min by
     searching around the min-max fit for the least weighted squared error (llama.cpp's make_qkx2 idea).
-Both lay out TILE = 4 output rows as one sequential stream for the kernels (kernels.cpp), which quantise x to
-int8 per block of 32 (llama.cpp's Q8_0 activations) and multiply in integer SIMD (AVX2 maddubs): at batch 1
-they read the weights at memory bandwidth, at more rows each weight load serves several rows of x.
+The kernels (kernels.cpp) quantise x to int8 per block of 32 for int8 weights and per 256 for int4 (llama.cpp's
+Q8_0 and Q8_K activations: a whole super-block's products then add up in int32; measured against per-32 on the
+models of docs/benchmarks.md: the same KL on a Moonlight-shape random model, +4% on a trained speedrun model,
+for 15-30% less time a product) and multiply in integer SIMD (AVX2 maddubs): at batch 1 they read the weights at
+memory bandwidth, at more rows each weight load serves several rows of x.
 
 `from_ggml(data, ggml_type, shape)` turns a GGUF tensor's raw bytes into these layouts, one chunk of rows at
 a time (never a float copy of the tensor): F32/F16/BF16 -> fp32 tensor; Q8_0, Q5_0 -> int8 exactly; Q4_K ->
@@ -52,7 +54,7 @@ SUPER = 8  # int4 groups per super-block (one fp16 d, dmin): 256 values, as Q4_K
 PAIR = 2 * GROUP  # int4 rows are padded to whole pairs of groups: one 32-byte load holds two groups
 CHUNK = 1 << 22  # values quantised at a time (16 MB of fp32): the transient memory of a quantising load
 KINDS = ("int8", "int4")
-_EXPERIMENT_256 = __import__("os").environ.get("SEEKLING_INT4_ABLOCK") == "256"  # EXPERIMENT
+ABLOCK = {"int8": QBLOCK, "int4": GROUP * SUPER}  # activations quantised per this many values for each kind
 
 
 # --------------------------------------------------------------------------------------------- layouts
@@ -404,9 +406,10 @@ def concat(parts: list[QuantWeight]) -> QuantWeight:
 # ------------------------------------------------------------------------------------------ the product
 
 
-def quantize_activations(x: torch.Tensor, padded: int) -> torch.Tensor:
-    """The kernels' activation rounding, dequantised: x [M, K] -> [M, padded] fp32 (zeros beyond K)."""
-    x = F.pad(x.float(), (0, padded - x.shape[-1])).view(x.shape[0], -1, QBLOCK)
+def quantize_activations(x: torch.Tensor, padded: int, block: int = QBLOCK) -> torch.Tensor:
+    """The kernels' activation rounding, dequantised: x [M, K] -> [M, padded] fp32 (zeros beyond K), int8 per
+    `block` values with one scale each (max|x| / 127)."""
+    x = F.pad(x.float(), (0, padded - x.shape[-1])).view(x.shape[0], -1, block)
     scale = x.abs().amax(-1, keepdim=True) / QMAX
     q = torch.where(scale > 0, torch.round(x / scale), 0.0).clamp_(-QMAX, QMAX)
     return (q * scale).view(x.shape[0], padded)
@@ -415,7 +418,8 @@ def quantize_activations(x: torch.Tensor, padded: int) -> torch.Tensor:
 def reference_product(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """The quantised product in torch ops: the kernels' reference, and the path off the CPU (it dequantises
     the weight per call: slow, but exact)."""
-    xq = quantize_activations(x, -(-w.in_features // QBLOCK) * QBLOCK)[:, :w.in_features]
+    block = ABLOCK["int4" if isinstance(w, Int4Weight) else "int8"]
+    xq = quantize_activations(x, _round_up(w.in_features, block), block)[:, :w.in_features]
     return xq @ w.dequantize().to(xq.device).T
 
 
@@ -438,8 +442,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     elif loaded:
         xf = x2 if x2.dtype == torch.float32 else x2.float()
         if tw is Int4Weight:
-            y = (torch.ops.seekling.int4_linear256 if _EXPERIMENT_256 else torch.ops.seekling.int4_linear)(
-                xf, w.q, w.codes, w.dm)
+            y = torch.ops.seekling.int4_linear(xf, w.q, w.codes, w.dm)
         else:
             y = torch.ops.seekling.int8_linear(xf, w.q, w.scale, w.out_features)
     else:
