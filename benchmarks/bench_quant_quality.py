@@ -38,7 +38,7 @@ from seekling.model.layers import make_batch  # noqa: E402
 from seekling.model.quant import use_kernels  # noqa: E402
 
 BLOCK = 16
-LLAMA_FTYPES = {"Q8_0": 7, "Q4_K_M": 15}  # llama_ftype values
+LLAMA_FTYPES = {"Q8_0": 7, "Q4_K_M": 15, "Q4_0": 2}  # llama_ftype values (Q4_0: 4.5 bits, pure 4-bit)
 
 
 def sequences(model_dir: Path, model: Any, n: int, length: int, seed: int) -> list[list[int]]:

@@ -284,9 +284,9 @@ def _int4_rows(x: torch.Tensor, scale: torch.Tensor | None = None,
         return torch.ops.seekling.quantize_int4_rows(x)
     n, k = x.shape
     groups = F.pad(x.float(), (0, -k % PAIR)).view(n, -1, GROUP)
-    if scale is None:
-        fit = kernels.int4_fit if kernels.loaded() else int4_fit
-        scale, low = fit(groups.reshape(-1, GROUP))
+    if scale is None:  # without the kernels, the min-max fit: the search in torch is ~40x slower than in C++,
+        # and the no-compiler path requantises the weights to int8 for fbgemm anyway
+        scale, low = int4_fit(groups.reshape(-1, GROUP), steps=0)
         scale, low = scale.view(n, -1), low.view(n, -1)
     else:
         scale, low = F.pad(scale, (0, groups.shape[1] - scale.shape[1])), F.pad(low, (0, groups.shape[1] -
