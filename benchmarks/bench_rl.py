@@ -26,8 +26,8 @@ import torch
 
 
 def make_model(directory: Path, vocab_size: int) -> None:
-    from seekling.config import preset
     from seekling.model import Transformer
+    from seekling.model.config import preset
     from seekling.tasks import corpus_text
     from seekling.tokenizer import train_tokenizer
 

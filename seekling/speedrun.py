@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from seekling.atomic import write_text
-from seekling.config import preset as model_preset
+from seekling.model.config import preset as model_preset
 from seekling.report import run_intervals, write_report
 
 R1_ZERO_SHARE = 0.1  # share of pretraining documents written in the R1-Zero template (see pretrain_documents)

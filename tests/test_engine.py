@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from seekling.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.engine.detok import IncrementalDecoder, TextStream
 from seekling.model import Transformer
+from seekling.model.config import preset
 from seekling.tokenizer import train_tokenizer
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seekling.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.model import Transformer, make_batch
+from seekling.model.config import preset
 from seekling.model.dense import DenseConfig, DenseModel
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seekling.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.model import Transformer
+from seekling.model.config import preset
 from seekling.model.load import load_pretrained
 from seekling.model.quant import (
     GGML_TYPES,

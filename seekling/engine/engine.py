@@ -8,9 +8,9 @@ One `step()` = drain the inbox (requests and aborts from any thread), schedule (
 the paged block cache), one packed forward of the model (its own `infer`: seekling/model), the writing of
 the new cache entries it returns, sampling (or speculative verification), detokenisation, then — when
 speculative — one packed forward of the MTP module that drafts each sequence's next token. Every model
-family (DeepSeek-V3's `Transformer`, the Qwen2/Llama `DenseModel` of the R1-Distill releases) offers the
-same interface (`prepare`, `infer`, `logits`, `cache_entry_shape`, `num_cache_layers`, `eos_token_ids`);
-the engine knows nothing of their layers. `compile=True` runs plain decode steps of up to `max_batch`
+family (seekling/model/families/: DeepSeek-V3/V2's `Transformer`, the Qwen2/Qwen3/Llama `DenseModel` of the
+R1 distills) offers the same interface (`prepare`, `infer`, `logits`, `cache_entry_shape`, `num_cache_layers`,
+`eos_token_ids`); the engine knows nothing of their layers. `compile=True` runs plain decode steps of up to `max_batch`
 sequences through `torch.compile` of that same `infer`. Servers call `add_request` / `abort` from their
 threads and `step()` from one loop; `generate` and `stream` drive `step()` themselves.
 """
@@ -31,7 +31,7 @@ import torch
 
 from seekling.engine.cache import BlockManager
 from seekling.engine.compiled import CompiledDecode
-from seekling.engine.detok import IncrementalDecoder, TextStream, prompt_opens_think
+from seekling.engine.detok import IncrementalDecoder, TextStream, prompt_opens_think, turn_start_ids
 from seekling.engine.grammar import Grammars, Matcher
 from seekling.engine.sampling import (
     SamplingParams,
@@ -42,11 +42,11 @@ from seekling.engine.sampling import (
     uniform,
 )
 from seekling.engine.scheduler import Scheduler, Sequence
+from seekling.model.families import family_of
 from seekling.model.layers import CausalLM, make_batch
 from seekling.model.load import QUANTIZE, load_pretrained, release_freed_memory
-from seekling.model.model import Transformer
 from seekling.model.quant import use_kernels
-from seekling.tokenizer import load_tokenizer
+from seekling.tokenizer import bundled_tokenizer
 
 Prompt = str | list[dict[str, Any]] | list[int]
 log = logging.getLogger("seekling.engine")
@@ -134,8 +134,8 @@ class Engine:
         if isinstance(model_or_path, (str, Path)):
             model = load_pretrained(model_or_path, device=device, dtype=dtype, max_memory_gb=max_memory_gb,
                                     quantize=quantize)
-            if tokenizer is None and (Path(model_or_path) / "tokenizer.json").is_file():
-                tokenizer = load_tokenizer(model_or_path)
+            if tokenizer is None:
+                tokenizer = bundled_tokenizer(model_or_path)
                 release_freed_memory()
         elif dtype is not None or max_memory_gb is not None:
             raise ValueError("dtype and max_memory_gb apply when the engine loads a directory; "
@@ -143,17 +143,14 @@ class Engine:
         else:
             model = model_or_path
         if not isinstance(model, CausalLM):
-            raise ValueError(f"the engine runs seekling's model families (DeepSeek-V3 Transformer, Qwen2/Llama "
-                             f"DenseModel), got {type(model).__name__}")
+            raise ValueError(f"the engine runs seekling's model families (seekling/model/families/: a Transformer "
+                             f"or DenseModel), got {type(model).__name__}")
         self.device = torch.device(device) if device is not None else model.model.norm.weight.device
         if model.quantized is None:
             model.to(self.device)
         model.prepare(quantize)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.generation_defaults: dict[str, Any] = dict(model.generation_defaults)
-        if speculative and not (isinstance(model, Transformer) and len(model.mtp_layers)):
-            model.num_cache_layers(True)  # a dense model says why it cannot
-            raise ValueError("speculative=True needs an MTP module (num_nextn_predict_layers >= 1)")
         if speculative and num_speculative_tokens != 1:
             raise ValueError("num_speculative_tokens must be 1 (one MTP module drafts one token)")
         self.speculative = speculative
@@ -171,12 +168,15 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         use_kernels(self.device)
         self.compiled = CompiledDecode(model, self.kv) if compile else None
-        # Every eos id stops a sequence: the tokenizer's, and the checkpoint's (generation_config.json may
-        # list several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>).
+        # Every eos id stops a sequence: the tokenizer's, the checkpoint's (generation_config.json may list
+        # several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>), the end-of-turn tokens of the family's chat
+        # formats that the vocabulary has, and a token that opens the user's turn (detok.turn_start_ids).
         model_eos = list(model.eos_token_ids)
         eos = tokenizer.eos_token_id if tokenizer is not None else (model_eos or [model.config.eos_token_id])[0]
+        turn_ends = [tokenizer.convert_tokens_to_ids(t) for t in family_of(model).stop_tokens] if tokenizer else []
         self.eos_token_id: int | None = eos
-        self.eos_token_ids: set[int] = {t for t in [eos, *model_eos] if t is not None}
+        self.eos_token_ids: set[int] = ({t for t in [eos, *model_eos, *turn_ends] if t is not None}
+                                        | turn_start_ids(tokenizer))
         self.grammars = Grammars(tokenizer, model.config.vocab_size, sorted(self.eos_token_ids))  # constraints
         self._lock = threading.Lock()  # guards the inbox and the set of live request ids
         self._step_lock = threading.RLock()  # one step at a time
@@ -206,16 +206,21 @@ class Engine:
         raise ValueError("a prompt is a string, a list of chat messages ({'role', 'content'}) or a list of "
                          f"token ids; got {type(prompt).__name__}")
 
-    def compile_constraint(self, constraint: StructuredOutputsParams) -> None:
-        """Compile a request's constraint into the engine's cache (ValueError if it does not compile). add_request
-        does this itself; a server calls it first on a worker thread, since a new grammar can take seconds."""
-        self.grammars.compile(constraint)
+    def compile_constraint(self, constraint: StructuredOutputsParams, cancelled: Any = None) -> None:
+        """Compile a request's constraint into the engine's cache (ValueError if it does not compile or is past
+        the bounds of `grammars`). add_request does this itself; a server calls it first on a worker thread, since
+        a new grammar can take seconds; `cancelled()` turning true stops a bounded compile (grammar.py)."""
+        self.grammars.compile(constraint, cancelled)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request (thread-safe); returns its id. Bad input raises ValueError here, at once."""
+                    request_id: str | None = None, prompt_ids: list[int] | None = None) -> str:
+        """Queue a request (thread-safe); returns its id. Bad input raises ValueError here, at once.
+        `prompt_ids`: the tokens of a text prompt, when the caller has tokenized it already."""
         params = params if params is not None else SamplingParams()
-        ids, text = self._encode(prompt)
+        if prompt_ids is not None and isinstance(prompt, str):
+            ids, text = list(prompt_ids), prompt
+        else:
+            ids, text = self._encode(prompt)
         V = self.config.vocab_size
         if not ids:
             raise ValueError("the prompt is empty")

@@ -28,6 +28,9 @@ class StructuredOutputsParams:
 
     What a constraint covers, for every field: the completion text exactly as the engine decodes the
     sampled tokens (special tokens kept, nothing stripped), from the first generated token to the end.
+    The chat template's tokens (the tokenizer's added tokens) never stand for a constraint's text, except
+    where a structural tag writes them in its begin/end/separator/const strings: a JSON string never holds
+    `<｜User｜>` or `</think>` (seekling/engine/grammar.py).
     Once the text is complete for the constraint, only an end of sequence may follow (eos, or a stop
     string/token). A length cut (`max_tokens`) is the one way a constrained completion ends unfinished.
     A prompt that opens a think block is not special-cased by the engine: a constraint that must let the

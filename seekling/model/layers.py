@@ -20,12 +20,15 @@ last token + drafts) and chunked prefill alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekling.model.config import yarn_mscale
 from seekling.model.quant import Int4Weight, Int8Weight, head_kind, layer_mode, linear, quantize
 
 
@@ -75,6 +78,62 @@ def embedding(num_embeddings: int, dim: int) -> nn.Embedding:
     if not weight.is_meta:
         nn.init.normal_(weight)
     return nn.Embedding(num_embeddings, dim, _weight=weight)
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies over `dim` rotated dims [dim/2], and the factor cos/sin are multiplied by.
+
+    scaling (a config's rope_scaling): None / default; "yarn" (YaRN as DeepSeek and transformers compute it: the
+    low frequencies interpolated by `factor`, the high ones kept, a linear ramp between the correction dims of
+    beta_fast / beta_slow; the factor is attention_factor when given, else mscale(factor, mscale) /
+    mscale(factor, mscale_all_dim), else mscale(factor) — times attn_factor when a config gives one, as vLLM
+    and llama.cpp read it: Qwen3's R1-0528 distill sets it to cancel mscale); "llama3" (Llama-3.1's: long
+    wavelengths divided by factor, short ones kept, the band between interpolated)."""
+    # On the CPU whatever the ambient device (a buffer moves with its module): the loader builds on meta, where
+    # arange runs through torch._refs and its first use imports torch._dynamo (+150 MB resident).
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    inv_freq = 1.0 / pos_freqs
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind in (None, "default"):
+        return inv_freq, 1.0
+    if kind == "llama3":
+        return _llama3(inv_freq, scaling), 1.0
+    if kind != "yarn":
+        raise ValueError(f"rope scaling {kind!r} is not supported (default, yarn, llama3)")
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(n_rot: float) -> float:
+        return dim * math.log(original / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    inv_freq = (1.0 / (factor * pos_freqs)) * ramp + inv_freq * (1 - ramp)  # ramp 0: the original frequency
+    if scaling.get("attention_factor") is not None:
+        attention_factor = float(scaling["attention_factor"])
+    elif scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        attention_factor = yarn_mscale(factor, scaling["mscale"]) / yarn_mscale(factor, scaling["mscale_all_dim"])
+    else:
+        attention_factor = yarn_mscale(factor)
+    return inv_freq, attention_factor * float(scaling.get("attn_factor", 1.0))
+
+
+def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """transformers' `_compute_llama3_parameters`."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -1,13 +1,20 @@
-"""Loading a model directory: DeepSeek-V3 (ours, transformers' or DeepSeek's unquantised layout) as a
-`Transformer`, Qwen2 / Llama (the DeepSeek-R1-Distill releases) as a `DenseModel`.
+"""Loading a model: a Hugging Face directory of any family seekling runs (seekling/model/families/: DeepSeek-V3,
+ours, transformers' or DeepSeek's unquantised layout; DeepSeek-V2; Qwen2, Qwen3, Llama), a GGUF file, or a
+model pulled by Ollama (`ollama:NAME[:TAG]`, seekling/sources.py).
 
     model = load_pretrained("runs/speedrun/rl")                       # fp32 on the CPU
     model = load_pretrained("DeepSeek-R1-Distill-Qwen-1.5B", quantize="int8")
+    model = load_pretrained("ollama:deepseek-r1:8b")                  # a GGUF keeps its own bits
+
+The source gives a `Checkpoint`: its family (config.json's model_type, or the GGUF's architecture), the config,
+and the tensors by Hugging Face name as sources that read themselves (safetensors headers: checkpoint.py; GGUF
+tensors, with the layouts llama.cpp's converter changed undone: gguf_file.py and the family). Everything after
+that is the same for both. A GGUF whose weights are quantised loads them in seekling's int8 / int4 layouts
+(`quant.from_ggml`'s conversions, streamed) unless a `dtype` or `quantize` asks otherwise.
 
 Memory is what decides whether a laptop can run a model, so the load is planned from the safetensors
-headers before any tensor is read (refused when it would not fit, or exceed `max_memory_gb`, with what would
-fit), and tensors are read with plain file reads (no mmap: resident memory is what the model keeps, not every
-page touched):
+headers before any tensor is read (refused when it would not fit, or exceed `max_memory_gb`), and tensors
+are read with plain file reads (no mmap: resident memory is what the model keeps, not every page touched):
   - float: the model is allocated once at the target dtype, `prepare` lays out its fused projections, and
     each tensor is read straight into its parameter (a view of the fused storage): the peak is the model
     plus one tensor;
@@ -15,7 +22,8 @@ page touched):
     in the file; its own `prepare` quantises them, and `quantize` reads each a chunk of rows at a time into
     its slot of the quantised weight (routed experts one at a time into their stack). Only the small float
     tensors (norms, biases, routers, MLA's kv_b_proj) are allocated. The peak is the quantised model plus one
-    chunk (16 MB of fp32), whatever the size of a layer.
+    chunk (16 MB of fp32), whatever the size of a layer. A GGUF's quantised tensors keep their own bits
+    ("gguf": Q4_0/Q4_1/Q4_K become int4, the others int8; Q4_K, Q8_0 and Q5_0 exactly, from their bytes).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +39,11 @@ import torch
 from torch import nn
 
 from seekling.checkpoint import DTYPES, StoredTensor, checkpoint_tensors, read_generation_config
-from seekling.config import ModelConfig
-from seekling.model.dense import SUPPORTED_MODEL_TYPES, DenseConfig, DenseModel, rope_inv_freq
+from seekling.model.families import Family, family, gguf_family
+from seekling.model.gguf_file import FLOAT_TYPES, GGUFFile, GGUFTensor
 from seekling.model.layers import CausalLM, free_parameters
-from seekling.model.mla import rope_inv_freq as mla_rope_inv_freq
-from seekling.model.model import Transformer
-from seekling.model.quant import KINDS, head_kind, layer_mode, quantized_nbytes, use_kernels, weight_kind
+from seekling.model.quant import KINDS, head_kind, layer_mode, natural_kind, quantized_nbytes, use_kernels, weight_kind
+from seekling.sources import is_gguf, resolve_model
 
 QUANTIZE = KINDS
 
@@ -86,34 +94,68 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def _build(directory: Path, raw: dict[str, Any]) -> CausalLM:
-    """The model of config.json, on the meta device (no memory)."""
+@dataclass
+class Checkpoint:
+    """What a model source holds, whatever its format."""
+
+    name: str  # the path, for messages
+    family: Family
+    config: Any
+    stored: dict[str, Any]  # Hugging Face name -> a source with shape, dtype, is_float, read(rows)
+    generation: tuple[dict[str, Any], list[int]]  # (SamplingParams defaults, eos ids)
+    quantized: bool = False  # a GGUF whose matmul weights are quantised
+
+
+def open_directory(directory: Path) -> Checkpoint:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory}/config.json not found: not a model directory")
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{directory}/config.json is not JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{directory}/config.json is not a JSON object")
     if raw.get("quantization_config"):
         method = raw["quantization_config"].get("quant_method")
         raise ValueError(f"{directory} holds a quantized checkpoint ({method}); use the bf16/fp32 release")
-    model_type = raw.get("model_type", "deepseek_v3")
-    with torch.device("meta"):
-        if model_type in SUPPORTED_MODEL_TYPES:
-            return DenseModel(DenseConfig.from_dict(raw))
-        if model_type in ("deepseek_v3", "deepseek_v2"):
-            return Transformer(ModelConfig.from_hf_dict(raw))
-    raise ValueError(f"unsupported architecture: model_type={model_type!r} (architectures="
-                     f"{raw.get('architectures')}); seekling reads deepseek_v3, deepseek_v2, "
-                     f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    fam = family(raw.get("model_type", "deepseek_v3"), raw.get("architectures"))
+    try:
+        config = fam.read_config(raw)
+    except KeyError as e:
+        raise ValueError(f"{directory}/config.json has no {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{directory}/config.json: {e}") from e
+    return Checkpoint(str(directory), fam, config, checkpoint_tensors(directory), read_generation_config(directory))
 
 
-def _expected(model: CausalLM, stored: dict[str, StoredTensor], directory: Path) -> dict[str, torch.Tensor]:
+def open_gguf(path: Path) -> Checkpoint:
+    f = GGUFFile(path)
+    f.check_types()
+    raw = gguf_family(f).config_from_gguf(f)
+    fam = family(raw["model_type"])
+    config = fam.read_config(raw)
+    stored = fam.tensors_from_gguf(f, config)
+    weights = [t for t in stored.values() if isinstance(t, GGUFTensor) and len(t.shape) >= 2]
+    quantized = sum(t.ggml_type not in FLOAT_TYPES for t in weights) * 2 > len(weights)
+    return Checkpoint(str(path), fam, config, stored, f.generation_config(), quantized)
+
+
+def open_checkpoint(source: str | Path) -> Checkpoint:
+    path = resolve_model(source)
+    return open_gguf(path) if is_gguf(path) else open_directory(path)
+
+
+def _expected(model: CausalLM, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """The model's state (parameters and stored buffers) by name, checked against the files' names and shapes."""
+    stored, where = ckpt.stored, ckpt.name
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if tied:
         expected.pop("lm_head.weight")  # shares embed_tokens; a saved copy is ignored
-    skip = {"lm_head.weight"} if tied else set()
+    skip = ckpt.family.unread_tensors(model.config) | ({"lm_head.weight"} if tied else set())
     n_layers = len(model.model.layers)
-    if isinstance(model, Transformer):  # DeepSeek's MTP modules carry copies of the shared embedding and head
-        n = model.config.num_hidden_layers
-        skip |= {f"model.layers.{n + k}.{s}" for k in range(model.config.num_nextn_predict_layers)
-                 for s in ("embed_tokens.weight", "shared_head.head.weight")}
 
     def ignorable(name: str) -> bool:
         parts = name.split(".")
@@ -122,23 +164,26 @@ def _expected(model: CausalLM, stored: dict[str, StoredTensor], directory: Path)
 
     unexpected = [k for k in stored if k not in expected and not ignorable(k)]
     if unexpected:
-        raise ValueError(f"{directory}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+        raise ValueError(f"{where}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
                          f"for {type(model).__name__}")
     missing = [k for k in expected if k not in stored]
     if missing:
-        raise ValueError(f"{directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(f"{where}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for name, t in expected.items():
         if tuple(stored[name].shape) != tuple(t.shape):
             raise ValueError(f"tensor {name} has shape {list(stored[name].shape)} in {stored[name].file.name}, "
-                             f"expected {list(t.shape)} from config.json")
+                             f"expected {list(t.shape)} from the config")
     return expected
 
 
 FLOAT_KEPT = ("gate.weight", "kv_b_proj.weight")  # read in float by `infer` (routers; MLA's per-head bmm)
 
 
-def _planned_kind(name: str, quantize_to: str, head: str, n_layers: int) -> str:
-    """The kind `prepare(quantize_to)` gives the weight `name` (the same policy: `layer_mode`, `weight_kind`)."""
+def _planned_kind(name: str, quantize_to: str, head: str, n_layers: int, stored: Any) -> str:
+    """The kind `prepare(quantize_to)` gives the weight `name` (the same policy: `layer_mode`, `weight_kind`,
+    and for "gguf" the stored tensor's own, `natural_kind`)."""
+    if quantize_to == "gguf":
+        return natural_kind(stored)
     if name == head:
         return head_kind(quantize_to)
     parts = name.split(".")
@@ -150,7 +195,8 @@ def _planned_kind(name: str, quantize_to: str, head: str, n_layers: int) -> str:
     return weight_kind(mode, role)
 
 
-def _bytes_needed(expected: dict[str, torch.Tensor], dtype: torch.dtype, quantize_to: str | None) -> int:
+def _bytes_needed(expected: dict[str, torch.Tensor], stored: dict[str, Any], dtype: torch.dtype,
+                  quantize_to: str | None) -> int:
     """The model's bytes after `prepare(quantize_to)`, from shapes alone: matmul weights in their quantised
     layouts; norms, routers, kv_b_proj and buffers at their float size."""
     size = lambda t: dtype.itemsize if t.is_floating_point() else t.element_size()
@@ -159,7 +205,7 @@ def _bytes_needed(expected: dict[str, torch.Tensor], dtype: torch.dtype, quantiz
     head = "lm_head.weight" if "lm_head.weight" in expected else "model.embed_tokens.weight"  # tied: one
     n_layers = 1 + max((int(n.split(".")[2]) for n in expected if n.startswith("model.layers.")), default=0)
     return sum(t.numel() * size(t) if t.dim() < 2 or n.endswith(FLOAT_KEPT) else
-               quantized_nbytes(tuple(t.shape), _planned_kind(n, quantize_to, head, n_layers))
+               quantized_nbytes(tuple(t.shape), _planned_kind(n, quantize_to, head, n_layers, stored.get(n)))
                for n, t in expected.items())
 
 
@@ -168,17 +214,18 @@ def _budget(device: torch.device, max_memory_gb: float | None) -> int:
     return budget if max_memory_gb is None else min(budget, int(max_memory_gb * 1e9))
 
 
-def _check_memory(directory: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype, quantize_to: str | None,
-                  budget: int, max_memory_gb: float | None) -> None:
+def _check_memory(directory: Path, expected: dict[str, torch.Tensor], stored: dict[str, Any], dtype: torch.dtype,
+                  quantize_to: str | None, budget: int, max_memory_gb: float | None) -> None:
     """Refuse, before any weight is read, a load whose weights would not fit the budget, saying what each
     precision would need and which fit."""
-    needed = _bytes_needed(expected, dtype, quantize_to)
+    needed = _bytes_needed(expected, stored, dtype, quantize_to)
     if needed <= budget:
         return
     precision = quantize_to or str(dtype).removeprefix("torch.")
     options = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (dtype, "int8"),
                "int4": (dtype, "int4")}
-    sizes = {name: _bytes_needed(expected, *option) for name, option in options.items() if name != precision}
+    sizes = {name: _bytes_needed(expected, stored, *option) for name, option in options.items()
+             if name != precision}
     fits = [name for name, n in sizes.items() if n <= budget]  # the most precise first
     hint = ("no precision fits: try a smaller model" if not fits else
             f"--quantize {fits[0]} would fit" if fits[0] in KINDS else f"--dtype {fits[0]} would fit")
@@ -216,63 +263,48 @@ def _read_into(names: list[str], expected: dict[str, torch.Tensor], stored: dict
             expected[name].copy_(stored[name].read())  # converts the dtype, moves the device
 
 
-def _reset_buffers(model: CausalLM, device: torch.device) -> None:
-    """Buffers that are not stored (RoPE frequencies, expert load counters) are computed."""
-    if isinstance(model, DenseModel):
-        model.model.inv_freq = rope_inv_freq(model.config).to(device)
-        return
-    inv_freq, factor = mla_rope_inv_freq(model.config)
-    model.model.rotary_emb.inv_freq = inv_freq.to(device)
-    model.model.rotary_emb.attention_factor = factor
-    for moe in model.moe_layers():
-        moe.load.zero_()
-        moe.last_load.zero_()
-
-
 def _relayer(name: str) -> str:
     """The group a tensor loads with: its layer ("model.layers.3"), or "" for the embedding, norms, head."""
     parts = name.split(".")
     return ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else ""
 
 
-def load_pretrained(directory: str | Path, device: str | torch.device | None = None,
+def load_pretrained(source: str | Path, device: str | torch.device | None = None,
                     dtype: str | torch.dtype | None = None, max_memory_gb: float | None = None,
                     quantize: str | None = None) -> CausalLM:
-    """Load a model directory (see the module docstring). dtype None / "auto": fp32 on the CPU, else the
-    checkpoint's. quantize="int8" / "int4": quantised weights for inference (seekling/model/quant.py; the model
-    is then not trainable or savable)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory}/config.json not found: not a model directory")
+    """Load a model directory, GGUF file or `ollama:NAME[:TAG]` (see the module docstring). dtype None / "auto":
+    fp32 on the CPU, else the checkpoint's. quantize="int8" / "int4": quantised weights for inference
+    (seekling/model/quant.py; the model is then not trainable or savable); a GGUF with quantised weights keeps
+    their bits unless a dtype or quantize asks otherwise."""
     if quantize not in (None, *QUANTIZE):
         raise ValueError(f"unknown quantize={quantize!r}: {', '.join(QUANTIZE)} (or None)")
-    raw = json.loads((directory / "config.json").read_text())
+    ckpt = open_checkpoint(source)
+    if ckpt.quantized and quantize is None and dtype is None:  # a quantised GGUF keeps its own bits unless asked
+        quantize = "gguf"
     device = torch.device(device or "cpu")
-    model = _build(directory, raw)
-    stored = checkpoint_tensors(directory)
-    if isinstance(model, Transformer):
-        _drop_missing_mtp(model, stored)
-    expected = _expected(model, stored, directory)
+    with torch.device("meta"):
+        model = ckpt.family.build(ckpt.config)
+    ckpt.family.fit_to_checkpoint(model, set(ckpt.stored))
+    stored = ckpt.stored
+    expected = _expected(model, ckpt)
     budget = _budget(device, max_memory_gb)
     _allocate_big_tensors_apart()
     target = _dtype(None if dtype == "auto" else dtype) or _auto_dtype(
-        stored, device, _bytes_needed(expected, torch.float32, quantize) <= budget)
-    _check_memory(directory, expected, target, quantize, budget, max_memory_gb)
+        stored, device, _bytes_needed(expected, stored, torch.float32, quantize) <= budget)
+    _check_memory(Path(ckpt.name), expected, stored, target, quantize, budget, max_memory_gb)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if quantize is None:
         _materialize(model, device, target)
         if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
-        expected = _expected(model, stored, directory)  # the allocated tensors, by the same names
-        _reset_buffers(model, device)
+        expected = _expected(model, ckpt)  # the allocated tensors, by the same names
+        model.reset_buffers(device)
         model.prepare()  # fused layouts first, so every tensor is read straight into its final place
         _read_into(list(expected), expected, stored)
     else:
         use_kernels(device)  # quantise with them (one C++ pass a row), not with the torch reference
         _load_quantized(model, stored, device, target, quantize)
-    model.generation_defaults, eos = read_generation_config(directory)
+    model.generation_defaults, eos = ckpt.generation
     model.eos_token_ids = eos or model.eos_token_ids
     release_freed_memory()
     return model.eval()
@@ -287,7 +319,7 @@ def _load_quantized(model: CausalLM, stored: dict[str, StoredTensor], device: to
         mode = layer_mode(quantize_to, i, n)
         _prepare_streamed(layer, f"model.layers.{i}.", stored, device, dtype, lambda m, mode=mode: m.prepare(mode))
     _prepare_streamed(model, "", stored, device, dtype, lambda m: m.prepare_head(quantize_to), skip="model.layers.")
-    _reset_buffers(model, device)
+    model.reset_buffers(device)
     model.quantized = quantize_to
 
 
@@ -331,14 +363,3 @@ def _allocate(module: nn.Module, tensors: list[torch.Tensor], device: torch.devi
         for key, b in list(sub._buffers.items()):
             if b is not None and id(b) in wanted:
                 sub._buffers[key] = torch.zeros(b.shape, dtype=b.dtype, device=device)
-
-
-def _drop_missing_mtp(model: Transformer, stored: dict[str, StoredTensor]) -> None:
-    """transformers' DeepseekV3ForCausalLM has no MTP modules and saves none while its config still says
-    num_nextn_predict_layers=1: build only the MTP layers the checkpoint really holds."""
-    cfg, n = model.config, model.config.num_hidden_layers
-    present = [k for k in range(cfg.num_nextn_predict_layers) if f"model.layers.{n + k}.eh_proj.weight" in stored]
-    if len(present) != cfg.num_nextn_predict_layers:
-        cfg.extra["num_nextn_predict_layers_in_config"] = cfg.num_nextn_predict_layers
-        cfg.num_nextn_predict_layers = len(present)
-        del model.model.layers[n + len(present):]

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from seekling.model import kernels
 
 __all__ = ["KINDS", "Int4Weight", "Int8Weight", "QBLOCK", "RowStack", "TILE", "concat", "embed", "from_ggml",
-           "head_kind", "layer_mode", "linear", "load_kernels", "quantize", "quantize_stack", "quantized_nbytes",
-           "use_kernels", "weight_kind"]
+           "head_kind", "layer_mode", "linear", "load_kernels", "natural_kind", "quantize", "quantize_stack",
+           "quantized_nbytes", "use_kernels", "weight_kind"]
 
 QBLOCK = 32  # activations are quantised per block of this many values (weight rows are padded to it)
 TILE = 4  # output rows per tile of the kernels' layouts
@@ -310,15 +310,40 @@ def _read_rows(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return t[a:b].detach()
 
 
+def natural_kind(stored: object) -> str:
+    """The kind a GGUF tensor keeps its bits in (Q4_0 / Q4_1 / Q4_K: int4; Q8_0, Q5_*, Q6_K: int8); int8 for
+    anything else (a float tensor, a safetensors one)."""
+    ggml_type = getattr(stored, "ggml_type", None)
+    name = GGML_TYPES.get(int(ggml_type), ("",))[0] if ggml_type is not None else ""
+    return "int4" if name in ("Q4_0", "Q4_1", "Q4_K") else "int8"
+
+
+def _gguf_rows(t: torch.Tensor, kind: str) -> tuple[str, int] | None:
+    """(ggml type name, bytes a block) when rows of `t` can go from their GGUF bytes straight into `kind`'s
+    layout (`from_ggml`'s conversions: exact for Q4_K, Q8_0, Q5_0), else None."""
+    stored = getattr(t, "stored", None) if t.is_meta else None
+    if stored is None or not hasattr(stored, "raw") or natural_kind(stored) != kind:
+        return None
+    name, _, size = GGML_TYPES[int(stored.ggml_type)]
+    return name, size
+
+
 def _fill(w: QuantWeight, lead: tuple[int, ...], parts: Sequence[torch.Tensor], kind: str) -> None:
     """Quantise the parts (stacked on their rows) into w[lead], CHUNK values at a time."""
     row0 = 0
     for part in parts:
         rows, k = part.shape
         step = max(TILE, CHUNK // max(1, k) // TILE * TILE)
+        gguf = _gguf_rows(part, kind)
         for a in range(0, rows, step):
-            x = _read_rows(part, a, min(a + step, rows))
-            _put(w, lead, row0 + a, _int4_rows(x) if kind == "int4" else _int8_rows(x))
+            b = min(a + step, rows)
+            if gguf is not None:
+                raw = np.ascontiguousarray(part.stored.raw(slice(a, b))).view(np.uint8).reshape(b - a, -1)
+                pieces = _ggml_chunk(*gguf, raw, b - a, k)[1]
+            else:
+                x = _read_rows(part, a, b)
+                pieces = _int4_rows(x) if kind == "int4" else _int8_rows(x)
+            _put(w, lead, row0 + a, pieces)
         row0 += rows
 
 
@@ -328,9 +353,14 @@ def quantize(w: torch.Tensor | Sequence[torch.Tensor], kind: str = "int8", role:
     "int4": groups of 32, see the module docstring; a `layer_mode` answer with the weight's `role`) in the
     kernels' layout, a chunk of rows at a time."""
     kind = weight_kind(kind, role)
+    parts = [w] if isinstance(w, torch.Tensor) else list(w)
+    if kind == "gguf":  # each part keeps its GGUF type's bits: parts of different kinds become a RowStack
+        kinds = [natural_kind(getattr(p, "stored", None)) for p in parts]
+        if len(set(kinds)) > 1:
+            return concat([quantize(p, k) for p, k in zip(parts, kinds, strict=True)])
+        kind = kinds[0]
     if kind not in KINDS:
         raise ValueError(f"unknown quantisation {kind!r}: {', '.join(KINDS)}")
-    parts = [w] if isinstance(w, torch.Tensor) else list(w)
     if len(parts) == 1 and parts[0].dim() > 2:
         lead = tuple(parts[0].shape[:-2])
         out = _empty(kind, lead, parts[0].shape[-2], parts[0].shape[-1])
@@ -345,6 +375,9 @@ def quantize_stack(experts: Sequence[Sequence[torch.Tensor]], kind: str = "int8"
     every expert is quantised into its slot of one preallocated weight, so a load holds one expert's chunk in
     float at a time. Indexing the result (w[e]) is a view."""
     kind = weight_kind(kind, role)
+    if kind == "gguf":  # the experts' own kind; the wider one (int8) when their parts differ
+        kinds = {natural_kind(getattr(p, "stored", None)) for parts in experts for p in parts}
+        kind = kinds.pop() if len(kinds) == 1 else "int8"
     if kind not in KINDS:
         raise ValueError(f"unknown quantisation {kind!r}: {', '.join(KINDS)}")
     out, k = sum(p.shape[0] for p in experts[0]), experts[0][0].shape[1]
@@ -368,7 +401,8 @@ def quantized_nbytes(shape: tuple[int, ...], kind: str) -> int:
 
 def head_kind(quantize_to: str) -> str:
     """The output head (and a tied embedding, the same tensor) stays at 8 bits under int4, as llama.cpp's
-    Q4_K_M keeps it at 6: its errors go straight into the logits, and at batch 1 it is one matrix of many."""
+    Q4_K_M keeps it at 6: its errors go straight into the logits, and at batch 1 it is one matrix of many.
+    ("gguf": a GGUF file's quantised tensors keep their own type's bits, `natural_kind`.)"""
     return "int8" if quantize_to.startswith("int4") else quantize_to
 
 
