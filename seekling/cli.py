@@ -99,12 +99,13 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="int8 weights, streamed in as a model directory is read (a GGUF keeps its own bits)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--compile", action="store_true",
-                   help="compile the Python decode step (models the C++ step does not run: dense, int8; "
+                   help="compile the Python decode step (models the C++ step does not run: dense, int8/int4; "
                         "~30 s the first time)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="int8 (Q8_0's format) or int4 (4.6 bits a weight, the head at 8) weights on the CPU, "
+                        "quantised as a model directory is read (a GGUF keeps its own bits)")
 
 
 def _engine_and_params(args: argparse.Namespace):

@@ -53,10 +53,10 @@ class Engine:
                  dtype: str | torch.dtype | None = None, quantize: str | None = None,
                  max_memory_gb: float | None = None, compile: bool = False, native: bool | None = None,
                  num_scheduler_steps: int = 16):
-        """From a directory, `dtype`, `quantize="int8"` and `max_memory_gb` (refuse weights that would not fit)
-        apply to the load; the checkpoint's generation_config.json defaults end up in `generation_defaults` (for
-        the server; `generate` does not apply them) and its eos ids all stop a sequence. A model object is
-        prepared in place (`quantize="int8"` then frees its float weights).
+        """From a directory, `dtype`, `quantize="int8"` / `"int4"` and `max_memory_gb` (refuse weights that would
+        not fit) apply to the load; the checkpoint's generation_config.json defaults end up in
+        `generation_defaults` (for the server; `generate` does not apply them) and its eos ids all stop a
+        sequence. A model object is prepared in place (`quantize` then frees its float weights).
         The step runs the C++ forward (seekling/model/native.cpp) wherever it can (`native=None`; True: insist,
         False: never), `num_scheduler_steps` decode steps per call when every sequence is decoding; elsewhere
         the model's Python forward, torch.compile'd for plain decode steps with `compile=True` (~1 minute the

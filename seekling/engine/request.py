@@ -88,7 +88,7 @@ def load_model(model_or_path: torch.nn.Module | str | Path, tokenizer: Any, devi
     if quantize not in (None, *QUANTIZE):
         raise ValueError(f"unknown quantize={quantize!r}: {', '.join(QUANTIZE)} (or None)")
     if quantize is not None and device is not None and torch.device(device).type != "cpu":
-        raise ValueError("quantize='int8' runs seekling's CPU kernels; on a GPU run bf16 (dtype='bfloat16')")
+        raise ValueError(f"quantize={quantize!r} runs seekling's CPU kernels; on a GPU run bf16 (dtype='bfloat16')")
     if isinstance(model_or_path, (str, Path)):
         model = load_pretrained(model_or_path, device=device, dtype=dtype, max_memory_gb=max_memory_gb,
                                 quantize=quantize)

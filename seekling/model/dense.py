@@ -174,8 +174,8 @@ class Attention(nn.Module):
         if quantize_to is None:
             self.w_qkv, self.w_o = fuse_parameters(sources, self), alias(self.o_proj.weight, self)
             return []
-        self.w_qkv = quantize(torch.cat([p.detach() for p in sources]))
-        self.w_o = quantize(self.o_proj.weight)
+        self.w_qkv = quantize(sources, quantize_to)
+        self.w_o = quantize(self.o_proj.weight, quantize_to)
         return sources + [self.o_proj.weight]
 
     def infer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seekling.model.config import yarn_mscale
-from seekling.model.quant import Int8Weight, linear, quantize
+from seekling.model.quant import Int4Weight, Int8Weight, head_kind, layer_mode, linear, quantize
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -176,15 +176,15 @@ class MLP(nn.Module):
         return self.down_proj(act if scale is None else act * scale)
 
     def prepare(self, quantize_to: str | None = None) -> list[nn.Parameter]:
-        """gate and up as one matmul: views of one fused tensor (fp32 / bf16), or an int8 copy (returns the
-        parameters it replaced, for the caller to free)."""
+        """gate and up as one matmul: views of one fused tensor (fp32 / bf16), or an int8 / int4 copy (returns
+        the parameters it replaced, for the caller to free)."""
         pair = [self.gate_proj.weight, self.up_proj.weight]
         biases = [self.gate_proj.bias, self.up_proj.bias]
         self.b13 = None if biases[0] is None else fuse_parameters(biases, self)
         if quantize_to is None:
             self.w13, self.w2 = fuse_parameters(pair, self), alias(self.down_proj.weight, self)
             return []
-        self.w13, self.w2 = quantize(torch.cat([p.detach() for p in pair])), quantize(self.down_proj.weight)
+        self.w13, self.w2 = quantize(pair, quantize_to), quantize(self.down_proj.weight, quantize_to, "down")
         return pair + [self.down_proj.weight]
 
     def infer(self, x: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -402,23 +402,26 @@ class CausalLM(nn.Module):
         for m in self.modules():
             m.fusions = []
         with torch.no_grad():
-            replaced = [p for layer in self.model.layers for p in layer.prepare(quantize_to)]
+            n = len(self.model.layers)
+            replaced = [p for i, layer in enumerate(self.model.layers)
+                        for p in layer.prepare(layer_mode(quantize_to, i, n))]
             replaced += self.prepare_head(quantize_to)
         if quantize_to is not None:
             free_parameters(self, replaced)
             self.quantized = quantize_to
 
     def prepare_head(self, quantize_to: str | None, head_w: Int8Weight | None = None,
-                     embed_w: Int8Weight | None = None) -> list[nn.Parameter]:
-        """The embedding and output head (one int8 tensor when tied); a streaming loader passes the int8
-        copies it made. Returns the float parameters replaced."""
+                     embed_w: Int8Weight | Int4Weight | None = None) -> list[nn.Parameter]:
+        """The embedding and output head (one tensor when tied; the head at 8 bits under int4, `head_kind`);
+        a streaming loader passes the copies it made. Returns the float parameters replaced."""
         head, emb = self.lm_head.weight, self.model.embed_tokens.weight
         if quantize_to is None:
             self.embed_w, self.head_w = alias(emb, self), alias(head, self)
             return []
         tied = head is emb
-        self.head_w = head_w if head_w is not None else quantize(head)
-        self.embed_w = self.head_w if tied else embed_w if embed_w is not None else quantize(emb)
+        self.head_w = head_w if head_w is not None else quantize(head, head_kind(quantize_to))
+        self.embed_w = self.head_w if tied else embed_w if embed_w is not None else quantize(emb, quantize_to,
+                                                                                            "embed")
         return [head] if tied else [head, emb]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

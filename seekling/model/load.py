@@ -9,8 +9,8 @@ model pulled by Ollama (`ollama:NAME[:TAG]`, seekling/sources.py).
 The source gives a `Checkpoint`: its family (config.json's model_type, or the GGUF's architecture), the config,
 and the tensors by Hugging Face name as sources that read themselves (safetensors headers: checkpoint.py; GGUF
 tensors, with the layouts llama.cpp's converter changed undone: gguf_file.py and the family). Everything after
-that is the same for both. A GGUF whose weights are quantised loads with int8 weights (dequantised, then
-re-quantised per row as it streams in) unless a `dtype` asks for float ones.
+that is the same for both. A GGUF whose weights are quantised loads them in seekling's int8 / int4 layouts
+(`quant.from_ggml`'s conversions, streamed) unless a `dtype` or `quantize` asks otherwise.
 
 Memory is what decides whether a laptop can run a model, so the load is planned from the safetensors
 headers before any tensor is read (refused when it would not fit, or exceed `max_memory_gb`), and tensors
@@ -18,16 +18,19 @@ are read with plain file reads (no mmap: resident memory is what the model keeps
   - float: the model is allocated once at the target dtype, `prepare` lays out its fused projections, and
     each tensor is read straight into its parameter (a view of the fused storage): the peak is the model
     plus one tensor;
-  - int8: layer by layer: a layer is materialised in float, read, quantised by its own `prepare`, and its
-    float weights freed before the next; the embedding and output head are quantised in row chunks as they
-    are read. No float copy of a quantised weight is ever kept, and the peak is the int8 model plus one layer
-    in float (plus a chunk of the embedding).
+  - int8 / int4: layer by layer, the layer's matmul weights stay unallocated (meta) and carry where they lie
+    in the file; its own `prepare` quantises them, and `quantize` reads each a chunk of rows at a time into
+    its slot of the quantised weight (routed experts one at a time into their stack). Only the small float
+    tensors (norms, biases, routers, MLA's kv_b_proj) are allocated. The peak is the quantised model plus one
+    chunk (16 MB of fp32), whatever the size of a layer. A GGUF's quantised tensors keep their own bits
+    ("gguf": Q4_0/Q4_1/Q4_K become int4, the others int8; Q4_K, Q8_0 and Q5_0 exactly, from their bytes).
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +42,10 @@ from seekling.checkpoint import DTYPES, StoredTensor, checkpoint_tensors, read_g
 from seekling.model.families import Family, family, gguf_family
 from seekling.model.gguf_file import FLOAT_TYPES, GGUFFile, GGUFTensor
 from seekling.model.layers import CausalLM, free_parameters
-from seekling.model.quant import QBLOCK, TILE, Int8Weight, concat, quantize
+from seekling.model.quant import KINDS, head_kind, layer_mode, natural_kind, quantized_nbytes, use_kernels, weight_kind
 from seekling.sources import is_gguf, resolve_model
 
-QUANTIZE = ("int8",)
-EMBED_CHUNK_ROWS = 8192  # rows of an embedding / output head read and quantised at a time
+QUANTIZE = KINDS
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -174,21 +176,37 @@ def _expected(model: CausalLM, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return expected
 
 
-def _quantized_bytes(name: str, t: torch.Tensor, itemsize: int) -> int:
-    """What a tensor costs after int8 `prepare`: 1 byte per weight (rows padded to 32) + a scale per row for
-    the matmul weights; norms, routers, kv_b_proj (read by per-head einsums) and buffers keep their float size."""
-    float_kept = t.dim() < 2 or name.endswith(("gate.weight", "kv_b_proj.weight"))
-    if float_kept:
-        return t.numel() * itemsize
-    rows = t.numel() // t.shape[-1]
-    return -(-rows // TILE) * TILE * -(-t.shape[-1] // QBLOCK) * QBLOCK + 4 * rows
+FLOAT_KEPT = ("gate.weight", "kv_b_proj.weight")  # read in float by `infer` (routers; MLA's per-head bmm)
 
 
-def _bytes_needed(expected: dict[str, torch.Tensor], dtype: torch.dtype, quantize_to: str | None) -> int:
+def _planned_kind(name: str, quantize_to: str, head: str, n_layers: int, stored: Any) -> str:
+    """The kind `prepare(quantize_to)` gives the weight `name` (the same policy: `layer_mode`, `weight_kind`,
+    and for "gguf" the stored tensor's own, `natural_kind`)."""
+    if quantize_to == "gguf":
+        return natural_kind(stored)
+    if name == head:
+        return head_kind(quantize_to)
+    parts = name.split(".")
+    if parts[:2] != ["model", "layers"]:
+        return weight_kind(quantize_to, "embed")
+    mode = layer_mode(quantize_to, int(parts[2]), n_layers)
+    role = "expert_down" if ".experts." in name and name.endswith("down_proj.weight") else \
+        "down" if name.endswith("down_proj.weight") else ""
+    return weight_kind(mode, role)
+
+
+def _bytes_needed(expected: dict[str, torch.Tensor], stored: dict[str, Any], dtype: torch.dtype,
+                  quantize_to: str | None) -> int:
+    """The model's bytes after `prepare(quantize_to)`, from shapes alone: matmul weights in their quantised
+    layouts; norms, routers, kv_b_proj and buffers at their float size."""
     size = lambda t: dtype.itemsize if t.is_floating_point() else t.element_size()
-    if quantize_to:
-        return sum(_quantized_bytes(n, t, size(t)) for n, t in expected.items())
-    return sum(t.numel() * size(t) for t in expected.values())
+    if not quantize_to:
+        return sum(t.numel() * size(t) for t in expected.values())
+    head = "lm_head.weight" if "lm_head.weight" in expected else "model.embed_tokens.weight"  # tied: one
+    n_layers = 1 + max((int(n.split(".")[2]) for n in expected if n.startswith("model.layers.")), default=0)
+    return sum(t.numel() * size(t) if t.dim() < 2 or n.endswith(FLOAT_KEPT) else
+               quantized_nbytes(tuple(t.shape), _planned_kind(n, quantize_to, head, n_layers, stored.get(n)))
+               for n, t in expected.items())
 
 
 def _budget(device: torch.device, max_memory_gb: float | None) -> int:
@@ -196,16 +214,25 @@ def _budget(device: torch.device, max_memory_gb: float | None) -> int:
     return budget if max_memory_gb is None else min(budget, int(max_memory_gb * 1e9))
 
 
-def _check_memory(directory: Path, needed: int, budget: int, dtype: torch.dtype, quantize_to: str | None,
-                  max_memory_gb: float | None) -> None:
+def _check_memory(directory: Path, expected: dict[str, torch.Tensor], stored: dict[str, Any], dtype: torch.dtype,
+                  quantize_to: str | None, budget: int, max_memory_gb: float | None) -> None:
+    """Refuse, before any weight is read, a load whose weights would not fit the budget, saying what each
+    precision would need and which fit."""
+    needed = _bytes_needed(expected, stored, dtype, quantize_to)
     if needed <= budget:
         return
     precision = quantize_to or str(dtype).removeprefix("torch.")
-    hint = {"float32": "try --dtype bfloat16 or --quantize int8", "int8": "try a smaller model"}.get(
-        precision, "try --quantize int8")
+    options = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (dtype, "int8"),
+               "int4": (dtype, "int4")}
+    sizes = {name: _bytes_needed(expected, stored, *option) for name, option in options.items()
+             if name != precision}
+    fits = [name for name, n in sizes.items() if n <= budget]  # the most precise first
+    hint = ("no precision fits: try a smaller model" if not fits else
+            f"--quantize {fits[0]} would fit" if fits[0] in KINDS else f"--dtype {fits[0]} would fit")
+    others = ", ".join(f"{name} {format_bytes(n)}" for name, n in sizes.items())
     cap = f" (capped by max_memory_gb={max_memory_gb:g})" if max_memory_gb is not None else ""
-    raise MemoryError(f"{directory.name} needs {format_bytes(needed)} in {precision}, "
-                      f"{format_bytes(budget)} available{cap}; {hint}")
+    raise MemoryError(f"{directory.name} needs {format_bytes(needed)} in {precision}, {format_bytes(budget)} "
+                      f"available{cap}; {hint} (weights in {others})")
 
 
 def _auto_dtype(stored: dict[str, StoredTensor], device: torch.device, fp32_fits: bool) -> torch.dtype:
@@ -236,13 +263,6 @@ def _read_into(names: list[str], expected: dict[str, torch.Tensor], stored: dict
             expected[name].copy_(stored[name].read())  # converts the dtype, moves the device
 
 
-def _quantize_streamed(t: StoredTensor) -> Int8Weight:
-    """An embedding / output head quantised in row chunks as it is read (never whole in float)."""
-    rows = t.shape[0]
-    chunks = [slice(a, min(a + EMBED_CHUNK_ROWS, rows)) for a in range(0, rows, EMBED_CHUNK_ROWS)]
-    return concat([quantize(t.read(part)) for part in chunks])
-
-
 def _relayer(name: str) -> str:
     """The group a tensor loads with: its layer ("model.layers.3"), or "" for the embedding, norms, head."""
     parts = name.split(".")
@@ -253,13 +273,14 @@ def load_pretrained(source: str | Path, device: str | torch.device | None = None
                     dtype: str | torch.dtype | None = None, max_memory_gb: float | None = None,
                     quantize: str | None = None) -> CausalLM:
     """Load a model directory, GGUF file or `ollama:NAME[:TAG]` (see the module docstring). dtype None / "auto":
-    fp32 on the CPU, else the checkpoint's. quantize="int8": int8 weights for inference (the model is then not
-    trainable or savable); a GGUF with quantised weights loads so unless a dtype asks for float weights."""
+    fp32 on the CPU, else the checkpoint's. quantize="int8" / "int4": quantised weights for inference
+    (seekling/model/quant.py; the model is then not trainable or savable); a GGUF with quantised weights keeps
+    their bits unless a dtype or quantize asks otherwise."""
     if quantize not in (None, *QUANTIZE):
         raise ValueError(f"unknown quantize={quantize!r}: {', '.join(QUANTIZE)} (or None)")
     ckpt = open_checkpoint(source)
-    if ckpt.quantized and quantize is None and dtype is None:  # a quantised GGUF keeps 8 bits unless asked
-        quantize = "int8"
+    if ckpt.quantized and quantize is None and dtype is None:  # a quantised GGUF keeps its own bits unless asked
+        quantize = "gguf"
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = ckpt.family.build(ckpt.config)
@@ -269,9 +290,8 @@ def load_pretrained(source: str | Path, device: str | torch.device | None = None
     budget = _budget(device, max_memory_gb)
     _allocate_big_tensors_apart()
     target = _dtype(None if dtype == "auto" else dtype) or _auto_dtype(
-        stored, device, _bytes_needed(expected, torch.float32, quantize) <= budget)
-    _check_memory(Path(ckpt.name), _bytes_needed(expected, target, quantize), budget, target, quantize,
-                  max_memory_gb)
+        stored, device, _bytes_needed(expected, stored, torch.float32, quantize) <= budget)
+    _check_memory(Path(ckpt.name), expected, stored, target, quantize, budget, max_memory_gb)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if quantize is None:
         _materialize(model, device, target)
@@ -282,6 +302,7 @@ def load_pretrained(source: str | Path, device: str | torch.device | None = None
         model.prepare()  # fused layouts first, so every tensor is read straight into its final place
         _read_into(list(expected), expected, stored)
     else:
+        use_kernels(device)  # quantise with them (one C++ pass a row), not with the torch reference
         _load_quantized(model, stored, device, target, quantize)
     model.generation_defaults, eos = ckpt.generation
     model.eos_token_ids = eos or model.eos_token_ids
@@ -291,21 +312,54 @@ def load_pretrained(source: str | Path, device: str | torch.device | None = None
 
 def _load_quantized(model: CausalLM, stored: dict[str, StoredTensor], device: torch.device, dtype: torch.dtype,
                     quantize_to: str) -> None:
-    names = [n for n in model.state_dict(keep_vars=True) if n in stored]
+    """Layer by layer, then the embedding and head: every matmul weight is quantised as it is read (see the
+    module docstring)."""
+    n = len(model.model.layers)
     for i, layer in enumerate(model.model.layers):
-        _materialize(layer, device, dtype)
-        prefix = f"model.layers.{i}."
-        state = {prefix + k: v for k, v in layer.state_dict(keep_vars=True).items()}
-        _read_into([n for n in names if _relayer(n) == prefix[:-1]], state, stored)
-        with torch.no_grad():
-            free_parameters(layer, layer.prepare(quantize_to))
-    embed_w = _quantize_streamed(stored["model.embed_tokens.weight"])
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    head_w = embed_w if tied else _quantize_streamed(stored["lm_head.weight"])
-    rest = [n for n in names if _relayer(n) == "" and n not in ("lm_head.weight", "model.embed_tokens.weight")]
-    for n in rest:  # the final norm
-        _materialize(model.get_submodule(n.rpartition(".")[0]), device, dtype)
-    _read_into(rest, dict(model.state_dict(keep_vars=True)), stored)
+        mode = layer_mode(quantize_to, i, n)
+        _prepare_streamed(layer, f"model.layers.{i}.", stored, device, dtype, lambda m, mode=mode: m.prepare(mode))
+    _prepare_streamed(model, "", stored, device, dtype, lambda m: m.prepare_head(quantize_to), skip="model.layers.")
     model.reset_buffers(device)
-    free_parameters(model, model.prepare_head(quantize_to, head_w, embed_w))
     model.quantized = quantize_to
+
+
+def _prepare_streamed(module: nn.Module, prefix: str, stored: dict[str, StoredTensor], device: torch.device,
+                      dtype: torch.dtype, prepare: Callable[[nn.Module], list[nn.Parameter]],
+                      skip: str | None = None) -> None:
+    """Allocate and read the module's small tensors (below 2 dims) and those kept in float (FLOAT_KEPT), leave
+    its matmul weights on meta with their `stored` location for `prepare` to quantise from the file, then
+    read whatever `prepare` did not take and free what it replaced."""
+    state = {prefix + k: v for k, v in module.state_dict(keep_vars=True).items()
+             if skip is None or not k.startswith(skip)}
+    lazy = {n: t for n, t in state.items() if t.dim() >= 2 and not n.endswith(FLOAT_KEPT) and n in stored}
+    eager = [n for n in state if n not in lazy and n in stored]
+    buffers = [b for name, b in module.named_buffers() if skip is None or not name.startswith(skip)]
+    _allocate(module, [state[n] for n in eager] + buffers, device, dtype, skip)  # unstored buffers: zeros
+    state = {prefix + k: v for k, v in module.state_dict(keep_vars=True).items()}  # the allocated tensors
+    _read_into(eager, state, stored)
+    for n, t in lazy.items():
+        t.stored = stored[n]
+    with torch.no_grad():
+        replaced = prepare(module)
+    taken = {id(p) for p in replaced}
+    left = [n for n, t in lazy.items() if id(t) not in taken]
+    if left:  # a 2-D weight this family's `prepare` reads in float
+        _allocate(module, [lazy[n] for n in left], device, dtype, skip)
+        _read_into(left, {prefix + k: v for k, v in module.state_dict(keep_vars=True).items()}, stored)
+    free_parameters(module, replaced)
+
+
+def _allocate(module: nn.Module, tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype,
+              skip: str | None) -> None:
+    """`_materialize` for just these meta tensors of the module (by identity; outside `skip`'s submodules)."""
+    wanted = {id(t) for t in tensors}
+    for name, sub in module.named_modules():
+        if skip is not None and (name + ".").startswith(skip):
+            continue
+        for key, p in list(sub._parameters.items()):
+            if p is not None and id(p) in wanted:
+                sub._parameters[key] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                                    requires_grad=p.requires_grad)
+        for key, b in list(sub._buffers.items()):
+            if b is not None and id(b) in wanted:
+                sub._buffers[key] = torch.zeros(b.shape, dtype=b.dtype, device=device)

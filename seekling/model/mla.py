@@ -138,11 +138,11 @@ class MLA(nn.Module):
             self.w_q_b = None if self.q_lora_rank is None else alias(self.q_b_proj.weight, self)
             self.w_o = alias(self.o_proj.weight, self)
             return []
-        self.w_in = quantize(torch.cat([p.detach() for p in sources]))
-        self.w_o = quantize(self.o_proj.weight)
+        self.w_in = quantize(sources, quantize_to)
+        self.w_o = quantize(self.o_proj.weight, quantize_to)
         replaced = sources + [self.o_proj.weight]
         if self.q_lora_rank is not None:
-            self.w_q_b = quantize(self.q_b_proj.weight)
+            self.w_q_b = quantize(self.q_b_proj.weight, quantize_to)
             replaced.append(self.q_b_proj.weight)
         return replaced
 

@@ -103,7 +103,8 @@ class MTPLayer(Block):
         return super().forward(x, cos, sin, attn_mask)
 
     def prepare(self, quantize_to: str | None = None) -> list[nn.Parameter]:
-        self.w_eh = alias(self.eh_proj.weight, self) if quantize_to is None else quantize(self.eh_proj.weight)
+        self.w_eh = alias(self.eh_proj.weight, self) if quantize_to is None else quantize(self.eh_proj.weight,
+                                                                                          quantize_to)
         return super().prepare(quantize_to) + ([self.eh_proj.weight] if quantize_to is not None else [])
 
     def infer_mtp(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

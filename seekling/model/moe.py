@@ -25,7 +25,7 @@ from torch import nn
 
 from seekling.model.config import ModelConfig
 from seekling.model.layers import MLP, fuse_parameters, silu_mul
-from seekling.model.quant import Int8Weight, linear, quantize
+from seekling.model.quant import Int4Weight, Int8Weight, linear, quantize_stack
 
 
 class Gate(nn.Module):
@@ -95,8 +95,8 @@ class MoE(nn.Module):
         self.dispatch_fn: Callable[..., torch.Tensor] | None = None  # replaces dispatch when set (expert parallelism)
         # `infer` reads the routed experts stacked, built by `prepare`: [E, 2I, h] ([gate; up] each) and
         # [E, h, I]; each expert's own w13 / w2 are views of these.
-        self.w13: torch.Tensor | Int8Weight | None = None
-        self.w2: torch.Tensor | Int8Weight | None = None
+        self.w13: torch.Tensor | Int8Weight | Int4Weight | None = None
+        self.w2: torch.Tensor | Int8Weight | Int4Weight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -152,10 +152,9 @@ class MoE(nn.Module):
         if quantize_to is None:
             self.w13 = fuse_parameters(pairs, self).view(E, two_i, h)
             self.w2 = fuse_parameters(downs, self).view(E, h, two_i // 2)
-        else:  # [E, out, in] quantised per expert: each expert whole tiles of its own
-            self.w13 = quantize(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
-                                             for e in self.experts]))
-            self.w2 = quantize(torch.stack([e.down_proj.weight for e in self.experts]))
+        else:  # [E, out, in], each expert quantised into its slot (a streaming load reads one expert at a time)
+            self.w13 = quantize_stack([[e.gate_proj.weight, e.up_proj.weight] for e in self.experts], quantize_to)
+            self.w2 = quantize_stack([[e.down_proj.weight] for e in self.experts], quantize_to, "expert_down")
         for e, expert in enumerate(self.experts):
             expert.w13, expert.w2 = self.w13[e], self.w2[e]
         replaced = self.shared_experts.prepare(quantize_to)
@@ -180,7 +179,7 @@ class MoE(nn.Module):
         if torch.compiler.is_compiling():
             E = self.n_experts
             gates = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, weights.to(x.dtype))
-            if isinstance(self.w13, Int8Weight):  # one int8 matmul pair per expert, over all N rows
+            if isinstance(self.w13, Int8Weight | Int4Weight):  # one quantised matmul pair per expert, all N rows
                 for e in range(E):
                     out = out + self._expert(x, e, gates[:, e:e + 1])
                 return out

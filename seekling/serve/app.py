@@ -234,8 +234,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     # load options (not Settings fields: they only matter when the server loads the model itself)
     a("--dtype", choices=("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), default=None,
       help="weights dtype (default: fp32 on CPU when it fits, else the checkpoint's)")
-    a("--quantize", choices=("int8",), default=None,
-      help="int8 Linear layers: 7-bit weights, per-token 8-bit activations (dense Qwen2/Llama; ~2x decode)")
+    a("--quantize", choices=("int8", "int4"), default=None,
+      help="int8 (Q8_0's format) or int4 (4.6 bits a weight, the output head at 8) weights, quantised as a model "
+           "directory is read and run by seekling's CPU kernels (a GGUF keeps its own bits)")
     a("--compile", action="store_true", default=False,
       help="compile the Python decode step of models the C++ step does not run (dense families, int8, bf16): "
            "decode steps of up to 16 requests as one graph; compiles at start, ~30 s the first time")
