@@ -63,15 +63,16 @@ class MaskClock:
 
     def __init__(self, engine: Engine) -> None:
         self.seconds, self.rows = 0.0, 0
-        inner = engine._constrain
+        step = engine.step_module  # the model step masks the rows (seekling/engine/step.py)
+        inner = step._constrain
 
-        def timed(logits, row_of):
+        def timed(logits, row_of, ahead=None):
             t = time.perf_counter()
-            inner(logits, row_of)
+            inner(logits, row_of, ahead)
             self.seconds += time.perf_counter() - t
             self.rows += sum(s.matcher is not None for s, _ in row_of)
 
-        engine._constrain = timed
+        step._constrain = timed
 
     def per_row_us(self) -> float:
         return 1e6 * self.seconds / max(self.rows, 1)

@@ -2,21 +2,23 @@
 
 Same weights, side by side in one run on the CPU: the seekling checkpoint is loaded by both (it is
 a Hugging Face checkpoint). Greedy decoding of random prompts, every sequence generating exactly
---new tokens; batch 1 and --batch concurrent sequences. Also: KV-cache bytes per token (the latent
-c_KV + k_pe vs transformers' expanded per-head K/V, measured from its cache object), and MTP
-speculative decoding's acceptance rate and speed-up over the plain engine (meaningful only on a
-trained checkpoint: with random weights the MTP module drafts at chance). When the checkpoint has a
-tokenizer, speculative decoding is measured on in-distribution prompts first (held-out problems of
+--new tokens, at each of --batches concurrent sequences: the engine as a user gets it (`Engine()`: the C++
+step, k decode steps per call) and, at batch 1, the Python step it falls back to (`native=False`). Also:
+KV-cache bytes per token (the latent c_KV + k_pe vs transformers' expanded per-head K/V, measured from its cache
+object), and MTP speculative decoding's acceptance rate and speed-up over the plain engine at --spec-batches
+(meaningful only on a trained checkpoint: with random weights the MTP module drafts at chance). When the
+checkpoint has a tokenizer, speculative decoding is measured on in-distribution prompts first (held-out problems of
 seekling.tasks rendered with the chat template, as `seekling eval` does; up to --new tokens, stopping
 at eos), then on the random prompts.
 
     python benchmarks/bench_decode.py                       # random weights, preset tiny
-    python benchmarks/bench_decode.py --model runs/x/sft --batch 32 --new 64
+    python benchmarks/bench_decode.py --model runs/x/rl      # batches 1, 8, 32, 64; MTP at 1 and 8
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -130,14 +132,41 @@ def cache_bytes(past) -> int:
     return total
 
 
+def decode_rows(hf, engines: dict[str, Engine], prompts: torch.Tensor, batches: list[int], new: int,
+                repeat: int) -> object:
+    """transformers vs each engine, greedy, every sequence `new` tokens; the engines' rows only at batch 1 when
+    their name says so ("... b1")."""
+    for bs in batches:
+        p = prompts[:bs]
+        runs = {"transformers": Median(), **{name: Median() for name in engines if bs == 1 or "b1" not in name}}
+        tokens = {}
+        for _ in range(repeat):  # interleaved, so all see the same machine load
+            hf_tokens, past = runs["transformers"].time(hf_generate, hf, p, new)
+            tokens["transformers"] = hf_tokens.tolist()
+            for name in runs:
+                if name != "transformers":
+                    tokens[name] = runs[name].time(engine_generate, engines[name], p, new)
+        n = bs * new
+        for name, r in runs.items():
+            if name == "transformers":
+                continue
+            same = sum(a == b for a, b in zip(tokens["transformers"], tokens[name], strict=True))
+            base = runs["transformers"]
+            print(f"batch {bs:3d}: {name:28s} {rates(n, r)} tok/s | transformers {rates(n, base)} | "
+                  f"x{base.cpu / r.cpu:.2f} (x{base.wall / r.wall:.2f} wall) | greedy identical {same}/{bs}")
+    return past
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint dir (default: random weights, preset tiny)")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64], help="batch sizes vs transformers")
+    ap.add_argument("--spec-batches", type=int, nargs="+", default=[1, 8], help="batch sizes of the MTP rows")
     ap.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
     ap.add_argument("--new", type=int, default=64, help="tokens generated per sequence")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine is shared)")
     ap.add_argument("--repeat", type=int, default=5, help="median of N timings, alternating the contenders")
+    ap.add_argument("--compile", action="store_true", help="also time the Python step compiled at batch 1")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -158,54 +187,44 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     cfg = model.config
+    batch = max(args.batches + args.spec_batches)
     print(f"# bench_decode  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  cpu: {cpu_model()}  "
-          f"threads: {args.threads}  torch {torch.__version__}")
+          f"threads: {args.threads}  torch {torch.__version__}  load average {os.getloadavg()[0]:.2f}")
     print(f"# model: {weights}; {model.num_parameters(include_mtp=False) / 1e6:.2f}M params, "
           f"{cfg.num_hidden_layers} layers, kv_lora_rank {cfg.kv_lora_rank}, vocab {cfg.vocab_size}")
     print(f"# greedy, prompt {args.prompt} tokens, {args.new} new tokens per sequence, median of {args.repeat}")
 
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(2, cfg.vocab_size, (args.batch, args.prompt), generator=g)
-    engine = Engine(model, max_num_seqs=args.batch)
-    # compile=True: a lone sequence's decode step as one compiled graph (batch 1 only; batches run eager).
-    compiled = Engine(model, max_num_seqs=args.batch, compile=True)
-    spec = Engine(model, max_num_seqs=args.batch, speculative=True) if cfg.num_nextn_predict_layers > 0 else None
-    tasks = task_prompts(args.batch) if has_tokenizer(path) else None
+    prompts = torch.randint(2, cfg.vocab_size, (batch, args.prompt), generator=g)
+    # The engine as a user gets it (no flags: the C++ step), and the Python step it falls back to.
+    # One step per call (the C++ forward, Python between tokens: what constrained, logprobs or penalty rows get).
+    engines = {"seekling Engine()": Engine(model, max_num_seqs=batch),
+               "seekling one step a call (b1)": Engine(model, max_num_seqs=batch, num_scheduler_steps=1),
+               "seekling Python step (b1)": Engine(model, max_num_seqs=batch, native=False)}
+    if args.compile:
+        engines["seekling Python step compiled (b1)"] = Engine(model, max_num_seqs=batch, compile=True, native=False)
+    print(f"# seekling Engine() runs the {'C++' if engines['seekling Engine()'].stats()['native'] else 'Python'} step")
+    spec = Engine(model, max_num_seqs=batch, speculative=True) if cfg.num_nextn_predict_layers > 0 else None
+    tasks = task_prompts(batch) if has_tokenizer(path) else None
     with torch.inference_mode():
-        engine_generate(engine, prompts[:2, :8], 4)  # warm-up
-        engine_generate(compiled, prompts[:1, :8], 4)  # compiles (once; torch caches it on disk)
+        for e in engines.values():
+            engine_generate(e, prompts[:2, :8], 4)  # warm-up (compiles, once)
         hf_generate(hf, prompts[:2, :8], 4)
         print("# tokens/s of CPU time (wall-clock in brackets); speed-ups on CPU time (wall in brackets)")
-        for bs in (1, args.batch):
-            p = prompts[:bs]
-            t_hf, t_se, t_co = Median(), Median(), Median()
-            for _ in range(args.repeat):  # interleaved, so all see the same machine load
-                hf_tokens, past = t_hf.time(hf_generate, hf, p, args.new)
-                se_tokens = t_se.time(engine_generate, engine, p, args.new)
-                if bs == 1:
-                    co_tokens = t_co.time(engine_generate, compiled, p, args.new)
-            n = bs * args.new
-            same = sum(a == b for a, b in zip(hf_tokens.tolist(), se_tokens, strict=True))
-            print(f"batch {bs:3d}: transformers / seekling {rates(n, t_hf, t_se)} tok/s | "
-                  f"speed-up x{t_hf.cpu / t_se.cpu:.2f} (x{t_hf.wall / t_se.wall:.2f} wall) | "
-                  f"identical greedy sequences {same}/{bs}")
-            if bs == 1:
-                same = sum(a == b for a, b in zip(hf_tokens.tolist(), co_tokens, strict=True))
-                print(f"batch   1: seekling compile=True {rates(n, t_co)} tok/s | speed-up over transformers "
-                      f"x{t_hf.cpu / t_co.cpu:.2f} (x{t_hf.wall / t_co.wall:.2f} wall) | identical greedy "
-                      f"sequences {same}/1")
+        past = decode_rows(hf, engines, prompts, args.batches, args.new, args.repeat)
         if spec is not None:
+            plain = engines["seekling Engine()"]
             text_engine = text_spec = None
             if tasks is not None:  # the same model with its tokenizer, to render the chat prompts
-                text_engine = Engine(model, seekling.load_tokenizer(path), max_num_seqs=args.batch)
-                text_spec = Engine(model, text_engine.tokenizer, max_num_seqs=args.batch, speculative=True)
-            for bs in (1, args.batch):
+                text_engine = Engine(model, seekling.load_tokenizer(path), max_num_seqs=batch)
+                text_spec = Engine(model, text_engine.tokenizer, max_num_seqs=batch, speculative=True)
+            for bs in args.spec_batches:
                 if tasks is not None:
                     speculative_rows(text_engine, text_spec, "task prompts", tasks[:bs], args.new, args.repeat,
                                      ignore_eos=False)
-                speculative_rows(engine, spec, "random prompts", prompts[:bs].tolist(), args.new, args.repeat,
+                speculative_rows(plain, spec, "random prompts", prompts[:bs].tolist(), args.new, args.repeat,
                                  ignore_eos=True)
-    hf_per_token = cache_bytes(past) / (args.batch * (args.prompt + args.new - 1))
+    hf_per_token = cache_bytes(past) / (args.batches[-1] * (args.prompt + args.new - 1))
     latent = Engine(model, cache_blocks=1).cache_bytes_per_token  # main layers only
     expanded = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
     print(f"KV cache bytes/token: seekling latent {latent} ({cfg.num_hidden_layers} x ({cfg.kv_lora_rank} + "

@@ -59,6 +59,28 @@ from typing import Any
 
 DENSE_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                    intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6)
+# The shapes users run (random weights): Moonlight-16B-A3B's layers (DeepSeek-V3 architecture; 3 of its 27 layers,
+# the first dense; a 32k vocabulary: 1.4B total, ~0.3B active) and Qwen3-0.6B's (as a Qwen2: q/k/v biases and no
+# q/k norms, until seekling reads Qwen3).
+REAL_SHAPES: dict[str, dict[str, Any]] = {
+    "moonlight": dict(model_type="deepseek_v3", vocab_size=32000, hidden_size=2048, intermediate_size=11264,
+                      moe_intermediate_size=1408, num_hidden_layers=3, num_attention_heads=16, n_routed_experts=64,
+                      num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+                      q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                      routed_scaling_factor=2.446, norm_topk_prob=True, num_nextn_predict_layers=0,
+                      max_position_embeddings=8192, rope_theta=50000.0, tie_word_embeddings=False),
+    "qwen3-0.6b": dict(model_type="qwen2", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936,
+                       max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=True),
+    # a 16B-total MoE whole (memory checks, not a benchmark row): DeepSeek-V2-Lite's shapes (27 layers, 64 experts
+    # of 1408, 6 active + 2 shared, MLA 512, 102,400 vocabulary: 15.7B) in the DeepSeek-V3 architecture
+    "v2-lite-16b": dict(model_type="deepseek_v3", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, n_routed_experts=64,
+                        num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+                        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, routed_scaling_factor=1.0, norm_topk_prob=False, num_nextn_predict_layers=0,
+                        max_position_embeddings=163840, rope_theta=10000.0, tie_word_embeddings=False),
+}
 BLOCK = 16  # seekling's KV block size (Engine default)
 
 # llama.cpp's converter with the two additions described in the module docstring.
@@ -93,6 +115,63 @@ def convert(llama_cpp_src: Path, model_dir: Path, out: Path, outtype: str) -> Pa
         subprocess.run([sys.executable, "-c", CONVERT, str(llama_cpp_src), str(model_dir), "--outfile", str(out),
                         "--outtype", outtype], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
+
+
+# --precisions: (row label, seekling's side: quantize= or "gguf" (it reads llama.cpp's file), llama.cpp's file)
+PRECISIONS = {"fp32": ("fp32 / F32", None, "F32"), "int8": ("int8 / Q8_0", "int8", "Q8_0"),
+              "int4": ("int4 / Q4_K_M", "int4", "Q4_K_M"), "gguf": ("Q4_K_M file", "gguf", "Q4_K_M")}
+LLAMA_FTYPES = {"Q4_K_M": 15}  # llama_ftype of the files made by llama.cpp's quantiser (not its converter)
+
+
+def gguf_for(llama_cpp_src: Path, model_dir: Path, work: Path, tag: str, kind: str) -> Path:
+    """llama.cpp's file of a model: F32 / Q8_0 from its converter, Q4_K_M from its quantiser (on the F32 file;
+    `llama_model_quantize`, what llama-quantize runs). Kept in `work` between runs."""
+    if kind not in LLAMA_FTYPES:
+        return convert(llama_cpp_src, model_dir, work / f"{tag}-{kind}.gguf", kind.lower())
+    out = work / f"{tag}-{kind}.gguf"
+    if not out.exists():
+        import llama_cpp
+
+        source = convert(llama_cpp_src, model_dir, work / f"{tag}-F32.gguf", "f32")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_FTYPES[kind]
+        tmp = out.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+            raise RuntimeError(f"llama_model_quantize to {kind} failed for {model_dir}")
+        tmp.rename(out)
+    return out
+
+
+def gguf_bytes_per_token(path: Path) -> float:
+    """Weight bytes llama.cpp reads a decode token: every tensor but the token embedding (one row; all of it
+    when it is the tied output), routed experts at top-k of n."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    field = next((f for name, f in reader.fields.items() if name.endswith(".expert_used_count")), None)
+    count = next((f for name, f in reader.fields.items() if name.endswith(".expert_count")), None)
+    share = float(field.parts[-1][0]) / float(count.parts[-1][0]) if field and count else 1.0
+    names = {t.name for t in reader.tensors}
+    total = 0.0
+    for t in reader.tensors:
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            continue
+        total += int(t.n_bytes) * (share if "_exps" in t.name else 1.0)
+    return total
+
+
+def stream_rate(threads: int) -> float:
+    """GB/s this machine streams from DRAM (a 1 GB torch.sum, best of 3): what a decode step can read."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(1 << 28)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / min(times) / 1e9
 
 
 def prepare_moe(src: Path, work: Path) -> Path:
@@ -183,6 +262,79 @@ def prepare_dense(work: Path, seed: int) -> Path:
     return dst
 
 
+def prepare_shape(work: Path, name: str, seed: int, std: float = 0.05) -> Path:
+    """A random model of one of REAL_SHAPES in the Hugging Face layout, stored in bf16 as releases are: weights
+    N(0, std), norms 1, routing biases 0; a synthetic tokenizer of its vocabulary size."""
+    import torch
+
+    import seekling
+    from seekling.atomic import write_text
+    from seekling.model.dense import DenseConfig, DenseModel
+
+    dst = work / f"{name}-seed{seed}"
+    if (dst / "model.safetensors").exists():
+        return dst
+    shape = dict(REAL_SHAPES[name])
+    if shape["model_type"] == "deepseek_v3":
+        shape.pop("model_type")
+        config = seekling.ModelConfig(**shape)
+        with torch.device("meta"):
+            names = seekling.model.Transformer(config).state_dict()
+    else:
+        config = {"architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "rms_norm_eps": 1e-6,
+                  "torch_dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1, **shape}
+        with torch.device("meta"):
+            names = DenseModel(DenseConfig.from_dict(config)).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    names = {k: t for k, t in names.items() if not (k == "lm_head.weight" and shape.get("tie_word_embeddings"))}
+
+    def value(key: str, t: torch.Tensor) -> torch.Tensor:
+        if key.endswith("e_score_correction_bias"):
+            return torch.zeros(t.shape)
+        if key.endswith("norm.weight"):
+            return torch.ones(t.shape, dtype=torch.bfloat16)
+        return (torch.randn(t.shape, generator=g) * std).bfloat16()
+
+    dst.mkdir(parents=True, exist_ok=True)
+    synthetic_tokenizer(shape["vocab_size"]).save_pretrained(dst)
+    if isinstance(config, dict):
+        write_text(dst / "config.json", json.dumps(config, indent=2))
+    else:
+        config.save(dst)
+    write_text(dst / "generation_config.json", json.dumps({"eos_token_id": 1, "do_sample": False}))
+    dtypes = {k: "F32" if k.endswith("e_score_correction_bias") else "BF16" for k in names}
+    write_safetensors_streamed(dst / "model.safetensors", {k: (dtypes[k], tuple(t.shape)) for k, t in names.items()},
+                               lambda k: value(k, names[k]))
+    return dst
+
+
+def write_safetensors_streamed(path: Path, specs: dict[str, tuple[str, tuple[int, ...]]], make: Any) -> None:
+    """A safetensors file written one tensor at a time (`make(name)` in the order of `specs`): a 16B-parameter
+    checkpoint never sits in memory whole. Atomic (temp file + rename)."""
+    import struct
+
+    from seekling.atomic import atomic_path
+
+    sizes = {"BF16": 2, "F32": 4}
+    header, offset = {}, 0
+    for name, (dtype, shape) in specs.items():
+        n = math.prod(shape) * sizes[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name in specs:
+            f.write(make(name).contiguous().view(-1).view(torch_uint8()).numpy().tobytes())
+
+
+def torch_uint8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
 def chat_prompts(model_dir: Path, n: int, seed: int) -> list[list[int]]:
     """n distinct held-out task questions, rendered with the model's chat template."""
     import seekling
@@ -223,6 +375,37 @@ def memory_now() -> dict[str, float]:
     return {k: int(fields[v].split()[0]) * 1024 / 1e9 for k, v in (("held_gb", "VmRSS"), ("peak_gb", "VmHWM"))}
 
 
+def seekling_bytes_per_token(model: Any) -> float:
+    """Weight bytes seekling reads a decode token: every tensor the prepared model holds (each storage once),
+    less the embedding (one row) when it is not the head, routed experts at top-k of n."""
+    import torch
+
+    from seekling.model.moe import MoE
+
+    def storages(obj: Any) -> dict[int, int]:
+        if isinstance(obj, torch.Tensor):
+            return {} if obj.is_meta else {obj.untyped_storage().data_ptr(): obj.untyped_storage().nbytes()}
+        if hasattr(obj, "__dataclass_fields__"):
+            return {k: v for x in vars(obj).values() for k, v in storages(x).items()}
+        if isinstance(obj, list):
+            return {k: v for x in obj for k, v in storages(x).items()}
+        return {}
+
+    seen: dict[int, float] = {}
+    routed = {id(w) for m in model.modules() if isinstance(m, MoE) for w in (m.w13, m.w2)}
+    for m in model.modules():
+        share = m.top_k / m.n_experts if isinstance(m, MoE) else 1.0
+        for name, value in list(vars(m).items()) + list(m._parameters.items()):
+            if name == "embed_w" and value is not model.head_w:
+                continue
+            for ptr, n in storages(value).items():  # a module's stack before its experts' views of it
+                seen.setdefault(ptr, n * (share if id(value) in routed else 1.0))
+    embed = model.model.embed_tokens.weight
+    if not embed.is_meta and model.lm_head.weight is not embed:
+        seen.pop(embed.untyped_storage().data_ptr(), None)
+    return sum(seen.values())
+
+
 class Seekling:
     def __init__(self, spec: dict[str, Any]):
         import torch
@@ -237,6 +420,7 @@ class Seekling:
         # the same token capacity as llama.cpp's context (the default cache would be 256 MiB)
         blocks = spec["n_seq"] * math.ceil(spec["n_ctx"] / BLOCK)
         self.engine = seekling.Engine(spec["model"], max_num_seqs=spec["n_seq"], cache_blocks=blocks, **kwargs)
+        self.bytes_per_token = seekling_bytes_per_token(self.engine.model)
 
     def params(self, n: int) -> Any:
         return self.seekling.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -342,6 +526,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         return memory_now()
     side.generate([spec["warmup"]], 4)  # warm-up: kernels, allocator, thread pool
     result: dict[str, Any] = {"tokens1": [], "tokens_batch": []}
+    if hasattr(side, "bytes_per_token"):
+        result["bytes_per_token"] = [side.bytes_per_token]
 
     def rate(key: str, count: int, clock: Clock) -> None:  # tokens/s by wall and by CPU time
         result.setdefault(key, []).append(count / clock[0])
@@ -392,8 +578,9 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path) -> dict
     common = {k: case[k] for k in ("prompts1", "prompts_batch", "prompts_prefill", "warmup", "n_ctx")}
     common |= {"threads": case["threads"], "new_tokens": args.new_tokens, "compile": args.compile,
                "llama_precision": args.llama_precision}
-    sides = {"seekling": {"model": str(case["seekling"]), "quantize": case["quantize"]},
-             "llama.cpp": {"model": str(case["gguf"]), "quantize": None}}
+    ours = {"model": str(case["gguf"]), "quantize": None} if case["quantize"] == "gguf" else \
+        {"model": str(case["seekling"]), "quantize": case["quantize"]}
+    sides = {"seekling": ours, "llama.cpp": {"model": str(case["gguf"]), "quantize": None}}
     speed: dict[str, dict[str, Any]] = {}
     for r in range(args.repeats):  # alternate, so load from other processes hits both sides alike
         for side, extra in sides.items():
@@ -408,6 +595,9 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path) -> dict
            "tokens": compare(tokens["seekling"], tokens["llama.cpp"], case["eos"])}
     for side, s in speed.items():
         out[side] = {k: statistics.median(v) for k, v in s.items() if not k.startswith("tokens")}
+    out["llama.cpp"]["bytes_per_token"] = gguf_bytes_per_token(Path(case["gguf"]))
+    for side in out["seekling"], out["llama.cpp"]:
+        side["decode1_gbs"] = side["bytes_per_token"] * side["decode1"] / 1e9
     if not args.skip_memory:
         for side, extra in sides.items():
             spec = {**common, **extra, "side": side, "mode": "memory", "n_seq": 1}
@@ -431,11 +621,14 @@ def build_cases(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         prompts = random_prompts(n_prompts + 1, args.dense_prompt_tokens, vocab, args.seed)
         prefill = random_prompts(args.repeats, args.prefill_tokens, vocab, args.seed + 1)
         models.append(("Qwen2 0.5B-shape (random)", "dense", prepare_dense(work, args.seed), {1}, prompts, prefill))
+    for shape in args.shapes:
+        vocab = REAL_SHAPES[shape]["vocab_size"]
+        prompts = random_prompts(n_prompts + 1, args.dense_prompt_tokens, vocab, args.seed)
+        prefill = random_prompts(args.repeats, args.prefill_tokens, vocab, args.seed + 1)
+        models.append((f"{shape} shape (random)", shape, prepare_shape(work, shape, args.seed), {1}, prompts, prefill))
     for name, tag, directory, eos, prompts, prefill in models:
-        for precision, quantize, outtype in (("fp32 / F32", None, "f32"), ("int8 / Q8_0", "int8", "q8_0")):
-            if quantize not in args.quantize:
-                continue
-            gguf_file = convert(src, directory, work / f"{tag}-{outtype.upper()}.gguf", outtype)
+        for precision, quantize, kind in (PRECISIONS[p] for p in args.precisions):
+            gguf_file = gguf_for(src, directory, work, tag, kind)
             for threads in args.threads:
                 cases.append(dict(name=name, precision=precision, seekling=directory, gguf=gguf_file,
                                   quantize=quantize, threads=threads, eos=eos, **split_prompts(prompts, prefill, args)))
@@ -456,15 +649,17 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
           f"{'ratio':>6s} {'by CPU time':>22s}")
     for r in results:
         ours, theirs = r["seekling"], r["llama.cpp"]
-        rows = [("decode b=1 tok/s", "decode1"), (f"total b={args.batch} tok/s", "batch"),
-                (f"prefill {args.prefill_tokens} tok/s", "prefill"), ("held GB", "held_gb"), ("peak GB", "peak_gb")]
+        rows = [("decode b=1 tok/s", "decode1"), ("b=1 weights GB/s", "decode1_gbs"),
+                (f"total b={args.batch} tok/s", "batch"), (f"prefill {args.prefill_tokens} tok/s", "prefill"),
+                ("held GB", "held_gb"), ("peak GB", "peak_gb"), ("MB read a token", "bytes_per_token")]
         for label, key in rows:
             if key not in ours:
                 continue
             a, b = ours.get(key + "_cpu"), theirs.get(key + "_cpu")
             cpu = f"{a:8.1f} {b:8.1f} {a / b:4.2f}x" if a else ""
-            print(f"{r['name']:27s} {r['precision']:12s} {r['threads']:3d} {label:16s} {ours[key]:10.2f} "
-                  f"{theirs[key]:10.2f} {ours[key] / theirs[key]:5.2f}x {cpu:>22s}")
+            scale = 1e-6 if key == "bytes_per_token" else 1.0
+            print(f"{r['name']:27s} {r['precision']:12s} {r['threads']:3d} {label:16s} {ours[key] * scale:10.2f} "
+                  f"{theirs[key] * scale:10.2f} {ours[key] / theirs[key]:5.2f}x {cpu:>22s}")
         t = r["tokens"]
         print(f"{'':27s} greedy tokens: {t['identical']}/{t['sequences']} sequences identical over {args.new_tokens} "
               f"tokens, {t['identical_through_eos']}/{t['sequences']} through eos, first divergence at "
@@ -493,6 +688,8 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--moe-model", help="a speedrun model directory (e.g. runs/sr1/rl); none: skip the MoE rows")
     ap.add_argument("--skip-dense", action="store_true", help="skip the 0.5B-shaped Qwen2 rows")
+    ap.add_argument("--shapes", nargs="*", choices=sorted(REAL_SHAPES), default=[],
+                    help="random models of the shapes users run: Moonlight-16B-A3B's layers, Qwen3-0.6B's")
     ap.add_argument("--skip-memory", action="store_true", help="skip the resident-memory processes")
     ap.add_argument("--llama-cpp-src", type=Path, default=os.environ.get("LLAMA_CPP_SRC"),
                     help="llama.cpp source tree with convert_hf_to_gguf.py (the sdist's vendor/llama.cpp); "
@@ -503,8 +700,9 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--dense-prompt-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="the median of this many runs per side")
-    ap.add_argument("--precisions", nargs="+", choices=("fp32", "int8"), default=["fp32", "int8"],
-                    help="seekling fp32 vs llama.cpp F32, seekling int8 (Engine(quantize='int8')) vs Q8_0")
+    ap.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "int8"],
+                    help="seekling fp32 vs llama.cpp F32, int8 (Engine(quantize='int8')) vs Q8_0, int4 vs Q4_K_M, "
+                         "gguf: seekling reading llama.cpp's Q4_K_M file (Engine('file.gguf')) vs llama.cpp on it")
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True)")
     ap.add_argument("--llama-precision", choices=("default", "exact"), default="default",
                     help="llama.cpp's own defaults (f16 KV cache, flash attention), or exact: fp32 cache and no "
@@ -514,7 +712,6 @@ def main() -> None:
                     help="where the built models and GGUF files are kept between runs")
     ap.add_argument("--json", type=Path, help="write every figure here")
     args = ap.parse_args()
-    args.quantize = [None if p == "fp32" else p for p in args.precisions]
     if args.worker:
         print(json.dumps(worker(json.loads(Path(args.worker).read_text()))))
         return
@@ -522,8 +719,10 @@ def main() -> None:
         ap.error("--llama-cpp-src must be a llama.cpp tree with convert_hf_to_gguf.py (see the setup above)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     info = machine()
+    info["stream_gbs"] = {t: stream_rate(t) for t in args.threads}
     print(f"{info['date']}  {info['cpu']} ({info['cores']} cores)  load average {info['load_average'][0]:.2f}  "
-          f"torch {info['torch']}  llama-cpp-python {info['llama_cpp_python']}")
+          f"torch {info['torch']}  llama-cpp-python {info['llama_cpp_python']}  DRAM stream (torch.sum of 1 GB) "
+          + ", ".join(f"{v:.1f} GB/s at {t} thread{'s' if t > 1 else ''}" for t, v in info["stream_gbs"].items()))
     print(f"greedy, {args.new_tokens} new tokens, median of {args.repeats}; seekling Engine"
           f"{'(compile=True)' if args.compile else ''} vs llama.cpp on GGUFs from its own converter, "
           f"llama.cpp precision: {args.llama_precision}")

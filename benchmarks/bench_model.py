@@ -35,8 +35,8 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from seekling.config import ModelConfig, preset
 from seekling.model import Transformer
+from seekling.model.config import ModelConfig, preset
 from seekling.model.moe import MLP, MoE
 
 RESULTS = Path(__file__).parent / "results" / "bench_model.md"

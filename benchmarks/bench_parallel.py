@@ -46,9 +46,9 @@ def make_data(directory: Path, vocab: int) -> None:
 def run(rank: int, world: int, port: int, mode: tuple[str, int] | None, args: argparse.Namespace, work: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    from seekling.config import preset
     from seekling.data import BatchLoader, PackedDataset
     from seekling.model import Transformer
+    from seekling.model.config import preset
     from seekling.train import TrainConfig, lm_loss, train
 
     torch.set_num_threads(1)
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="sequences per rank per step")
     parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args()
-    from seekling.config import preset
+    from seekling.model.config import preset
 
     print(f"small preset: {preset('small').num_parameters() / 1e6:.1f}M parameters, batch {args.batch} x "
           f"{args.seq_len} tokens per rank, {args.steps} steps (median of the last {args.steps - 2})")

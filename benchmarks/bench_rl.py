@@ -6,9 +6,12 @@ length, batch and loss settings (beta = 0, one update per batch, no vLLM). The r
 of digits in the completion) so that every group has a signal and both really run the update: the
 verifier's accuracy is 0 everywhere for an untrained model, and seekling skips an update without signal.
 Printed: rollouts/s (completions sampled per second of generation), tokens per completion, the time of one
-RL step (rollouts + rewards + update), and the ratios.
+RL step (rollouts + rewards + update), the RL steps that fit the speedrun's 180 s budget, and the ratios.
+seekling runs twice: with the engine as the trainer gets it (the C++ step) and with the engine's Python step
+(`Engine(native=False)`, the forward and sampler the engine ran before the C++ step), for the before/after.
 
     PYTHONPATH=. python benchmarks/bench_rl.py [--steps 3] [--prompts 8] [--group 8] [--max-new-tokens 64]
+    PYTHONPATH=. python benchmarks/bench_rl.py --max-new-tokens 200 --skip-trl --rounds 3  # the speedrun's RL
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import torch
 
 
 def make_model(directory: Path, vocab_size: int) -> None:
-    from seekling.config import preset
     from seekling.model import Transformer
+    from seekling.model.config import preset
     from seekling.tasks import corpus_text
     from seekling.tokenizer import train_tokenizer
 
@@ -48,15 +51,29 @@ def questions(args: argparse.Namespace) -> list[str]:
     return [p.question for p in sample_problems("addition", args.prompts * (args.steps + 1), seed=1)]
 
 
-def bench_seekling(model_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, float]:
+def bench_seekling(model_dir: Path, work: Path, args: argparse.Namespace, native: bool | None = None
+                   ) -> dict[str, float]:
+    """seekling's GRPO; native=False rolls out with the engine's Python step (the engine before its C++ step)."""
+    from seekling.engine import Engine
+    from seekling.train import grpo
     from seekling.train.grpo import RLConfig, train_rl
+
+    make_engine = grpo.make_engine
+
+    if native is False:  # the bench's own switch (the trainer always takes the engine's default)
+        grpo.make_engine = lambda policy, tok, max_num_seqs: Engine(policy, tok, max_num_seqs=max_num_seqs,
+                                                                     native=False)
 
     cfg = RLConfig(steps=args.steps + 1, prompts_per_step=args.prompts, group_size=args.group,
                    max_new_tokens=args.max_new_tokens, micro_batch=args.prompts * args.group, lr=1e-5,
                    w_accuracy=0.0, w_format=0.0, w_custom=1.0, save_every=10_000)
     prompts = [{"messages": [{"role": "user", "content": q}]} for q in questions(args)]
-    summary = train_rl(model_dir, work / "seekling_rl", work / "seekling_state", cfg, prompts=prompts,
-                       reward_fn=digit_share, log=lambda s: None)
+    tag = "python" if native is False else "native"
+    try:
+        summary = train_rl(model_dir, work / f"seekling_rl_{tag}", work / f"seekling_state_{tag}", cfg,
+                           prompts=prompts, reward_fn=digit_share, log=lambda s: None)
+    finally:
+        grpo.make_engine = make_engine
     rows = [json.loads(line) for line in open(summary["log"])][1:]  # the first step warms up
     n = args.prompts * args.group
     return {"rollouts_per_s": n / statistics.mean(r["t_rollout"] for r in rows),
@@ -118,25 +135,41 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--skip-trl", action="store_true", help="only seekling (C++ step vs Python step)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of the two seekling runs (median)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both (default: torch's; 1 is steadier on a shared machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_model(work / "base", args.vocab_size)
-        ours = bench_seekling(work / "base", work, args)
-        theirs = bench_trl(work / "base", work, args)
+        runs: dict[str, list[dict[str, float]]] = {"seekling": [], "seekling, Python step": []}
+        for r in range(args.rounds):  # alternating, so a change in the machine's load hits both alike
+            runs["seekling"].append(bench_seekling(work / "base", work / f"r{r}", args))
+            runs["seekling, Python step"].append(bench_seekling(work / "base", work / f"r{r}", args, native=False))
+        rows = {name: {k: statistics.median(x[k] for x in xs) for k in xs[0]} for name, xs in runs.items()}
+        if not args.skip_trl:
+            rows["trl"] = bench_trl(work / "base", work, args)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads")
+          f"{torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f} -> "
+          f"{os.getloadavg()[0]:.2f}")
     print(f"model: preset tiny, vocab {args.vocab_size}; {args.prompts} prompts x {args.group} samples, "
           f"{args.max_new_tokens} new tokens max")
-    print(f"{'':12}{'rollouts/s':>12}{'tokens/rollout':>16}{'step (s)':>10}")
-    for name, r in (("seekling", ours), ("trl", theirs)):
-        print(f"{name:12}{r['rollouts_per_s']:12.1f}{r['tokens_per_completion']:16.1f}{r['step_s']:10.2f}")
-    print(f"ratio: rollouts/s x{ours['rollouts_per_s'] / theirs['rollouts_per_s']:.1f}, "
-          f"step time x{theirs['step_s'] / ours['step_s']:.1f} faster")
+    print(f"{'':24}{'rollouts/s':>12}{'tokens/rollout':>16}{'step (s)':>10}{'steps in 180 s':>16}")
+    for name, r in rows.items():
+        print(f"{name:24}{r['rollouts_per_s']:12.1f}{r['tokens_per_completion']:16.1f}{r['step_s']:10.2f}"
+              f"{180 / r['step_s']:16.1f}")
+    ours, before = rows["seekling"], rows["seekling, Python step"]
+    print(f"C++ step vs Python step (the engine before it): rollouts/s "
+          f"x{ours['rollouts_per_s'] / before['rollouts_per_s']:.2f}, RL steps per budget "
+          f"x{before['step_s'] / ours['step_s']:.2f}")
+    if "trl" in rows:
+        theirs = rows["trl"]
+        print(f"vs TRL: rollouts/s x{ours['rollouts_per_s'] / theirs['rollouts_per_s']:.1f}, "
+              f"step time x{theirs['step_s'] / ours['step_s']:.1f} faster")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import httpx
 import torch
 import uvicorn
 
-from seekling.config import preset
 from seekling.engine import Engine
 from seekling.model import Transformer
+from seekling.model.config import preset
 from seekling.serve.app import create_app
 from seekling.serve.security import Settings
 from seekling.tokenizer import train_tokenizer

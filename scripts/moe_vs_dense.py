@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from seekling.atomic import write_text
-from seekling.config import ModelConfig, preset
 from seekling.data import BatchLoader, PackedDataset
 from seekling.engine import Engine
 from seekling.eval import eval_problems, evaluate, score_table
 from seekling.model import Transformer
+from seekling.model.config import ModelConfig, preset
 from seekling.model.load import load_pretrained
 from seekling.model.moe import MLP, MoE
 from seekling.stats import fmt, interval

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 
 from seekling.atomic import write_text
-from seekling.config import preset
 from seekling.data import BatchLoader, PackedDataset, SFTDataset, write_shards
 from seekling.engine import Engine
 from seekling.eval import eval_problems, evaluate, score_table
 from seekling.model import Transformer
+from seekling.model.config import preset
 from seekling.model.load import load_pretrained
 from seekling.speedrun import Speedrun, pretrain_documents
 from seekling.stats import fmt, interval

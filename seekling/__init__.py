@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from seekling.config import ModelConfig, preset
 from seekling.engine import Engine, SamplingParams
+from seekling.model.config import ModelConfig, preset
 from seekling.model.load import load_pretrained
 from seekling.tokenizer import load_tokenizer
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from seekling.atomic import save_safetensors, write_text
-from seekling.config import ModelConfig
+from seekling.model.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -123,11 +123,23 @@ class StoredTensor:
 
 
 def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
-    """A safetensors file's JSON header ({name: {"dtype", "shape", "data_offsets"}}) and where its data begins."""
+    """A safetensors file's JSON header ({name: {"dtype", "shape", "data_offsets"}}) and where its data begins;
+    ValueError, naming the file, for one that is not safetensors or is cut short (every tensor is checked to
+    lie within the file, so a truncated download is found before any weight is read)."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise ValueError(f"{path} is not a safetensors file (or it is cut short: {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            ends = [e["data_offsets"][1] for e in header.values()]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise ValueError(f"{path} has a broken safetensors header: {e}") from e
+    if 8 + n + max(ends, default=0) > size:
+        raise ValueError(f"{path} is truncated: its tensors need {8 + n + max(ends)} bytes, the file has {size}")
     return header, 8 + n
 
 

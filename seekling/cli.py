@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from seekling.atomic import DiskFull
 from seekling.train.trainer import add_train_flags, train_config
 
 
@@ -45,9 +45,9 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     import torch
 
-    from seekling.config import preset
     from seekling.data import BatchLoader, PackedDataset
     from seekling.model import Transformer
+    from seekling.model.config import preset
     from seekling.model.load import load_pretrained
     from seekling.tokenizer import load_tokenizer
     from seekling.train.trainer import train
@@ -93,7 +93,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model directory, GGUF file or ollama:NAME[:TAG]")
     p.add_argument("--temperature", type=float, default=None, help="default: the model's generation_config")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=-1)
@@ -101,21 +101,22 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--compile", action="store_true",
-                   help="decode steps as one compiled graph (1.6x tokens/s alone; compiles ~30 s the first time)")
+                   help="compile the Python decode step (models the C++ step does not run: dense, int8/int4; "
+                        "~30 s the first time)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="int8 (Q8_0's format) or int4 (4.6 bits a weight, the head at 8) weights on the CPU, "
+                        "quantised as a model directory is read (a GGUF keeps its own bits)")
 
 
 def _engine_and_params(args: argparse.Namespace):
     from seekling.engine import Engine, SamplingParams
 
-    gen = {}
-    gen_path = Path(args.model) / "generation_config.json"
-    if gen_path.exists():
-        gen = json.loads(gen_path.read_text())
-    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 0.6)
-    top_p = args.top_p if args.top_p is not None else gen.get("top_p", 0.95)
     if args.compile:
         print("compiling the decode graph (~30 s the first time; torch caches it on disk)...", file=sys.stderr)
-    engine = Engine(args.model, speculative=args.speculative, compile=args.compile)
+    engine = Engine(args.model, speculative=args.speculative, compile=args.compile, quantize=args.quantize)
+    gen = engine.generation_defaults  # generation_config.json's, or a GGUF's general.sampling.*
+    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 0.6)
+    top_p = args.top_p if args.top_p is not None else gen.get("top_p", 0.95)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=args.top_k, max_tokens=args.max_tokens,
                             seed=args.seed)
     return engine, params
@@ -130,7 +131,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if out.reasoning:
             print(f"<think>\n{out.reasoning}\n</think>")
         print(out.text)
-        print(f"[{len(out.token_ids)} tokens, finish: {out.finish_reason}]\n")
+        error = f" ({out.outputs[0].error})" if out.outputs[0].error else ""
+        print(f"[{len(out.token_ids)} tokens, finish: {out.finish_reason}{error}]\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -164,6 +166,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
                         thinking = False
                     print(d.text, end="", flush=True)
                     answer += d.text
+                if d.error:  # this request failed inside the engine (finish_reason "error")
+                    print(f"\n[error: {d.error}]")
         except KeyboardInterrupt:
             print("\n[stopped]")
         if thinking:
@@ -302,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (FileNotFoundError, ValueError) as e:  # bad input: a clear message, not a traceback
+    except (FileNotFoundError, ValueError, MemoryError, DiskFull) as e:  # bad input, no space: a clear message
         print(f"seekling {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

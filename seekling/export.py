@@ -3,33 +3,21 @@
     seekling export --model runs/x/rl --format gguf --out x.gguf [--outtype f32|f16|q8_0]
     export_gguf("runs/x/rl", "x.gguf")        # writes x.gguf and a Modelfile beside it
 
-The keys and tensors are those llama.cpp's own `convert_hf_to_gguf.py` writes and its loader reads
-(`src/models/deepseek2.cpp`, `qwen2.cpp`, `llama.cpp`), with the gaps that converter leaves for our
-checkpoints closed:
-- DeepSeek-V3 -> arch `deepseek2`. MLA runs there as MQA over the latent (head_count_kv 1, key_length
-  kv_lora_rank + rope dims, value_length kv_lora_rank; key/value_length_mla the per-head sizes), so
-  kv_b_proj is split per head into k_b (transposed) and v_b. `attention.q_lora_rank` is 0 when queries are
-  not compressed: the loader requires the key unless the layer count is V2-Lite's, and the converter
-  leaves it out for `q_lora_rank: null`. The router is sigmoid (expert_gating_func 2; without the key
-  llama.cpp falls back to softmax), top-k on scores + e_score_correction_bias (exp_probs_b), weights
-  renormalised (expert_weights_norm) and scaled (expert_weights_scale); the routed experts of a layer are
-  stacked into one [n_expert, out, in] tensor. MTP layers are left out, as the converter does for
-  deepseek2 (llama.cpp's MTP graph for it also needs q_lora_rank > 0). RoPE pairs are interleaved as in
-  GGML's "normal" rope, so no permutation.
-- Qwen2 / Llama (the R1 distills) -> arch `qwen2` / `llama`. Llama's q/k rows go from transformers'
-  rotate-half layout to GGML's interleaved pairs (the converter's `permute`); Llama-3 rope scaling
-  becomes the `rope_freqs` tensor.
+The keys and tensors are those llama.cpp's own `convert_hf_to_gguf.py` writes and its loader reads; each model
+family says how its checkpoints map onto them (seekling/model/families/: DeepSeek-V3/V2 -> `deepseek2`, Qwen2,
+Qwen3, Llama -> `qwen2`, `qwen3`, `llama`), and the same names serve GGUF import. This module adds what every
+family shares:
 - The tokenizer: byte-level BPE as tokenizer.ggml.model "gpt2", the pre-tokenizer named after the split
   regex of tokenizer.json (seekling's is Qwen2's: "qwen2"), tokens / types / merges, bos / eos / pad, the
   chat template. add_bos_token is written (false unless tokenizer_config.json says otherwise): our chat
   template writes bos itself, so llama.cpp must not add a second one.
+- general.* keys, the sampling defaults of generation_config.json, and the tensor types (the converter's rules).
 The file is written tensor by tensor (two passes over the model: shapes, then data), so the peak is the
 loaded model plus one converted tensor.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -42,52 +30,17 @@ import torch
 
 from seekling.atomic import atomic_path, write_text
 from seekling.checkpoint import read_generation_config
-from seekling.config import ModelConfig
-from seekling.model.dense import DenseConfig, DenseModel, rope_inv_freq
+from seekling.model.families import family_of
 from seekling.model.load import load_pretrained
-from seekling.tokenizer import ASSISTANT, BOS, EOS, SPLIT_PATTERN, USER, Tokenizer, load_tokenizer
+from seekling.tokenizer import ASSISTANT, BOS, EOS, PRE_TOKENIZERS, USER, Tokenizer, load_tokenizer
 
 Q = gguf.GGMLQuantizationType
 OUTTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
             "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
 
 # Split regexes of tokenizer.json -> the llama.cpp pre-tokenizer that implements them.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = {SPLIT_PATTERN: "qwen2", LLAMA3_SPLIT: "llama-bpe"}
-
-# Hugging Face tensor names -> GGUF names, per architecture; "{L}" is the block index.
-GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
-DEEPSEEK2_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_a_proj.weight": "attn_q_a.weight",
-    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
-    "self_attn.q_b_proj.weight": "attn_q_b.weight",
-    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
-    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "mlp.gate.weight": "ffn_gate_inp.weight",
-    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
-    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
-    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
-    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
-}
-# split / stacked in deepseek2_tensors: kv_b_proj -> attn_k_b + attn_v_b, experts.E.X_proj -> ffn_X_exps
-DEEPSEEK2_EXPERTS = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight",
-                     "down_proj": "ffn_down_exps.weight"}
-DENSE_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    **{f"self_attn.{hf}_proj.{p}": f"attn_{gg}.{p}" for hf, gg in
-       (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")) for p in ("weight", "bias")},
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    **{f"mlp.{x}_proj.{p}": f"ffn_{x}.{p}" for x in ("gate", "up", "down") for p in ("weight", "bias")},
-}
+PRE_TOKENIZER_NAMES = {regexes[0]: name for name, regexes in PRE_TOKENIZERS.items()
+                       if len(regexes) == 1 and name in ("qwen2", "llama-bpe")}
 
 # generation_config.json defaults (SamplingParams names) -> general.sampling.* (llama.cpp's defaults)
 SAMPLING_KEYS = {"temperature": "temp", "top_p": "top_p"}
@@ -95,153 +48,13 @@ SAMPLING_KEYS = {"temperature": "temp", "top_p": "top_p"}
 TensorSource = Callable[[], Iterator[tuple[str, torch.Tensor]]]
 
 
-# ----------------------------------------------------------------------------- tensors
-
-
-def rename(hf_name: str, layer_names: dict[str, str]) -> str:
-    """The GGUF name of a Hugging Face tensor name (model.layers.L.<x> -> blk.L.<table[x]>)."""
-    if hf_name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[hf_name]
-    parts = hf_name.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in layer_names:
-        return f"blk.{parts[2]}.{layer_names[parts[3]]}"
-    raise ValueError(f"no GGUF name for tensor {hf_name!r}")
-
-
-def deepseek2_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor) of a seekling Transformer, main layers only (the MTP layers are dropped)."""
-    cfg: ModelConfig = model.config
-    state = model.state_dict()
-    mtp_prefixes = tuple(f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers))
-    for name, t in state.items():
-        if name.startswith(mtp_prefixes) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue
-        if name.endswith("kv_b_proj.weight"):
-            yield from split_kv_b(name, t, cfg)
-        elif ".mlp.experts." in name:
-            if name.endswith(".experts.0.down_proj.weight"):  # once per layer: the whole stack
-                yield from stack_experts(name.split(".mlp.")[0], state, cfg.n_routed_experts)
-        else:
-            yield rename(name, DEEPSEEK2_NAMES), t
-
-
-def split_kv_b(name: str, w: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """kv_b_proj [H*(nope+v), rank] -> k_b [H, rank, nope] (transposed, to multiply the queries into the
-    latent) and v_b [H, v, rank], the layout llama.cpp's absorbed MLA reads."""
-    layer = name.split(".")[2]
-    per_head = w.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
-    k_b, v_b = per_head.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
-    yield f"blk.{layer}.attn_k_b.weight", k_b.transpose(1, 2)
-    yield f"blk.{layer}.attn_v_b.weight", v_b
-
-
-def stack_experts(prefix: str, state: dict[str, torch.Tensor], n_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
-    layer = prefix.split(".")[2]
-    for proj, gguf_name in DEEPSEEK2_EXPERTS.items():
-        stacked = torch.stack([state[f"{prefix}.mlp.experts.{e}.{proj}.weight"] for e in range(n_experts)])
-        yield f"blk.{layer}.{gguf_name}", stacked
-
-
-def dense_tensors(model: DenseModel) -> Iterator[tuple[str, torch.Tensor]]:
-    cfg = model.config
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        if cfg.model_type == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            t = halves_to_pairs(t, cfg.num_attention_heads)
-        elif cfg.model_type == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            t = halves_to_pairs(t, cfg.num_key_value_heads)
-        yield rename(name, DENSE_NAMES), t
-    if cfg.rope_scaling is not None:  # llama3 scaling: llama.cpp divides each frequency by its factor
-        plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
-        yield "rope_freqs.weight", plain / rope_inv_freq(cfg)
-
-
-def halves_to_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of each head reordered from (first halves, second halves) to interleaved pairs."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 # ----------------------------------------------------------------------------- metadata
-
-
-def _shape_keys(cfg: ModelConfig | DenseConfig) -> dict[str, Any]:
-    """The GGUF keys both families fill from the same config fields."""
-    return {
-        "context_length": cfg.max_position_embeddings,
-        "embedding_length": cfg.hidden_size,
-        "feed_forward_length": cfg.intermediate_size,
-        "block_count": cfg.num_hidden_layers,
-        "vocab_size": cfg.vocab_size,
-        "attention.head_count": cfg.num_attention_heads,
-    }
-
-
-def deepseek2_keys(cfg: ModelConfig) -> dict[str, Any]:
-    n_dense = cfg.num_hidden_layers if cfg.n_routed_experts == 0 else cfg.first_k_dense_replace
-    # llama.cpp asserts topk_group < n_group; keeping every group (topk_group == n_group) is no grouping.
-    groups = (cfg.n_group, cfg.topk_group) if cfg.topk_group < cfg.n_group else (1, 1)
-    keys = {
-        **_shape_keys(cfg),
-        "attention.head_count_kv": 1,
-        "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
-        "attention.q_lora_rank": cfg.q_lora_rank or 0,
-        "attention.kv_lora_rank": cfg.kv_lora_rank,
-        "attention.key_length": cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-        "attention.value_length": cfg.kv_lora_rank,
-        "attention.key_length_mla": cfg.qk_head_dim,
-        "attention.value_length_mla": cfg.v_head_dim,
-        "rope.dimension_count": cfg.qk_rope_head_dim,
-        "rope.freq_base": float(cfg.rope_theta),
-        "leading_dense_block_count": n_dense,
-        "expert_count": cfg.n_routed_experts,
-        "expert_used_count": cfg.num_experts_per_tok,
-        "expert_shared_count": cfg.n_shared_experts,
-        "expert_feed_forward_length": cfg.moe_intermediate_size,
-        "expert_group_count": groups[0],
-        "expert_group_used_count": groups[1],
-        "expert_gating_func": int(gguf.ExpertGatingFuncType.SIGMOID),
-        "expert_weights_norm": cfg.norm_topk_prob,
-        "expert_weights_scale": float(cfg.routed_scaling_factor),
-        **yarn_keys(cfg.rope_scaling),
-    }
-    return {f"deepseek2.{k}": v for k, v in keys.items()}
-
-
-def yarn_keys(rs: dict[str, Any] | None) -> dict[str, Any]:
-    """The YaRN keys as the converter writes them. llama.cpp computes the attention scale from
-    yarn_log_multiplier (0.1 * mscale_all_dim) and takes mscale equal to it, which reproduces seekling's
-    (DeepSeek's) YaRN exactly only when mscale == mscale_all_dim (DeepSeek-V3: 1 and 1; V2-Lite: 0.707)."""
-    if not rs or rs.get("rope_type", rs.get("type")) in (None, "default"):
-        return {}
-    m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
-    if rs.get("attention_factor") is not None or not m or m != m_all or rs.get("truncate", True) is False:
-        raise ValueError(f"llama.cpp cannot reproduce this YaRN configuration ({rs}): it needs mscale == "
-                         "mscale_all_dim, no attention_factor and truncated correction dims")
-    return {"rope.scaling.type": "yarn", "rope.scaling.factor": float(rs["factor"]),
-            "rope.scaling.original_context_length": int(rs["original_max_position_embeddings"]),
-            "rope.scaling.yarn_beta_fast": float(rs.get("beta_fast") or 32),
-            "rope.scaling.yarn_beta_slow": float(rs.get("beta_slow") or 1),
-            "rope.scaling.yarn_log_multiplier": 0.1 * float(m_all)}
-
-
-def dense_keys(cfg: DenseConfig) -> dict[str, Any]:
-    keys = {
-        **_shape_keys(cfg),
-        "attention.head_count_kv": cfg.num_key_value_heads,
-        "attention.key_length": cfg.head_dim,
-        "attention.value_length": cfg.head_dim,
-        "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
-        "rope.dimension_count": cfg.head_dim,
-        "rope.freq_base": float(cfg.rope_theta),
-    }
-    return {f"{cfg.model_type}.{k}": v for k, v in keys.items()}
 
 
 def tokenizer_keys(tok: Tokenizer, vocab_size: int, directory: Path) -> dict[str, Any]:
     """tokenizer.ggml.* and the chat template, from the tokenizer files (as gguf's SpecialVocab reads them)."""
     spec = json.loads(tok.tokenizer.to_str())
-    pre = PRE_TOKENIZERS.get(split_regex(spec))
+    pre = PRE_TOKENIZER_NAMES.get(split_regex(spec))
     if spec["model"]["type"] != "BPE" or pre is None:
         raise ValueError(f"tokenizer in {directory} is not a byte-level BPE with a pre-tokenizer llama.cpp knows "
                          f"(split regex {split_regex(spec)!r})")
@@ -353,10 +166,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f32",
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else model_dir
     tok = load_tokenizer(tok_dir)
     model = load_pretrained(model_dir)
-    if isinstance(model, DenseModel):
-        arch, keys, tensors = model.config.model_type, dense_keys(model.config), lambda: dense_tensors(model)
-    else:
-        arch, keys, tensors = "deepseek2", deepseek2_keys(model.config), lambda: deepseek2_tensors(model)
+    family = family_of(model)
+    arch, tensors = family.gguf_arch, lambda: family.gguf_tensors(model)
+    keys = {f"{arch}.{k}": v for k, v in family.gguf_keys(model.config).items()}
     general = {"general.type": "model", "general.name": model_dir.resolve().name,
                "general.file_type": int(OUTTYPES[outtype][1]), "general.quantization_version": gguf.GGML_QUANT_VERSION}
     generation = read_generation_config(model_dir)

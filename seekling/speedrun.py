@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from seekling.atomic import write_text
-from seekling.config import preset as model_preset
+from seekling.model.config import preset as model_preset
 from seekling.report import run_intervals, write_report
 from seekling.train.scaffold import state_dir_for
 

@@ -1,10 +1,14 @@
 """Tokenizer: byte-level BPE (Hugging Face `tokenizers`) plus the DeepSeek-R1 chat template.
 
-One class serves our own trained tokenizers and the released ones (DeepSeek-R1-Distill Qwen2/Llama):
+One class serves our own trained tokenizers and the released ones (DeepSeek-R1-Distill Qwen2/Llama,
+R1-0528-Qwen3):
 a tokenizer directory is `tokenizer.json` + `tokenizer_config.json` (bos/eos, `chat_template`) or a
 `chat_template.jinja` file, exactly what transformers reads and writes. The chat template is rendered
 the way transformers renders it (sandboxed Jinja, same globals and filters, same message clean-up),
 so `AutoTokenizer.from_pretrained(dir).apply_chat_template(...)` and ours give the same text and ids.
+A GGUF file (or `ollama:NAME`) brings its tokenizer in its metadata (tokenizer.ggml.*: the byte-level BPE
+vocabulary, merges, token types, the pre-tokenizer's name, special token ids and the chat template), read
+into the same class (`tokenizer_from_gguf`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trai
 from tokenizers import Tokenizer as HFTokenizer
 
 from seekling.atomic import write_text
+from seekling.sources import is_gguf, read_gguf_header, resolve_model
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -39,6 +44,33 @@ SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's pre-tokenizers by their GGUF name (tokenizer.ggml.pre): the regexes it splits text with, one after
+# another (src/llama-vocab.cpp), as a tokenizer.json Sequence of Splits writes them.
+PRE_TOKENIZERS: dict[str, list[str]] = {
+    "qwen2": [SPLIT_PATTERN],
+    "deepseek-r1-qwen": [SPLIT_PATTERN],
+    "llama-bpe": [LLAMA3_SPLIT],
+    "llama3": [LLAMA3_SPLIT],
+    "gpt-2": [r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"],
+    "deepseek-llm": [
+        r"[\r\n]",
+        r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+        r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+        r"\s+$",
+        r"[一-龥ࠀ-一가-퟿]+",
+        r"\p{N}+",
+    ],
+    "deepseek-v3": [
+        r"\p{N}{1,3}",
+        r"[一-龥぀-ゟ゠-ヿ]+",
+        r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ],
+}
+# llama.cpp's token types (tokenizer.ggml.token_type): control tokens are special, user-defined ones added
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
 
 # DeepSeek-V3/R1's tool tokens. Newly trained tokenizers have them as special tokens; in older ones (the
 # 619-token speedrun tokenizers) they are plain text that BPE splits, and every template and parser here
@@ -206,6 +238,55 @@ LLAMA_TOOLS_TEMPLATE = _PREAMBLE + r"""
   {{- '<｜User｜>' + text -}}
 {%- endmacro -%}
 """ + _DISTILL_TURNS
+
+# DeepSeek-R1-0528's chat format, as the tokenizer_config.json of DeepSeek-R1-0528-Qwen3-8B renders it (Ollama's
+# deepseek-r1:8b carries the same template in its GGUF): system prompts joined by blank lines after bos; every user
+# turn is followed by <｜Assistant｜> at once, so the generation prompt adds it only after other turns (never after
+# tool outputs, which the model continues); earlier reasoning is cut from assistant turns (text after the last
+# </think>); tool calls and outputs in DeepSeek's tokens. The generation prompt does not open <think>: the model
+# writes it. Beyond the release (which ignores both), tool arguments may be a dict, and thinking=False (or
+# enable_thinking=False) closes an empty think block after the generation prompt.
+R1_0528_TEMPLATE = r"""
+{%- set ns = namespace(system='', first_system=true, last_user=false, in_outputs=false, first_output=true) -%}
+{%- for message in messages if message['role'] == 'system' -%}
+  {%- set ns.system = ns.system + ('' if ns.first_system else '\n\n') + message['content'] -%}
+  {%- set ns.first_system = false -%}
+{%- endfor -%}
+{{- bos_token + ns.system -}}
+{%- for message in messages -%}
+  {%- set content = message['content'] -%}
+  {%- if message['role'] == 'user' -%}
+    {%- set ns.in_outputs = false -%}{%- set ns.last_user = true -%}
+    {{- '<｜User｜>' + content + '<｜Assistant｜>' -}}
+  {%- elif message['role'] == 'assistant' -%}
+    {%- if '</think>' in content -%}{%- set content = content.split('</think>')[-1] -%}{%- endif -%}
+    {{- '<｜tool▁outputs▁end｜>' if ns.in_outputs else '' -}}
+    {%- set ns.in_outputs = false -%}{%- set ns.last_user = false -%}
+    {%- if message['tool_calls'] is defined and message['tool_calls'] is not none -%}
+      {%- set ns.first_output = true -%}
+      {%- for call in message['tool_calls'] -%}
+        {{- ((content if content is not none else '') + '<｜tool▁calls▁begin｜>' if loop.first else '\n')
+            + '<｜tool▁call▁begin｜>' + call['type'] + '<｜tool▁sep｜>' + call['function']['name'] + '\n```json\n'
+            + """ + _ARGS + r""" + '\n```<｜tool▁call▁end｜>' -}}
+      {%- endfor -%}
+      {{- '<｜tool▁calls▁end｜><｜end▁of▁sentence｜>' -}}
+    {%- else -%}
+      {{- content + '<｜end▁of▁sentence｜>' -}}
+    {%- endif -%}
+  {%- elif message['role'] == 'tool' -%}
+    {{- ('<｜tool▁outputs▁begin｜>' if ns.first_output else '\n') + '<｜tool▁output▁begin｜>' + content
+        + '<｜tool▁output▁end｜>' -}}
+    {%- set ns.in_outputs = true -%}{%- set ns.last_user = false -%}{%- set ns.first_output = false -%}
+  {%- endif -%}
+{%- endfor -%}
+{{- '<｜tool▁outputs▁end｜>' if ns.in_outputs else '' -}}
+{%- if add_generation_prompt and not ns.in_outputs -%}
+  {{- '' if ns.last_user else '<｜Assistant｜>' -}}
+  {%- if (thinking is defined and thinking is false) or (enable_thinking is defined and enable_thinking is false) -%}
+    {{- '<think>\n\n</think>\n\n' -}}
+  {%- endif -%}
+{%- endif -%}
+"""
 
 # sha256 of earlier versions of CHAT_TEMPLATE that checkpoints carry in tokenizer_config.json: loading one
 # upgrades it to the current template, which renders every conversation they could render the same way.
@@ -399,15 +480,21 @@ class Tokenizer:
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Load any Hugging Face tokenizer directory (ours, or a released DeepSeek-R1-Distill one)."""
-    directory = Path(directory)
+    """Load any Hugging Face tokenizer directory (ours, or a released DeepSeek-R1-Distill one), or the tokenizer
+    of a GGUF file or `ollama:NAME[:TAG]`."""
+    directory = resolve_model(directory)
+    if is_gguf(directory):
+        return tokenizer_from_gguf(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {directory}")
     tokenizer_file = directory / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {directory} (only tokenizer.json tokenizers load)")
     config_file = directory / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"{config_file} is not JSON: {e}") from e
     template = config.get("chat_template")
     if isinstance(template, list):  # the old named-templates form: [{"name": ..., "template": ...}]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -416,14 +503,58 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         template = jinja_file.read_text(encoding="utf-8")
     if template is not None and hashlib.sha256(template.encode()).hexdigest() in _LEGACY_TEMPLATES:
         template = CHAT_TEMPLATE
+    try:
+        backend = HFTokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # (tokenizers raises a bare Exception for a file it cannot read)
+        raise ValueError(f"{tokenizer_file} is not a tokenizer: {e}") from e
     return Tokenizer(
-        HFTokenizer.from_file(str(tokenizer_file)),
+        backend,
         chat_template=template,
         bos_token=_token_content(config.get("bos_token")),
         eos_token=_token_content(config.get("eos_token")),
         pad_token=_token_content(config.get("pad_token")),
         model_max_length=int(config.get("model_max_length", 4096)),
     )
+
+
+def bundled_tokenizer(source: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer that comes with a model (its directory's tokenizer.json, or a GGUF's metadata), if any."""
+    path = resolve_model(source)
+    if is_gguf(path) or (path / "tokenizer.json").is_file():
+        return load_tokenizer(path)
+    return None
+
+
+def tokenizer_from_gguf(path: str | os.PathLike) -> Tokenizer:
+    """A GGUF file's byte-level BPE tokenizer (tokenizer.ggml.model "gpt2", what llama.cpp's converter writes for
+    every family seekling reads): the vocabulary and merges, the pre-tokenizer llama.cpp names in
+    tokenizer.ggml.pre, control tokens as special tokens and user-defined ones as added tokens (both matched
+    whole in text), bos / eos / padding and the chat template."""
+    path = Path(path)
+    meta = read_gguf_header(path)[0]
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"{path.name}: tokenizer.ggml.model {kind!r} is not supported (seekling reads byte-level "
+                         "BPE tokenizers, 'gpt2')")
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"{path.name}: pre-tokenizer {pre!r} is not supported ({', '.join(PRE_TOKENIZERS)})")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type", [])
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    # Llama 3's BPE takes a whole pre-token found in the vocabulary before merging (llama.cpp's ignore_merges)
+    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                 ignore_merges=pre in ("llama-bpe", "llama3")))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                            for i, t in enumerate(types) if t == GGUF_CONTROL])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                    for i, t in enumerate(types) if t == GGUF_USER_DEFINED])
+    special = {k: tokens[meta[f"tokenizer.ggml.{k}_token_id"]] for k in ("bos", "eos", "padding")
+               if f"tokenizer.ggml.{k}_token_id" in meta}
+    return Tokenizer(tok, meta.get("tokenizer.chat_template"), special.get("bos"), special.get("eos"),
+                     special.get("padding"), model_max_length=2**31 - 1)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int = 4096) -> Tokenizer:

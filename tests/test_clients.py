@@ -241,10 +241,10 @@ def test_a_slow_grammar_compile_holds_up_no_other_request(live, monkeypatch):
     compile_ = engine.grammars.compile
     started = threading.Event()
 
-    def slow(constraint):
+    def slow(constraint, cancelled=None):
         started.set()
         time.sleep(2.0)
-        return compile_(constraint)
+        return compile_(constraint, cancelled)
 
     monkeypatch.setattr(engine.grammars, "compile", slow)  # what both the server and add_request call
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import seekling
-from seekling.config import PRESETS, ModelConfig, preset
 from seekling.model import Transformer
+from seekling.model.config import PRESETS, ModelConfig, preset
 
 # DeepSeek-V3's released config.json (deepseek-ai/DeepSeek-V3), without its fp8 quantization_config and auto_map.
 DEEPSEEK_V3_RELEASE = {
@@ -37,7 +37,10 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediat
 def test_config_round_trips_with_the_release_fields(name):
     cfg = preset(name, seq_aux_alpha=1e-4)
     d = json.loads(json.dumps(cfg.to_hf_dict()))  # through JSON, as config.json is
-    assert {k: d[k] for k in ENGINE_FIELDS} == ENGINE_FIELDS
+    routing = {"scoring_func": cfg.scoring_func, "topk_method": cfg.topk_method}  # V2-Lite: softmax, greedy
+    assert {k: d[k] for k in ENGINE_FIELDS} == {**ENGINE_FIELDS, **routing}
+    assert d["model_type"] == cfg.model_type and d["architectures"] == [
+        {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}[cfg.model_type]]
     assert d["aux_loss_alpha"] == 1e-4 and d["q_lora_rank"] == cfg.q_lora_rank  # null stays null in config.json
     back = ModelConfig.from_hf_dict(d)
     assert back == cfg and back.extra == {}  # the derived fields are not carried as unknown extras
@@ -71,9 +74,10 @@ def test_old_checkpoint_without_the_fields_loads_and_gains_them(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("scoring_func", "softmax", "scoring_func"),
-    ("topk_method", "greedy", "topk_method"),
+    ("scoring_func", "sqrtsoftplus", "scoring_func"),
+    ("topk_method", "random", "topk_method"),
     ("moe_layer_freq", 2, "moe_layer_freq"),
+    ("model_type", "deepseek_v32", "model_type"),
 ])
 def test_routing_we_do_not_implement_is_refused(field, value, match):
     d = ModelConfig(**TINY).to_hf_dict()

@@ -235,8 +235,14 @@ def test_memory_refusal(llama, tmp_path):
     path, ref = llama
     fp32_mb = ref.num_parameters() * 4 / 1e6
     with pytest.raises(MemoryError, match=rf"needs {fp32_mb:.2f} MB in float32, 0\.00 MB available "
-                                          r"\(capped by max_memory_gb=1e-06\); try --dtype bfloat16"):
+                                          r"\(capped by max_memory_gb=1e-06\); no precision fits"):
         load_pretrained(path, dtype="float32", max_memory_gb=1e-6)
+    # planned from the headers: a cap between the int4 and int8 sizes suggests int4, and int4 then loads
+    with pytest.raises(MemoryError, match=r"in float32.*; --dtype bfloat16 would fit"):
+        load_pretrained(path, dtype="float32", max_memory_gb=fp32_mb * 0.6 / 1e3)
+    with pytest.raises(MemoryError, match=r"in int8.*; --quantize int4 would fit \(weights in float32 "):
+        load_pretrained(path, quantize="int8", max_memory_gb=fp32_mb * 0.24 / 1e3)
+    assert load_pretrained(path, quantize="int4", max_memory_gb=fp32_mb * 0.24 / 1e3).quantized == "int4"
     # a bf16 checkpoint under a cap that fits bf16 (2 bytes/param) but not fp32: auto picks bf16
     bf16 = tmp_path / "bf16"
     shutil.copytree(path, bf16)

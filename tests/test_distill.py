@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_serve import LiveServer
 
-from seekling.config import preset
 from seekling.data import IGNORE_INDEX, BatchLoader, SFTDataset
 from seekling.engine import Engine
 from seekling.model import Transformer
+from seekling.model.config import preset
 from seekling.model.load import load_pretrained
 from seekling.tasks import sample_problems
 from seekling.tokenizer import train_tokenizer

@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from seekling.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.engine.detok import IncrementalDecoder, TextStream
 from seekling.model import Transformer
+from seekling.model.config import preset
 from seekling.tokenizer import train_tokenizer
 
 
@@ -265,7 +265,7 @@ def test_utf8_is_never_split(tok):
     ids = tok.encode(text)
     assert len(ids) > len(text.split())  # the multi-byte characters are spread over several tokens
     dec = IncrementalDecoder(tok, [])
-    pieces = [dec.add(t) for t in ids]
+    pieces = [dec.add([t]) for t in ids]
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) + dec.flush() == text
     assert "" in pieces  # some token ended mid-character and was held back
@@ -373,14 +373,14 @@ def test_a_failing_request_fails_alone(model, monkeypatch, speculative):
     ids = {name: engine.add_request(p, params) for name, p, params in (
         ("greedy", prompts[0], GREEDY), ("seeded", prompts[1], seeded), ("nan_row", prompts[2], nan_row),
         ("bad_seed", prompts[3], bad_seed), ("mid_answer", prompts[4], GREEDY), ("greedy2", prompts[1], GREEDY))}
-    append = engine._append
+    append = engine.scheduler._append
 
-    def third_token_fails(seq, tokens, logprobs):
-        if seq.request_id == ids["mid_answer"] and len(seq.output_ids) >= 2:
+    def second_delivery_fails(seq, tokens, logprobs):  # (tokens come one step, or k decode steps, at a time)
+        if seq.request_id == ids["mid_answer"] and len(seq.output_ids) >= 1:
             raise RuntimeError("a detokenizer fault")
         return append(seq, tokens, logprobs)
 
-    monkeypatch.setattr(engine, "_append", third_token_fails)
+    monkeypatch.setattr(engine.scheduler, "_append", second_delivery_fails)
     tokens: dict[tuple[str, int], list[int]] = {}
     finish: dict[tuple[str, int], tuple[str, str | None]] = {}
     while engine.has_unfinished():
@@ -392,12 +392,12 @@ def test_a_failing_request_fails_alone(model, monkeypatch, speculative):
     errors = {name[rid]: err for (rid, _), (reason, err) in finish.items() if reason == "error"}
     assert set(errors) == {"nan_row", "bad_seed", "mid_answer"}
     assert "TypeError" in errors["bad_seed"] and "detokenizer fault" in errors["mid_answer"]
-    assert len(tokens[ids["mid_answer"], 0]) == 2  # it had answered before its fault
+    assert len(tokens[ids["mid_answer"], 0]) == 1  # it had answered before its fault
     assert tokens[ids["greedy"], 0] == reference_greedy(model, prompts[0], 10)
     assert tokens[ids["greedy2"], 0] == reference_greedy(model, prompts[1], 10)
     alone = Engine(model, block_size=4, speculative=speculative).generate([prompts[1]], seeded)[0]
     assert [tokens[ids["seeded"], i] for i in range(2)] == [o.token_ids for o in alone.outputs]
-    assert engine.stats()["cache_blocks_used"] == 0 and not engine._requests and not engine._live
+    assert engine.stats()["cache_blocks_used"] == 0 and not engine.scheduler.requests and not engine._live
 
 
 def test_closing_a_stream_aborts_its_request(model):

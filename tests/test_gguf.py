@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from seekling.cli import main as cli
-from seekling.config import ModelConfig
 from seekling.export import export_gguf
 from seekling.model import Transformer
+from seekling.model.config import ModelConfig
 from seekling.tasks import sample_problems
 from seekling.tokenizer import SPLIT_PATTERN, load_tokenizer, render_chat, train_tokenizer
 

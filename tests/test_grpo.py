@@ -164,8 +164,8 @@ def base_dir(tmp_path_factory):
     # Tiny matmuls: one thread avoids thread hand-offs that cost more than the work on a busy 2-core machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    from seekling.config import ModelConfig
     from seekling.model import Transformer
+    from seekling.model.config import ModelConfig
     from seekling.tokenizer import train_tokenizer
 
     path = tmp_path_factory.mktemp("rl") / "base"

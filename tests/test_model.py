@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import seekling
-from seekling.config import ModelConfig, preset
 from seekling.model import Transformer
+from seekling.model.config import ModelConfig, preset
 
 transformers = pytest.importorskip("transformers")
 

@@ -21,9 +21,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import seekling
-from seekling.config import preset
 from seekling.data import BatchLoader, PackedDataset, write_shards
 from seekling.model import Transformer
+from seekling.model.config import preset
 from seekling.model.moe import MoE
 from seekling.train import TrainConfig, lm_loss, train
 from seekling.train.expert_parallel import apply_expert_parallel

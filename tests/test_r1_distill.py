@@ -20,6 +20,7 @@ import torch
 from test_dense import _randomise
 
 from seekling.engine import Engine, SamplingParams
+from seekling.engine.detok import turn_start_ids
 from seekling.model import DenseModel, load_pretrained
 from seekling.serve.app import add_serve_args, load_engine
 from seekling.serve.security import Settings
@@ -135,7 +136,7 @@ def test_stops_on_any_of_the_checkpoints_eos_ids(qwen2, tmp_path):
     gen["eos_token_id"] = [gen["eos_token_id"][0], stop_at]
     (tmp_path / "m" / "generation_config.json").write_text(json.dumps(gen))
     engine = Engine(tmp_path / "m")
-    assert engine.eos_token_ids == set(gen["eos_token_id"])
+    assert engine.eos_token_ids == set(gen["eos_token_id"]) | turn_start_ids(engine.tokenizer)  # (+ <｜User｜>)
     out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0]
     assert out.token_ids == hf_greedy(ref, prompt, 8, gen["eos_token_id"]) == free[:free.index(stop_at) + 1]
     assert out.finish_reason == "stop"

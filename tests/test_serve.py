@@ -22,9 +22,9 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from seekling.config import preset
 from seekling.engine import Engine, SamplingParams
 from seekling.model import Transformer
+from seekling.model.config import preset
 from seekling.serve.app import add_serve_args, create_app
 from seekling.serve.security import Settings
 from seekling.tokenizer import ASSISTANT, USER, train_tokenizer
@@ -92,10 +92,10 @@ class ScriptedEngine:
         last = last_user(prompt)
         return ["Let", " me", " think", " about", f" {last}."], ["The", " answer", " is", f" {len(last)}."]
 
-    def compile_constraint(self, constraint) -> None:  # the script ignores constraints
+    def compile_constraint(self, constraint, cancelled=None) -> None:  # the script ignores constraints
         pass
 
-    def add_request(self, prompt, params, request_id=None) -> str:
+    def add_request(self, prompt, params, request_id=None, prompt_ids=None) -> str:
         request_id = request_id or uuid.uuid4().hex
         self.prompts.append(prompt)
         self.params.append(params)

@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import seekling
-from seekling.config import preset
 from seekling.data import BatchLoader, PackedDataset, SFTDataset, write_shards
 from seekling.model import Transformer
+from seekling.model.config import preset
 from seekling.train import TrainConfig, lm_loss, lr_at, make_optimizers, train
 from seekling.train.scaffold import saved_state
 from seekling.train.trainer import newton_schulz

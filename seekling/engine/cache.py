@@ -18,6 +18,8 @@ and full blocks are remembered by content (prefix caching) after their sequence 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -125,3 +127,17 @@ class BlockManager:
             kv[:, new] = kv[:, b]
             child.append(new)
         return child
+
+
+def allocate(model: torch.nn.Module, speculative: bool, max_num_seqs: int, block_size: int, cache_blocks: int | None,
+             cache_memory: int, device: torch.device) -> torch.Tensor:
+    """The cache kv[layer, block, slot, *entry] for `model` (its main layers, plus the MTP module's when it drafts),
+    in the activations' dtype (int8 weights compute in fp32). Without `cache_blocks`: enough for every sequence
+    at full length, within `cache_memory` bytes."""
+    dtype = model.model.norm.weight.dtype
+    layers, entry = model.num_cache_layers(speculative), model.cache_entry_shape()
+    per_token = layers * math.prod(entry) * dtype.itemsize
+    if cache_blocks is None:
+        want = max_num_seqs * -(-model.config.max_position_embeddings // block_size)
+        cache_blocks = max(1, min(want, cache_memory // (per_token * block_size)))
+    return torch.zeros(layers, cache_blocks, block_size, *entry, dtype=dtype, device=device)

@@ -8,7 +8,10 @@ Three stages, each holding back only what it must:
 2. `TextStream` stop strings: the text is cut where a stop string starts; a tail that could be the
    beginning of a stop string is held back until the next delta decides it.
 3. The reasoning split: when the prompt opened `<think>`, text before `</think>` is reasoning and
-   the rest is the answer (leading newlines stripped, and the newline before `</think>`).
+   the rest is the answer (leading newlines stripped, and the newline before `</think>`). A completion may
+   also open the block itself (DeepSeek-R1-0528's and Qwen3's generation prompts stop at the assistant
+   tag): when its first non-blank text is `<think>` the same split applies; until that is decided a
+   completion's first characters are held back only while they could still be `<think>`.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ class IncrementalDecoder:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
-    def add(self, token_id: int) -> str:
-        """New complete text after appending token_id ('' while a character is still incomplete)."""
-        self.ids.append(token_id)
+    def add(self, token_ids: list[int]) -> str:
+        """New complete text after appending token_ids ('' while a character is still incomplete): one pair of
+        decodes for the whole group."""
+        if not token_ids:
+            return ""
+        self.ids.extend(token_ids)
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -62,6 +68,8 @@ class TextStream:
         self.stop = stop
         self.pending = ""  # decoded text not yet released past the stop-string check
         self.in_think = in_think
+        self.may_open_think = not in_think  # the completion has not shown yet whether it opens <think>
+        self.head = ""  # the completion's first text while that is undecided
         self.think_pending = ""  # released text not yet assigned to reasoning or answer
         # Leading newlines of the reasoning and of the answer are stripped until each starts.
         self.reasoning_started = False
@@ -83,6 +91,16 @@ class TextStream:
         return self._split(released, final)
 
     def _split(self, released: str, final: bool) -> tuple[str, str]:
+        if self.may_open_think:
+            self.head += released
+            lead = self.head.lstrip()
+            if lead.startswith(THINK_START):
+                released, self.in_think, self.answer_started = lead[len(THINK_START):], True, False
+            elif THINK_START.startswith(lead) and not final:
+                return "", ""  # "", "<", "<th"...: the next piece decides
+            else:
+                released = self.head
+            self.may_open_think, self.head = False, ""
         reasoning = ""
         if self.in_think:
             self.think_pending += released
@@ -112,3 +130,21 @@ def prompt_opens_think(prompt_text: str) -> bool:
     """The R1 generation prompt ends with `<think>\\n`: the completion starts inside the think block."""
     tail = prompt_text.rstrip()
     return tail.endswith(THINK_START)
+
+
+# Tokens that open a user's turn in the chat templates seekling renders (DeepSeek's, which the R1-Distill Qwen and
+# Llama tokenizers share; Qwen's ChatML; Llama 3's header). A model that writes one has finished its answer and
+# started imagining the user's: it stops there, as the exported Modelfile's `stop` says.
+TURN_STARTS = ("<｜User｜>", "<|im_start|>", "<|start_header_id|>")
+
+
+def turn_start_ids(tokenizer: Any) -> set[int]:
+    """The ids of the TURN_STARTS that are single tokens of `tokenizer` (none without a tokenizer)."""
+    if tokenizer is None:
+        return set()
+    found = set()
+    for text in TURN_STARTS:
+        ids = tokenizer.encode(text)
+        if len(ids) == 1 and tokenizer.decode(ids) == text:
+            found.add(ids[0])
+    return found

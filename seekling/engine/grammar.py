@@ -5,10 +5,8 @@ xgrammar (MLC; the default backend of vLLM and SGLang) compiles JSON Schema, reg
 against the tokenizer's vocabulary once, then answers each step's mask in microseconds (most tokens are
 classified at compile time). Why xgrammar rather than llguidance: the server's contract for tool calls and
 reasoning-first answers is written in xgrammar's structural-tag format (seekling/serve/tools.py), which it
-compiles as it is; its matchers fork (n > 1) and roll back (speculative drafts). It is an optional dependency
-(`pip install 'seekling[structured]'`): it pulls in transformers and a native extension, and an engine that is
-never asked for a constraint imports neither (the import is deferred to the first constraint; an engine
-without it refuses constrained requests with a clear error).
+compiles as it is; its matchers fork (n > 1) and roll back (speculative drafts). It is a dependency of seekling,
+imported on the first constraint (it imports transformers: an engine never asked for a constraint pays nothing).
 
 What a constraint covers is the contract in seekling/engine/sampling.py: the completion text exactly as the
 engine decodes it (special tokens kept), from the first generated token; once the grammar is complete only a
@@ -16,6 +14,20 @@ stop token (every eos id of the engine, and the request's `stop_token_ids`) is a
 therefore given to xgrammar as raw bytes, each token's bytes exactly as the engine's decoder writes them:
 byte-level BPE pieces through GPT-2's byte-to-unicode map, added tokens (`<think>`, the tool-call markers) as
 their text. Ids past the tokenizer's (the model's vocab_size may be padded) are never allowed.
+
+The chat template's tokens (the tokenizer's added tokens: `<｜User｜>`, `</think>`, the tool-call markers...) are
+given to xgrammar behind a control character (MARK), which JSON strings cannot hold: a JSON string is content the
+user reads, so no constrained string ever holds one of them. The server's structural tags need some of them (the
+tool-call markers, `</think>` after the reasoning): their begin/end strings are written with the same MARK, so
+those places take exactly the added token, as the model was trained to write it.
+
+Bounds (a server's, `Grammars.timeout_s`): a constraint is at most MAX_CONSTRAINT_BYTES of JSON, and a new one is
+first compiled in a child process (forked from a preloaded server, so it starts in milliseconds) that is killed
+past `timeout_s` seconds or when the caller says it is no longer wanted; only a constraint that compiled there in
+time is compiled here. A compile cannot be interrupted in-process, so this keeps every compile bounded in time
+and memory, a client that leaves stops its compile, and shutdown never waits for one. The forkserver (~275 MB: it
+imports xgrammar, hence torch) starts with the first bounded compile, which waits for it (seconds, not counted
+in the bound): a server that is never asked for a constraint does not pay for it.
 
 Speculative decoding: `Matcher.fill` writes the masks of a verification's rows (the state after each draft
 accepted so far) and rolls the drafts back; the matcher moves for good only in `accept`, over the tokens the
@@ -27,10 +39,12 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import multiprocessing
 import re
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from types import ModuleType
 from typing import Any
@@ -42,7 +56,13 @@ from tokenizers import decoders
 from seekling.engine.sampling import StructuredOutputsParams
 
 MISSING = ("constrained decoding (structured_outputs: response_format json, tool_choice required or named) needs "
-           "xgrammar: pip install 'seekling[structured]'")
+           "xgrammar, a dependency of seekling: pip install xgrammar (or reinstall seekling)")
+MARK = b"\x01"  # before an added token's bytes in the grammar's vocabulary (see the module's docstring)
+MAX_CONSTRAINT_BYTES = 256_000  # of a constraint's JSON text (a tool list of 100 real tools is ~50 KB)
+
+
+class CompileCancelled(Exception):
+    """The caller no longer wants the grammar (its client left, or the server is stopping)."""
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:line: "; the rest is the message for the user.
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
@@ -88,6 +108,23 @@ def token_bytes(tokenizer: Any) -> list[bytes]:
         piece = hf.id_to_token(i)
         out.append(added[i] if i in added else bytes(to_byte[c] for c in piece) if piece is not None else b"")
     return out
+
+
+def grammar_vocab(tokenizer: Any, stop_token_ids: Sequence[int]) -> tuple[list[bytes], list[str]]:
+    """The vocabulary as xgrammar reads it (token_bytes, each added token but the stop ones behind MARK) and the
+    added tokens' texts (longest first), which structural tags write behind MARK where they need one. The other
+    tokens holding MARK's byte (the byte token itself) become b"", which xgrammar never allows: MARK then comes
+    only with an added token, so a marked place cannot be spelled out with plain tokens instead."""
+    vocab = token_bytes(tokenizer)
+    added = _backend(tokenizer).get_added_tokens_decoder()
+    stops = set(stop_token_ids)
+    for i, piece in enumerate(vocab):
+        if i in added:
+            vocab[i] = piece if i in stops else MARK + piece
+        elif MARK in piece:
+            vocab[i] = b""
+    texts = sorted({t.content for i, t in added.items() if i not in stops and t.content}, key=len, reverse=True)
+    return vocab, texts
 
 
 def _key(constraint: StructuredOutputsParams) -> tuple[str, str]:
@@ -144,14 +181,18 @@ class Grammars:
     LRU of compiled grammars, so a constraint that repeats (a server's tool list, a schema) compiles once."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], max_cached: int = 128,
-                 threads: int | None = None):
+                 threads: int | None = None, timeout_s: float | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
         self.max_cached = max_cached
         self.threads = threads
+        self.timeout_s = timeout_s  # None: compile in-process, unbounded (a library user's own constraints)
+        self.max_bytes = MAX_CONSTRAINT_BYTES
         self.num_compiled = 0  # grammars compiled (cache misses)
         self._compiler: Any = None
+        self._vocab: list[bytes] = []
+        self._specials: re.Pattern | None = None  # the added tokens' texts, to mark in structural tags
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()  # add_request runs on the server's threads
 
@@ -163,33 +204,45 @@ class Grammars:
     def _get_compiler(self) -> Any:
         with self._lock:
             if self._compiler is None:
-                self._compiler = self._new_compiler()
+                self._compiler = self._build_compiler()
             return self._compiler
 
-    def _new_compiler(self) -> Any:
-        xgr = _xgrammar()
+    def _build_compiler(self) -> Any:
+        _xgrammar()  # (a clear error first when it is missing)
         if self.tokenizer is None:
             raise ValueError("constrained decoding needs the engine's tokenizer (Engine(model, tokenizer))")
-        vocab = token_bytes(self.tokenizer)
+        vocab, specials = grammar_vocab(self.tokenizer, self.stop_token_ids)
         if len(vocab) > self.vocab_size:
             raise ValueError(f"the tokenizer has {len(vocab)} ids but the model's vocab_size is {self.vocab_size}")
         if any(not 0 <= t < self.vocab_size for t in self.stop_token_ids):
             raise ValueError(f"eos ids {self.stop_token_ids} are not all in the model's vocabulary")
-        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
-                                 stop_token_ids=self.stop_token_ids)
-        threads = self.threads or torch.get_num_threads()
-        return xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)  # our cache is the one
+        self._vocab = vocab
+        self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
+        return _new_compiler(vocab, self.vocab_size, self.stop_token_ids, self.threads or torch.get_num_threads())
 
-    def compile(self, constraint: StructuredOutputsParams) -> Any:
-        """The compiled grammar (an xgrammar CompiledGrammar); ValueError with xgrammar's reason if it fails."""
+    def compile(self, constraint: StructuredOutputsParams, cancelled: Callable[[], bool] | None = None) -> Any:
+        """The compiled grammar (an xgrammar CompiledGrammar); ValueError with xgrammar's reason if it fails, or
+        when it is past the bounds (size; with `timeout_s`, time: see the module's docstring). `cancelled()`
+        turning true stops a bounded compile (CompileCancelled)."""
         compiler = self._get_compiler()
         key = _key(constraint)
+        if len(key[1]) > self.max_bytes:
+            raise ValueError(f"the {key[0]} constraint is {len(key[1])} bytes of JSON, over the limit of "
+                             f"{self.max_bytes}")
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
+        marked = self._marked(constraint)
         try:  # outside the lock: a long compile holds up no other request
-            compiled = _compile(compiler, constraint)
+            if self.timeout_s is None:
+                compiled = _compile(compiler, marked)
+            else:  # probed, then compiled, on a daemon thread: the caller can leave, and exit never waits for it
+                def probed() -> Any:
+                    self._probe(marked, cancelled)
+                    return _compile(compiler, marked)
+
+                compiled = _in_daemon(probed, cancelled)
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"the {key[0]} constraint does not compile: {_LOCATION.sub('', str(e)).strip()}") from e
         with self._lock:
@@ -198,6 +251,49 @@ class Grammars:
             while len(self._cache) > self.max_cached:
                 self._cache.popitem(last=False)
         return compiled
+
+    def _marked(self, constraint: StructuredOutputsParams) -> StructuredOutputsParams:
+        """The constraint with MARK before the added tokens' texts in its structural tag's strings."""
+        if constraint.structural_tag is None or self._specials is None:
+            return constraint
+        mark = MARK.decode()
+        tag = _mark_strings(json.loads(constraint.structural_tag), lambda s: self._specials.sub(
+            lambda m: mark + m.group(0), s))
+        return StructuredOutputsParams(structural_tag=json.dumps(tag, ensure_ascii=False))
+
+    def _probe(self, constraint: StructuredOutputsParams, cancelled: Callable[[], bool] | None) -> None:
+        """Compile `constraint` in a child process first: ValueError when it fails there or takes more than
+        `timeout_s` (from the moment the child is ready), CompileCancelled when `cancelled()` turns true."""
+        context = _process_context()
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(target=_probe_compile, daemon=True, name="seekling-grammar-probe", args=(
+            sender, self._vocab, self.vocab_size, self.stop_token_ids, self.threads or 1, constraint))
+        child.start()
+        sender.close()
+        deadline = None
+        try:
+            while True:
+                if cancelled is not None and cancelled():
+                    raise CompileCancelled("the grammar is no longer wanted")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ValueError(f"it takes more than {self.timeout_s:g} s to compile (the server's bound)")
+                if not receiver.poll(0.05):
+                    continue
+                try:
+                    kind, message = receiver.recv()
+                except EOFError:  # the child died: killed for memory, most likely
+                    raise ValueError("the grammar compiler ran out of memory") from None
+                if kind == "ready":
+                    deadline = time.monotonic() + self.timeout_s
+                elif kind == "error":
+                    raise ValueError(message)
+                else:
+                    return
+        finally:
+            if child.is_alive():
+                child.kill()
+            child.join()
+            receiver.close()
 
     def matcher(self, constraint: StructuredOutputsParams, stop_token_ids: list[int] | None = None) -> Matcher:
         """A fresh matcher; a request's own `stop_token_ids` may end it too, besides the engine's eos ids."""
@@ -212,6 +308,71 @@ class Grammars:
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Set the logits of the tokens each listed row's mask forbids to -inf, in place."""
         _xgrammar().apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+def _new_compiler(vocab: list[bytes], vocab_size: int, stop_token_ids: list[int], threads: int) -> Any:
+    xgr = _xgrammar()
+    info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+    return xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)  # our cache is the one
+
+
+@functools.cache
+def _process_context() -> Any:
+    """Children forked from a server process that has imported xgrammar once (its start costs seconds, on the first
+    probe; each child then starts in milliseconds, and is safe to fork: that server runs no threads)."""
+    try:
+        context = multiprocessing.get_context("forkserver")
+    except ValueError:  # (no forkserver on Windows)
+        return multiprocessing.get_context("spawn")
+    context.set_forkserver_preload(["seekling.engine.grammar", "xgrammar"])
+    return context
+
+
+def _in_daemon(fn: Callable[[], Any], cancelled: Callable[[], bool] | None) -> Any:
+    """fn() on a daemon thread; CompileCancelled as soon as `cancelled()` turns true (fn goes on alone)."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="seekling-grammar").start()
+    while not done.wait(0.05):
+        if cancelled is not None and cancelled():
+            raise CompileCancelled("the grammar is no longer wanted")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _probe_compile(conn: Any, vocab: list[bytes], vocab_size: int, stop_token_ids: list[int], threads: int,
+                   constraint: StructuredOutputsParams) -> None:
+    """A probe child: build the compiler, say "ready", compile, say "ok" or ("error", why)."""
+    try:
+        compiler = _new_compiler(vocab, vocab_size, stop_token_ids, threads)
+        conn.send(("ready", None))
+        _compile(compiler, constraint)
+        conn.send(("ok", None))
+    except Exception as e:
+        conn.send(("error", _LOCATION.sub("", str(e)).strip()))
+    finally:
+        conn.close()
+
+
+def _mark_strings(node: Any, mark: Callable[[str], str]) -> Any:
+    """A structural tag with `mark` applied to the strings it matches literally (tag begin/end, const strings,
+    separators); JSON schemas inside are left alone."""
+    if isinstance(node, list):
+        return [_mark_strings(v, mark) for v in node]
+    if not isinstance(node, dict) or node.get("type") == "json_schema":
+        return node
+    literal = {"begin", "end", "separator"} | ({"value"} if node.get("type") == "const_string" else set())
+    return {k: mark(v) if k in literal and isinstance(v, str) else _mark_strings(v, mark) for k, v in node.items()}
 
 
 # JSON's whitespace, wherever the engine constrains JSON: at most one whitespace character in a row. A weak model

@@ -28,6 +28,9 @@ class StructuredOutputsParams:
 
     What a constraint covers, for every field: the completion text exactly as the engine decodes the
     sampled tokens (special tokens kept, nothing stripped), from the first generated token to the end.
+    The chat template's tokens (the tokenizer's added tokens) never stand for a constraint's text, except
+    where a structural tag writes them in its begin/end/separator/const strings: a JSON string never holds
+    `<｜User｜>` or `</think>` (seekling/engine/grammar.py).
     Once the text is complete for the constraint, only an end of sequence may follow (eos, or a stop
     string/token). A length cut (`max_tokens`) is the one way a constrained completion ends unfinished.
     A prompt that opens a think block is not special-cased by the engine: a constraint that must let the
@@ -136,6 +139,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's)
     structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (see the class)
+    detokenize: bool = True  # False: token ids only, no text (RL rollouts decode their completions themselves)
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +179,8 @@ class SamplingParams:
             problems.append(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         if any(not _in(t, 0, math.inf, integer=True) for t in self.stop_token_ids or []):
             problems.append(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.detokenize is False and stop:
+            problems.append("stop strings need detokenize=True")
         if self.logit_bias is not None and (not isinstance(self.logit_bias, dict) or any(
                 not _in(t, 0, math.inf, integer=True) or not _in(b, -LOGIT_BIAS, LOGIT_BIAS)
                 for t, b in self.logit_bias.items())):

@@ -1,6 +1,6 @@
-"""The models: DeepSeek-V3 (`Transformer`) and the dense Qwen2/Llama decoders (`DenseModel`), their shared
-layers and the inference interface the engine calls (layers.py), int8 weights and CPU kernels (quant.py),
-and loading a model directory (load.py)."""
+"""The models: DeepSeek-V3/V2 (`Transformer`) and the dense Qwen2/Qwen3/Llama decoders (`DenseModel`), their
+shared layers and the inference interface the engine calls (layers.py), the family registry (families/),
+int8 weights and CPU kernels (quant.py), and loading a directory, GGUF file or Ollama model (load.py)."""
 
 from seekling.model.dense import DenseModel
 from seekling.model.layers import Batch, CausalLM, make_batch

@@ -1,10 +1,12 @@
-"""Dense decoders for the released DeepSeek-R1-Distill checkpoints: `qwen2` and `llama` (HF layout).
+"""Dense decoders for the released DeepSeek-R1 distills: `qwen2`, `qwen3` and `llama` (HF layout).
 
-The R1 distills (Qwen-1.5B/7B/14B/32B, Llama-8B/70B) are plain pre-norm decoders: GQA attention
-with RoPE (Llama-3.1's "llama3" frequency scaling for the Llama ones), q/k/v biases for Qwen2,
-RMSNorm and a SwiGLU MLP. Parameter names are exactly transformers' (`model.embed_tokens`,
-`model.layers.L.self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`, `input_layernorm`,
-`post_attention_layernorm`, `model.norm`, `lm_head`), so safetensors load by name.
+The R1 distills (Qwen-1.5B/7B/14B/32B, Llama-8B/70B, R1-0528-Qwen3-8B) are plain pre-norm decoders: GQA
+attention with RoPE (Llama-3.1's "llama3" frequency scaling for the Llama ones), q/k/v biases for Qwen2,
+an RMSNorm of each query and key head before RoPE for Qwen3 (q_norm / k_norm), RMSNorm and a SwiGLU MLP.
+Parameter names are exactly transformers' (`model.embed_tokens`, `model.layers.L.self_attn.{q,k,v,o}_proj`,
+`self_attn.{q,k}_norm`, `mlp.{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`,
+`model.norm`, `lm_head`), so safetensors load by name. The families (seekling/model/families/) say which
+of these options each model type has; this module knows none of them by name.
 
     model = seekling.load_pretrained("DeepSeek-R1-Distill-Qwen-1.5B")   # seekling/model/load.py
     logits = model(input_ids)                                # [B, T, V], full causal forward
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekling.model.config import check_field_types
 from seekling.model.layers import (
     MLP,
     Batch,
@@ -38,15 +41,15 @@ from seekling.model.layers import (
     fuse_parameters,
     gather_cache,
     per_sequence,
+    rope_frequencies,
 )
 from seekling.model.quant import Int8Weight, embed, linear, quantize
-
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
 
 @dataclass
 class DenseConfig:
-    """The subset of a Qwen2Config / LlamaConfig that the forward needs (HF field names)."""
+    """The subset of a Qwen2Config / Qwen3Config / LlamaConfig that the forward needs (HF field names, plus the
+    options a family fixes: o_proj_bias, qk_norm)."""
 
     model_type: str
     vocab_size: int
@@ -58,20 +61,22 @@ class DenseConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # None or {"rope_type": "llama3", "factor", ...}
-    attention_bias: bool = False  # q/k/v biases (always on for qwen2; llama also puts one on o_proj)
+    rope_scaling: dict[str, Any] | None = None  # None or {"rope_type": "llama3" | "yarn", "factor", ...}
+    rope_freq_factors: list[float] | None = None  # each frequency divided by its factor (a GGUF's rope_freqs)
+    attention_bias: bool = False  # q/k/v biases
+    o_proj_bias: bool = False  # a bias on o_proj too (Llama's and Qwen3's attention_bias; not Qwen2's)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     eos_token_id: int | None = None  # config.json's (generation_config.json's list, when loaded, comes first)
 
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DenseConfig:
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported architecture: model_type={model_type!r} "
-                             f"(architectures={d.get('architectures')}); the dense loader reads "
-                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    def from_dict(cls, d: dict[str, Any], **family: Any) -> DenseConfig:
+        """config.json's fields; `family` are the options its family fixes (e.g. qk_norm=True for qwen3)."""
         if d.get("quantization_config"):
             method = d["quantization_config"].get("quant_method")
             raise ValueError(f"unsupported: a quantized checkpoint ({method}); use the bf16/fp32 release")
@@ -84,12 +89,14 @@ class DenseConfig:
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"unsupported rope scaling type {rope_type!r} (default or llama3)")
+        if rope_type not in ("default", "llama3", "yarn"):
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} (default, llama3 or yarn)")
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
+        attention_bias = bool(d.get("attention_bias", False))
+        options = {"attention_bias": attention_bias, "o_proj_bias": attention_bias, **family}
         return cls(
-            model_type=model_type,
+            model_type=d["model_type"],
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
@@ -99,34 +106,23 @@ class DenseConfig:
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
-            rope_scaling=rope if rope_type == "llama3" else None,
-            attention_bias=True if model_type == "qwen2" else bool(d.get("attention_bias", False)),
+            rope_scaling=rope if rope_type != "default" else None,
+            rope_freq_factors=d.get("rope_freq_factors"),
             mlp_bias=bool(d.get("mlp_bias", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             eos_token_id=(eos[0] if eos else None) if isinstance(eos, list) else eos,
+            **options,
         )
 
 
-def rope_inv_freq(cfg: DenseConfig) -> torch.Tensor:
-    """RoPE inverse frequencies, with Llama-3.1's scaling when configured (transformers'
-    `_compute_llama3_parameters`): long wavelengths are divided by `factor`, short ones kept,
-    and the band between is interpolated smoothly."""
-    dim = cfg.head_dim
-    # on the CPU whatever the ambient device, as seekling.model.mla.rope_inv_freq (meta arange imports dynamo)
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
-    if cfg.rope_scaling is None:
-        return inv_freq
-    s = cfg.rope_scaling
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
+def rope_inv_freq(cfg: DenseConfig) -> tuple[torch.Tensor, float]:
+    """RoPE's frequencies over head_dim and the cos/sin factor (`layers.rope_frequencies`: default, Llama-3.1's
+    llama3 scaling, YaRN), or the frequencies divided by explicit factors (a GGUF's rope_freqs)."""
+    inv_freq, factor = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    if cfg.rope_freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32, device="cpu")
+    return inv_freq, factor
 
 
 class Attention(nn.Module):
@@ -139,9 +135,11 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        # Qwen2 has biases on q/k/v only; Llama's attention_bias covers o_proj too
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size,
-                                bias=bias and cfg.model_type == "llama")
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         # `infer` reads [q | k | v] as one matmul (weights and biases), built by `prepare`.
         self.w_qkv: torch.Tensor | Int8Weight | None = None
         self.b_qkv: torch.Tensor | None = None
@@ -150,12 +148,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Causal attention over full sequences x [B, T, h] (training, evaluation, parity tests)."""
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin, interleaved=False)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin, interleaved=False)
+        q, k = self.q_proj(x).view(B, T, self.n_heads, self.head_dim), self.k_proj(x).view(B, T, self.n_kv_heads, -1)
+        q, k = self.rotate(q, k, cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=T > 1, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys [..., heads, head_dim] normalised per head (qk_norm), then rotated."""
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin, interleaved=False), apply_rope(k, cos, sin, interleaved=False)
 
     def projections(self) -> list[nn.Parameter]:
         return [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
@@ -169,8 +174,8 @@ class Attention(nn.Module):
         if quantize_to is None:
             self.w_qkv, self.w_o = fuse_parameters(sources, self), alias(self.o_proj.weight, self)
             return []
-        self.w_qkv = quantize(torch.cat([p.detach() for p in sources]))
-        self.w_o = quantize(self.o_proj.weight)
+        self.w_qkv = quantize(sources, quantize_to)
+        self.w_o = quantize(self.o_proj.weight, quantize_to)
         return sources + [self.o_proj.weight]
 
     def infer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -179,8 +184,8 @@ class Attention(nn.Module):
         [N, 2, n_kv_heads, head_dim]: the rotated key and the value of every KV head)."""
         N, H, Hkv, D = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = linear(x, self.w_qkv, self.b_qkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = apply_rope(q.view(N, H, D), cos, sin, interleaved=False)
-        entry = torch.stack([apply_rope(k.view(N, Hkv, D), cos, sin, interleaved=False), v.view(N, Hkv, D)], dim=1)
+        q, k = self.rotate(q.view(N, H, D), k.view(N, Hkv, D), cos, sin)
+        entry = torch.stack([k, v.view(N, Hkv, D)], dim=1)
         kv = torch.cat([gather_cache(batch, self.layer_idx), per_sequence(entry, batch)], dim=1)
         o = attend(q, kv[:, :, 0], kv[:, :, 1], batch, 1 / math.sqrt(D))
         return linear(o.flatten(1), self.w_o, self.o_proj.bias), entry
@@ -216,13 +221,16 @@ class DenseBody(nn.Module):
         self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        inv_freq, self.attention_factor = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [..., 1, head_dim / 2] (the 1 broadcasts over heads): angles in fp32 (as transformers), then
-        the model dtype."""
+        the model dtype; times YaRN's attention factor when the RoPE is scaled so."""
         freqs = positions[..., None, None].float() * self.inv_freq.float()
         cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -258,6 +266,11 @@ class DenseModel(CausalLM):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def reset_buffers(self, device: torch.device) -> None:
+        """Compute the buffers no checkpoint stores (the loader builds the model on meta): the RoPE frequencies."""
+        inv_freq, self.model.attention_factor = rope_inv_freq(self.config)
+        self.model.inv_freq = inv_freq.to(device)
 
     # --- inference (the engine's interface; seekling.model.Transformer has the same) -----------------------
     def cache_entry_shape(self) -> tuple[int, ...]:

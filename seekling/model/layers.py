@@ -20,13 +20,16 @@ last token + drafts) and chunked prefill alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seekling.model.quant import Int8Weight, linear, quantize
+from seekling.model.config import yarn_mscale
+from seekling.model.quant import Int4Weight, Int8Weight, head_kind, layer_mode, linear, quantize
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -77,6 +80,62 @@ def embedding(num_embeddings: int, dim: int) -> nn.Embedding:
     return nn.Embedding(num_embeddings, dim, _weight=weight)
 
 
+def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies over `dim` rotated dims [dim/2], and the factor cos/sin are multiplied by.
+
+    scaling (a config's rope_scaling): None / default; "yarn" (YaRN as DeepSeek and transformers compute it: the
+    low frequencies interpolated by `factor`, the high ones kept, a linear ramp between the correction dims of
+    beta_fast / beta_slow; the factor is attention_factor when given, else mscale(factor, mscale) /
+    mscale(factor, mscale_all_dim), else mscale(factor) — times attn_factor when a config gives one, as vLLM
+    and llama.cpp read it: Qwen3's R1-0528 distill sets it to cancel mscale); "llama3" (Llama-3.1's: long
+    wavelengths divided by factor, short ones kept, the band between interpolated)."""
+    # On the CPU whatever the ambient device (a buffer moves with its module): the loader builds on meta, where
+    # arange runs through torch._refs and its first use imports torch._dynamo (+150 MB resident).
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    inv_freq = 1.0 / pos_freqs
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind in (None, "default"):
+        return inv_freq, 1.0
+    if kind == "llama3":
+        return _llama3(inv_freq, scaling), 1.0
+    if kind != "yarn":
+        raise ValueError(f"rope scaling {kind!r} is not supported (default, yarn, llama3)")
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(n_rot: float) -> float:
+        return dim * math.log(original / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    inv_freq = (1.0 / (factor * pos_freqs)) * ramp + inv_freq * (1 - ramp)  # ramp 0: the original frequency
+    if scaling.get("attention_factor") is not None:
+        attention_factor = float(scaling["attention_factor"])
+    elif scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        attention_factor = yarn_mscale(factor, scaling["mscale"]) / yarn_mscale(factor, scaling["mscale_all_dim"])
+    else:
+        attention_factor = yarn_mscale(factor)
+    return inv_freq, attention_factor * float(scaling.get("attn_factor", 1.0))
+
+
+def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """transformers' `_compute_llama3_parameters`."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate the pairs of x [..., heads, d] by the angles whose cos/sin are [..., 1, d/2] (the rotary modules
     make them so: one head axis, broadcast over the heads).
@@ -117,15 +176,15 @@ class MLP(nn.Module):
         return self.down_proj(act if scale is None else act * scale)
 
     def prepare(self, quantize_to: str | None = None) -> list[nn.Parameter]:
-        """gate and up as one matmul: views of one fused tensor (fp32 / bf16), or an int8 copy (returns the
-        parameters it replaced, for the caller to free)."""
+        """gate and up as one matmul: views of one fused tensor (fp32 / bf16), or an int8 / int4 copy (returns
+        the parameters it replaced, for the caller to free)."""
         pair = [self.gate_proj.weight, self.up_proj.weight]
         biases = [self.gate_proj.bias, self.up_proj.bias]
         self.b13 = None if biases[0] is None else fuse_parameters(biases, self)
         if quantize_to is None:
             self.w13, self.w2 = fuse_parameters(pair, self), alias(self.down_proj.weight, self)
             return []
-        self.w13, self.w2 = quantize(torch.cat([p.detach() for p in pair])), quantize(self.down_proj.weight)
+        self.w13, self.w2 = quantize(pair, quantize_to), quantize(self.down_proj.weight, quantize_to, "down")
         return pair + [self.down_proj.weight]
 
     def infer(self, x: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -343,23 +402,26 @@ class CausalLM(nn.Module):
         for m in self.modules():
             m.fusions = []
         with torch.no_grad():
-            replaced = [p for layer in self.model.layers for p in layer.prepare(quantize_to)]
+            n = len(self.model.layers)
+            replaced = [p for i, layer in enumerate(self.model.layers)
+                        for p in layer.prepare(layer_mode(quantize_to, i, n))]
             replaced += self.prepare_head(quantize_to)
         if quantize_to is not None:
             free_parameters(self, replaced)
             self.quantized = quantize_to
 
     def prepare_head(self, quantize_to: str | None, head_w: Int8Weight | None = None,
-                     embed_w: Int8Weight | None = None) -> list[nn.Parameter]:
-        """The embedding and output head (one int8 tensor when tied); a streaming loader passes the int8
-        copies it made. Returns the float parameters replaced."""
+                     embed_w: Int8Weight | Int4Weight | None = None) -> list[nn.Parameter]:
+        """The embedding and output head (one tensor when tied; the head at 8 bits under int4, `head_kind`);
+        a streaming loader passes the copies it made. Returns the float parameters replaced."""
         head, emb = self.lm_head.weight, self.model.embed_tokens.weight
         if quantize_to is None:
             self.embed_w, self.head_w = alias(emb, self), alias(head, self)
             return []
         tied = head is emb
-        self.head_w = head_w if head_w is not None else quantize(head)
-        self.embed_w = self.head_w if tied else embed_w if embed_w is not None else quantize(emb)
+        self.head_w = head_w if head_w is not None else quantize(head, head_kind(quantize_to))
+        self.embed_w = self.head_w if tied else embed_w if embed_w is not None else quantize(emb, quantize_to,
+                                                                                            "embed")
         return [head] if tied else [head, emb]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -22,13 +22,11 @@ which the model is for inference only).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seekling.config import ModelConfig, yarn_mscale
+from seekling.model.config import ModelConfig
 from seekling.model.layers import (
     Batch,
     RMSNorm,
@@ -38,47 +36,15 @@ from seekling.model.layers import (
     fuse_parameters,
     gather_cache,
     per_sequence,
+    rope_frequencies,
 )
 from seekling.model.quant import Int8Weight, linear, quantize
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies of the decoupled RoPE, YaRN-corrected when rope_scaling says so.
-
-    Returns (inv_freq [d/2], attention_factor): YaRN multiplies cos/sin by
-    mscale(factor, mscale) / mscale(factor, mscale_all_dim); the mscale_all_dim part goes into
-    the softmax scale instead (config.softmax_scale).
-    """
-    d, base = config.qk_rope_head_dim, config.rope_theta
-    # On the CPU whatever the ambient device (a buffer moves with its module): the loader builds on meta, where
-    # arange runs through torch._refs and its first use imports torch._dynamo (+150 MB resident).
-    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d)
-    rs = config.rope_scaling
-    if not rs or rs.get("rope_type", rs.get("type")) in (None, "default"):
-        return 1.0 / pos_freqs, 1.0
-    factor = rs["factor"]
-    original = rs["original_max_position_embeddings"]
-    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
-
-    def correction_dim(n_rot: float) -> float:
-        return d * math.log(original / (n_rot * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if rs.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, d - 1)
-    if low == high:
-        high += 0.001  # avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
-    extrapolation = 1.0 - ramp  # 1: keep the original frequency (high-frequency dims)
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    if rs.get("attention_factor") is not None:
-        attention_factor = float(rs["attention_factor"])
-    elif rs.get("mscale") and rs.get("mscale_all_dim"):
-        attention_factor = yarn_mscale(factor, rs["mscale"]) / yarn_mscale(factor, rs["mscale_all_dim"])
-    else:
-        attention_factor = yarn_mscale(factor)
-    return inv_freq, attention_factor
+    """The decoupled RoPE's frequencies (qk_rope_head_dim wide) and cos/sin factor: `layers.rope_frequencies`.
+    YaRN's mscale_all_dim part goes into the softmax scale instead (config.softmax_scale)."""
+    return rope_frequencies(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
 
 
 class RotaryEmbedding(nn.Module):
@@ -172,11 +138,11 @@ class MLA(nn.Module):
             self.w_q_b = None if self.q_lora_rank is None else alias(self.q_b_proj.weight, self)
             self.w_o = alias(self.o_proj.weight, self)
             return []
-        self.w_in = quantize(torch.cat([p.detach() for p in sources]))
-        self.w_o = quantize(self.o_proj.weight)
+        self.w_in = quantize(sources, quantize_to)
+        self.w_o = quantize(self.o_proj.weight, quantize_to)
         replaced = sources + [self.o_proj.weight]
         if self.q_lora_rank is not None:
-            self.w_q_b = quantize(self.q_b_proj.weight)
+            self.w_q_b = quantize(self.q_b_proj.weight, quantize_to)
             replaced.append(self.q_b_proj.weight)
         return replaced
 

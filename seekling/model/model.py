@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from seekling.checkpoint import save_pretrained
-from seekling.config import ModelConfig
+from seekling.model.config import ModelConfig
 from seekling.model.layers import MLP, Batch, CausalLM, RMSNorm, alias, embedding
-from seekling.model.mla import MLA, RotaryEmbedding
+from seekling.model.mla import MLA, RotaryEmbedding, rope_inv_freq
 from seekling.model.moe import MoE
 from seekling.model.quant import Int8Weight, embed, linear, quantize
 
@@ -103,7 +103,8 @@ class MTPLayer(Block):
         return super().forward(x, cos, sin, attn_mask)
 
     def prepare(self, quantize_to: str | None = None) -> list[nn.Parameter]:
-        self.w_eh = alias(self.eh_proj.weight, self) if quantize_to is None else quantize(self.eh_proj.weight)
+        self.w_eh = alias(self.eh_proj.weight, self) if quantize_to is None else quantize(self.eh_proj.weight,
+                                                                                          quantize_to)
         return super().prepare(quantize_to) + ([self.eh_proj.weight] if quantize_to is not None else [])
 
     def infer_mtp(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -173,6 +174,16 @@ class Transformer(CausalLM):
         if not include_mtp:
             n -= sum(p.numel() for p in self.mtp_layers.parameters())
         return n
+
+    def reset_buffers(self, device: torch.device) -> None:
+        """Compute the buffers no checkpoint stores (the loader builds the model on meta): the RoPE frequencies
+        and the expert load counters."""
+        inv_freq, factor = rope_inv_freq(self.config)
+        self.model.rotary_emb.inv_freq = inv_freq.to(device)
+        self.model.rotary_emb.attention_factor = factor
+        for moe in self.moe_layers():
+            moe.load.zero_()
+            moe.last_load.zero_()
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -256,6 +267,9 @@ class Transformer(CausalLM):
 
     def num_cache_layers(self, speculative: bool) -> int:
         """The main layers, plus the MTP module's when it drafts."""
+        if speculative and not len(self.mtp_layers):
+            raise ValueError("speculative decoding drafts with the MTP module; this model has none "
+                             "(num_nextn_predict_layers=0: run it with speculative=False)")
         return self.config.num_hidden_layers + (1 if speculative else 0)
 
     def infer(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
-"""DeepSeekMoE (DeepSeek-V3 §2.1.2): fine-grained routed experts + shared experts, sigmoid routing,
-group-limited top-k, and auxiliary-loss-free load balancing.
+"""DeepSeekMoE (DeepSeek-V3 §2.1.2, DeepSeek-V2 §2.2): fine-grained routed experts + shared experts, the
+router with its V3 and V2 variants, and auxiliary-loss-free load balancing.
 
 Routing, for token u with hidden u_t (eqs. 13-16 of the V3 report):
     s_{i,t} = sigmoid(u_t · e_i)                              affinity to routed expert i
@@ -8,6 +8,10 @@ Routing, for token u with hidden u_t (eqs. 13-16 of the V3 report):
     h'_t = u_t + Σ_shared FFN(u_t) + Σ_{i∈topk} g_{i,t} FFN_i(u_t)
 The bias b only steers which experts are chosen; it gets no gradient and is updated after each
 optimizer step by b_i += γ·sign(mean_load − load_i) (`update_bias`).
+DeepSeek-V2 (eqs. 20-22 of its report) scores with a softmax over the experts, picks the top-k scores with no
+bias (`greedy`), or within the topk_group groups of highest best score (`group_limited_greedy`), and its
+released checkpoints do not renormalise the k weights (norm_topk_prob false). `route` is that one function with
+the variants as options.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from seekling.config import ModelConfig
+from seekling.model.config import ModelConfig
 from seekling.model.layers import MLP, fuse_parameters, silu_mul
-from seekling.model.quant import Int8Weight, linear, quantize
+from seekling.model.quant import Int4Weight, Int8Weight, linear, quantize_stack
 
 
 class Gate(nn.Module):
@@ -32,40 +36,45 @@ class Gate(nn.Module):
         self.n_group, self.topk_group = config.n_group, config.topk_group
         self.norm_topk_prob = config.norm_topk_prob
         self.route_scale = config.routed_scaling_factor
+        self.scoring_func, self.topk_method = config.scoring_func, config.topk_method
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
-        # fp32 always: the bias moves in steps of ~1e-3, which bf16 could not represent near 1.
-        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        # Only noaux_tc routing has the balancing bias (a V2 checkpoint has no such tensor). fp32 always: the
+        # bias moves in steps of ~1e-3, which bf16 could not represent near 1.
+        bias = torch.zeros(self.n_experts, dtype=torch.float32) if self.topk_method == "noaux_tc" else None
+        self.register_buffer("e_score_correction_bias", bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, h] -> (weights [N, k] fp32, indices [N, k], scores [N, E] fp32)."""
         w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
-        scores = F.linear(x if x.dtype == torch.float32 else x.float(), w).sigmoid()  # routing in fp32
-        return *self.route(scores), scores
-
-    def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Affinities s [N, E] -> (gate weights [N, k], expert indices [N, k]); the inference engine
-        computes s itself (from its prepared weights) and routes with this."""
-        return route(scores, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
-                     self.norm_topk_prob, self.route_scale)
+        logits = F.linear(x if x.dtype == torch.float32 else x.float(), w)  # routing in fp32
+        return route(logits, self.top_k, self.scoring_func, self.topk_method, self.e_score_correction_bias,
+                     self.n_group, self.topk_group, self.norm_topk_prob, self.route_scale)
 
 
-def route(scores: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1, topk_group: int = 1,
-          norm_topk_prob: bool = True, route_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3's routing: the top-k experts by score + balancing bias (within the best groups),
-    weighted by the unbiased scores. A function of tensors and numbers, so a compiled graph can hold it."""
-    biased = scores.detach() + bias
-    if n_group > 1:
-        # Group-limited routing: keep the topk_group groups whose best two experts score highest.
-        grouped = biased.view(-1, n_group, biased.shape[-1] // n_group)
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+def route(logits: torch.Tensor, top_k: int, scoring_func: str = "sigmoid", topk_method: str = "noaux_tc",
+          bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+          route_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] -> (gate weights [N, k], expert indices [N, k], scores [N, E]): DeepSeek's routing
+    in each of its variants (the module docstring). The top-k is chosen on the scores (+ the balancing bias for
+    noaux_tc), within the best groups when n_group > 1; the weights are the unbiased scores, renormalised over
+    the k when norm_topk_prob, times route_scale. A function of tensors and constants, so a compiled graph can
+    hold it."""
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    chosen_by = scores.detach() + bias if topk_method == "noaux_tc" and bias is not None else scores.detach()
+    if n_group > 1 and topk_method != "greedy":
+        # Group-limited routing: keep the topk_group groups with the highest group score, the sum of their best
+        # two (noaux_tc) or their best one (group_limited_greedy).
+        grouped = chosen_by.view(-1, n_group, chosen_by.shape[-1] // n_group)
+        best = 2 if topk_method == "noaux_tc" else 1
+        group_scores = grouped.topk(best, dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
         keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
-        biased = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
-    indices = biased.topk(top_k, dim=-1).indices
+        chosen_by = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+    indices = chosen_by.topk(top_k, dim=-1).indices
     weights = scores.gather(1, indices)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return (weights if route_scale == 1.0 else weights * route_scale), indices
+    return (weights if route_scale == 1.0 else weights * route_scale), indices, scores
 
 
 class MoE(nn.Module):
@@ -86,8 +95,8 @@ class MoE(nn.Module):
         self.dispatch_fn: Callable[..., torch.Tensor] | None = None  # replaces dispatch when set (expert parallelism)
         # `infer` reads the routed experts stacked, built by `prepare`: [E, 2I, h] ([gate; up] each) and
         # [E, h, I]; each expert's own w13 / w2 are views of these.
-        self.w13: torch.Tensor | Int8Weight | None = None
-        self.w2: torch.Tensor | Int8Weight | None = None
+        self.w13: torch.Tensor | Int8Weight | Int4Weight | None = None
+        self.w2: torch.Tensor | Int8Weight | Int4Weight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -143,10 +152,9 @@ class MoE(nn.Module):
         if quantize_to is None:
             self.w13 = fuse_parameters(pairs, self).view(E, two_i, h)
             self.w2 = fuse_parameters(downs, self).view(E, h, two_i // 2)
-        else:  # [E, out, in] quantised per expert: each expert whole tiles of its own
-            self.w13 = quantize(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
-                                             for e in self.experts]))
-            self.w2 = quantize(torch.stack([e.down_proj.weight for e in self.experts]))
+        else:  # [E, out, in], each expert quantised into its slot (a streaming load reads one expert at a time)
+            self.w13 = quantize_stack([[e.gate_proj.weight, e.up_proj.weight] for e in self.experts], quantize_to)
+            self.w2 = quantize_stack([[e.down_proj.weight] for e in self.experts], quantize_to, "expert_down")
         for e, expert in enumerate(self.experts):
             expert.w13, expert.w2 = self.w13[e], self.w2[e]
         replaced = self.shared_experts.prepare(quantize_to)
@@ -171,7 +179,7 @@ class MoE(nn.Module):
         if torch.compiler.is_compiling():
             E = self.n_experts
             gates = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, weights.to(x.dtype))
-            if isinstance(self.w13, Int8Weight):  # one int8 matmul pair per expert, over all N rows
+            if isinstance(self.w13, Int8Weight | Int4Weight):  # one quantised matmul pair per expert, all N rows
                 for e in range(E):
                     out = out + self._expert(x, e, gates[:, e:e + 1])
                 return out
@@ -194,6 +202,9 @@ class MoE(nn.Module):
     def update_bias(self) -> None:
         """Auxiliary-loss-free balancing: push under-loaded experts' bias up, over-loaded down."""
         load = self.load
+        if self.gate.e_score_correction_bias is None:  # routing without a balancing bias (DeepSeek-V2)
+            load.zero_()
+            return
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(load)  # every rank must apply the same update
         if load.sum() > 0:

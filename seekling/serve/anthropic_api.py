@@ -3,9 +3,11 @@ engine, template, tool parser and limits as the OpenAI routes. Errors on this ro
 (security.py); the key may come as `x-api-key` or `Authorization: Bearer`.
 
 Content blocks map onto the chat template's messages: `thinking` <-> reasoning_content, `tool_use` <-> an
-assistant tool call, `tool_result` <-> a `tool` message. Thinking is on unless `thinking.type` is
-"disabled" (the model's default, as DeepSeek's Anthropic endpoint does). Anthropic's `input_tokens` excludes
-the prompt tokens read from the cache, which are `cache_read_input_tokens`.
+assistant tool call, `tool_result` <-> a `tool` message. Thinking is off unless the request enables it
+(`thinking.type` "enabled", or "adaptive": the template's default), as Anthropic's API does, so a plain request's
+answer is its text. A response carries the blocks its stop_reason implies: `end_turn` at least one text block,
+`tool_use` its tool_use blocks (a call cut by max_tokens is text, and the stop_reason `max_tokens`). Anthropic's
+`input_tokens` excludes the prompt tokens read from the cache, which are `cache_read_input_tokens`.
 """
 
 # (no `from __future__ import annotations`: FastAPI reads the routes' body types, local to the router
@@ -17,8 +19,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from seekling.serve.openai_api import count_completion
-from seekling.serve.pipeline import ChatOptions, Context, bad, prepare_chat, text_of
-from seekling.serve.schemas import ERROR_RESPONSES, STREAMED, Schemas
+from seekling.serve.pipeline import ChatOptions, Context, bad, text_of
+from seekling.serve.responses import ANTHROPIC_ERRORS, Message, answer
+from seekling.serve.schemas import Schemas
 from seekling.serve.security import anthropic_error_body
 from seekling.serve.streaming import Reasoning, Sample, collect, new_samples, sse, sse_response
 from seekling.serve.tools import CallArgs, CallStart, Text
@@ -71,7 +74,11 @@ def options(body) -> ChatOptions:
             choice = {"type": "function", "function": {"name": tc.name}}
         else:
             choice = {"auto": "auto", "any": "required", "none": "none"}[tc.type]
-    thinking = None if body.thinking is None else body.thinking.type != "disabled"
+    thinking = {None: False, "disabled": False, "enabled": True, "adaptive": None}[
+        body.thinking.type if body.thinking is not None else None]
+    if body.thinking is not None and body.thinking.budget_tokens is not None \
+            and body.thinking.budget_tokens >= body.max_tokens:
+        raise bad("max_tokens must be greater than thinking.budget_tokens.", "thinking.budget_tokens")
     return ChatOptions(tools=tools or None, tool_choice=choice, parallel_tool_calls=parallel, thinking=thinking)
 
 
@@ -88,9 +95,13 @@ def tool_input(arguments: str) -> dict:
     return value if isinstance(value, dict) else {"arguments": arguments}  # unparseable: kept, not lost
 
 
+def stop_reason(s: Sample) -> str:
+    return STOP_REASONS[s.finish_reason or "stop"]
+
+
 def content_blocks(s: Sample) -> list[dict]:
     blocks = [{"type": "thinking", "thinking": s.reasoning, "signature": ""}] if s.reasoning else []
-    if s.content:
+    if s.content or (stop_reason(s) == "end_turn" and not s.calls):  # end_turn: a text block, even empty
         blocks.append({"type": "text", "text": s.content})
     blocks += [{"type": "tool_use", "id": c.id, "name": c.name, "input": tool_input(c.arguments)} for c in s.calls]
     return blocks
@@ -145,8 +156,12 @@ class MessageStream:
         return out
 
     def end(self):
-        stop = {"stop_reason": STOP_REASONS.get(self.sample.finish_reason or "stop"), "stop_sequence": None}
-        return self._close_block() + [
+        reason = stop_reason(self.sample)
+        opened = []
+        if reason == "end_turn" and not self.sample.content and not self.sample.calls:  # (a text block, even empty)
+            opened = self._open("text", {"type": "text", "text": ""})
+        stop = {"stop_reason": reason, "stop_sequence": None}
+        return opened + self._close_block() + [
             sse({"type": "message_delta", "delta": stop, "usage": {"output_tokens": self.sample.tokens}},
                 "message_delta"),
             sse({"type": "message_stop"}, "message_stop"),
@@ -160,17 +175,18 @@ class MessageStream:
 
 
 def anthropic_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["anthropic"], responses=ERROR_RESPONSES)
+    router = APIRouter(prefix="/v1", tags=["anthropic"], responses=ANTHROPIC_ERRORS)
     MessagesRequest = schemas.messages
 
-    @router.post("/messages", responses=STREAMED)
+    @router.post("/messages", responses=answer(Message, streamed=True))
     async def messages(body: MessagesRequest, request: Request, owner: str = Depends(guard)):
         ctx.check_model(body.model)
         chat = chat_messages(body)
-        prepared = prepare_chat(ctx, chat, options(body))
+        prepared = await ctx.prepare(chat, options(body))
         prompt_tokens = ctx.count_prompt(prepared.prompt_ids)
-        params = ctx.sampling(body, body.max_tokens, list(body.stop_sequences or ()), None, prepared.structured)
-        ticket = await ctx.admit(prepared.prompt, params, prompt_tokens)
+        params = ctx.sampling(body, ctx.completion_tokens(prompt_tokens, body.max_tokens),
+                              list(body.stop_sequences or ()), None, prepared.structured)
+        ticket = await ctx.admit(request, prepared.prompt, prepared.prompt_ids, params, prompt_tokens)
         message = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": ctx.model_name}
         samples = new_samples(1, prepared.new_parser)
         if body.stream:
@@ -182,7 +198,7 @@ def anthropic_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
             return JSONResponse({}, 499)
         s = samples[0]
         ctx.log_exchange("messages", chat, [s.content])
-        return {**message, "content": content_blocks(s), "stop_reason": STOP_REASONS.get(s.finish_reason or "stop"),
+        return {**message, "content": content_blocks(s), "stop_reason": stop_reason(s),
                 "stop_sequence": None, "usage": usage(prompt_tokens, s)}
 
     return router

@@ -29,11 +29,13 @@ from seekling.serve.history import history_router
 from seekling.serve.metrics import Metrics, MetricsMiddleware
 from seekling.serve.openai_api import openai_router
 from seekling.serve.pipeline import Context
+from seekling.serve.responses import OPENAI_ERRORS, Health, answer
 from seekling.serve.schemas import build_schemas
 from seekling.serve.security import (
     APIError,
     Authenticator,
     BodyLimitMiddleware,
+    HostCheckMiddleware,
     RateLimiter,
     Settings,
     error_json,
@@ -83,6 +85,7 @@ def openapi_document(app: FastAPI, settings: Settings) -> dict:
                                "max_prompt_tokens": settings.max_prompt_tokens,
                                "max_tokens": settings.max_tokens_cap, "max_n": settings.max_n,
                                "rate_limit_per_minute": settings.rate_limit, "max_queue": settings.max_queue}
+    doc["paths"]["/v1/messages"]["post"]["responses"].pop("422", None)  # (a wrong shape is a 400 there)
     doc.setdefault("components", {})["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer"}, "x-api-key": {"type": "apiKey", "in": "header",
                                                                       "name": "x-api-key"}}
@@ -93,14 +96,20 @@ def create_app(engine, settings: Settings) -> FastAPI:
     model_name = settings.model_name or (
         os.path.basename(os.path.normpath(settings.model)) if settings.model else "seekling"
     )
+    context = getattr(engine, "max_model_len", None)
+    if context is not None:  # the prompt cap never exceeds the model's context (one token is left to answer)
+        settings = dataclasses.replace(settings, max_prompt_tokens=min(settings.max_prompt_tokens, context - 1))
+    grammars = getattr(engine, "grammars", None)
+    if grammars is not None:  # new grammars compile bounded in time (engine/grammar.py)
+        grammars.timeout_s = settings.grammar_timeout_s
     auth = Authenticator(load_key_hashes(settings))
     settings = dataclasses.replace(settings, api_key=[])  # from here on only the hashes are kept
     limiter = RateLimiter(settings.rate_limit)
     worker = EngineWorker(engine, settings.max_queue)
-    store = Store(settings.data_dir)
     metrics = Metrics(engine, worker)
-    ctx = Context(engine, settings, worker, model_name, metrics)
+    ctx = Context(engine, settings, worker, model_name, metrics)  # (refuses an engine without a tokenizer)
     schemas = build_schemas(settings, model_name)
+    store = Store(settings.data_dir)  # the last thing made: a server that cannot start creates no database
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -122,6 +131,7 @@ def create_app(engine, settings: Settings) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"],
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(HostCheckMiddleware, bind_host=settings.host, allowed=settings.allowed_hosts)  # outermost
 
     # ------------------------------------------------------------------ errors: OpenAI's shape, Anthropic's there
     @app.exception_handler(APIError)
@@ -155,9 +165,11 @@ def create_app(engine, settings: Settings) -> FastAPI:
 
     app.include_router(openai_router(ctx, schemas, guard))
     app.include_router(anthropic_router(ctx, schemas, guard))
-    app.include_router(history_router(store, schemas, guard, settings, model_name))
+    cap = min(settings.max_tokens_cap, context - 1) if context else settings.max_tokens_cap
+    app.include_router(history_router(store, schemas, guard, {"model": model_name, "max_tokens_cap": cap,
+                                                              "context": context}))
 
-    @app.get("/health")
+    @app.get("/health", responses={**answer(Health), 403: OPENAI_ERRORS[403]})
     async def health():
         return {"status": "ok"}
 
@@ -210,16 +222,24 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="allowed CORS origin (repeatable; none by default)",
     )
+    a("--allowed-hosts", action="append", default=None, metavar="NAME",
+      help="a Host name to answer besides the loopback ones (repeatable; '*': any). Bound to loopback the server "
+           "refuses every other Host, which stops DNS-rebinding pages from reading it")
+    a("--grammar-timeout-s", type=float, default=d.grammar_timeout_s,
+      help="a new grammar (tools, response_format) must compile within this many seconds, or the request gets 400")
+    a("--shutdown-timeout-s", type=float, default=d.shutdown_timeout_s,
+      help="on SIGTERM, requests still running after this many seconds are cut off")
     a("--log-requests", action="store_true", default=d.log_requests, help="log prompts and outputs")
     a("--data-dir", default=d.data_dir, help="where the chat history database lives")
     # load options (not Settings fields: they only matter when the server loads the model itself)
     a("--dtype", choices=("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), default=None,
       help="weights dtype (default: fp32 on CPU when it fits, else the checkpoint's)")
-    a("--quantize", choices=("int8",), default=None,
-      help="int8 Linear layers: 7-bit weights, per-token 8-bit activations (dense Qwen2/Llama; ~2x decode)")
+    a("--quantize", choices=("int8", "int4"), default=None,
+      help="int8 (Q8_0's format) or int4 (4.6 bits a weight, the output head at 8) weights, quantised as a model "
+           "directory is read and run by seekling's CPU kernels (a GGUF keeps its own bits)")
     a("--compile", action="store_true", default=False,
-      help="decode steps of up to 16 requests as one compiled graph (seekling's DeepSeek-V3 models: 1.6x "
-           "tokens/s for one client, ~1.2x for 2-16; compiles at start, ~30 s the first time)")
+      help="compile the Python decode step of models the C++ step does not run (dense families, int8, bf16): "
+           "decode steps of up to 16 requests as one graph; compiles at start, ~30 s the first time")
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -241,8 +261,12 @@ def serve(settings: Settings, dtype: str | None = None, quantize: str | None = N
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.model is None:
         raise ValueError("serve needs --model (or SEEKLING_MODEL)")
+    model_dir = Path(settings.model)
+    if model_dir.is_dir() and not (model_dir / "tokenizer.json").is_file():  # (before the weights are read)
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir}: the server needs the model's tokenizer")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not (settings.api_key or settings.api_key_file):
         log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
     app = create_app(load_engine(settings, dtype, quantize, compile), settings)
     log.info("seekling serve: http://%s:%d (history in %s)", settings.host, settings.port, settings.data_dir)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=settings.shutdown_timeout_s)

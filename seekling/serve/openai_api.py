@@ -11,8 +11,9 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from seekling.serve.pipeline import ChatOptions, Context, bad, openai_messages, prepare_chat, usage
-from seekling.serve.schemas import ERROR_RESPONSES, STREAMED, Schemas
+from seekling.serve.pipeline import ChatOptions, Context, bad, openai_messages, usage
+from seekling.serve.responses import OPENAI_ERRORS, ChatCompletion, Completion, Model, ModelList, answer
+from seekling.serve.schemas import Schemas
 from seekling.serve.security import error_body
 from seekling.serve.streaming import Reasoning, Sample, collect, new_samples, sse, sse_response
 from seekling.serve.tools import CallArgs, CallStart, Text
@@ -154,11 +155,11 @@ def chat_options(body) -> ChatOptions:
 
 
 def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
+    router = APIRouter(prefix="/v1", tags=["openai"], responses=OPENAI_ERRORS)
     settings = ctx.settings
     ChatCompletionRequest, CompletionRequest = schemas.chat, schemas.completion
 
-    @router.post("/chat/completions", responses=STREAMED)
+    @router.post("/chat/completions", responses=answer(ChatCompletion, streamed=True))
     async def chat_completions(body: ChatCompletionRequest, request: Request, owner: str = Depends(guard)):
         ctx.check_model(body.model)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -166,13 +167,14 @@ def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
         if body.top_logprobs is not None and not body.logprobs:
             raise bad("top_logprobs requires logprobs to be true.", "top_logprobs")
         messages = openai_messages(body.messages)
-        prepared = prepare_chat(ctx, messages, chat_options(body))
+        prepared = await ctx.prepare(messages, chat_options(body))
         prompt_tokens = ctx.count_prompt(prepared.prompt_ids)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = ctx.sampling(body, max_tokens, stop_list(body.stop), max(1, top) if top is not None else None,
-                              prepared.structured)
-        ticket = await ctx.admit(prepared.prompt, params, prompt_tokens)
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        params = ctx.sampling(body, ctx.completion_tokens(prompt_tokens, requested, param), stop_list(body.stop),
+                              max(1, top) if top is not None else None, prepared.structured)
+        ticket = await ctx.admit(request, prepared.prompt, prepared.prompt_ids, params, prompt_tokens)
         head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": ctx.model_name}
         samples = new_samples(body.n, prepared.new_parser)
         if body.stream:
@@ -199,14 +201,15 @@ def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
             "usage": usage(prompt_tokens, samples),
         }
 
-    @router.post("/completions", responses=STREAMED)
+    @router.post("/completions", responses=answer(Completion, streamed=True))
     async def completions(body: CompletionRequest, request: Request, owner: str = Depends(guard)):
         ctx.check_model(body.model)
         prompt = body.prompt[0] if isinstance(body.prompt, list) else body.prompt
-        params = ctx.sampling(body, body.max_tokens, stop_list(body.stop),
+        prompt_ids = await ctx.encode(prompt)
+        prompt_tokens = ctx.count_prompt(prompt_ids, "prompt")
+        params = ctx.sampling(body, ctx.completion_tokens(prompt_tokens, body.max_tokens), stop_list(body.stop),
                               max(1, body.logprobs) if body.logprobs is not None else None)
-        prompt_tokens = ctx.count_prompt(ctx.tokenizer.encode(prompt), "prompt")
-        ticket = await ctx.admit(prompt, params, prompt_tokens)
+        ticket = await ctx.admit(request, prompt, prompt_ids, params, prompt_tokens)
         head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
                 "model": ctx.model_name}
 
@@ -244,13 +247,14 @@ def openai_router(ctx: Context, schemas: Schemas, guard) -> APIRouter:
             "usage": usage(prompt_tokens, samples),
         }
 
-    model_card = {"id": ctx.model_name, "object": "model", "created": int(time.time()), "owned_by": "seekling"}
+    model_card = {"id": ctx.model_name, "object": "model", "created": int(time.time()), "owned_by": "seekling",
+                  "max_model_len": ctx.context}  # (vLLM's field: the context, prompt and completion together)
 
-    @router.get("/models")
+    @router.get("/models", responses=answer(ModelList))
     async def list_models(owner: str = Depends(guard)):
         return {"object": "list", "data": [model_card]}
 
-    @router.get("/models/{name:path}")
+    @router.get("/models/{name:path}", responses=answer(Model))
     async def get_model(name: str, owner: str = Depends(guard)):
         ctx.check_model(name)
         return model_card

@@ -26,23 +26,6 @@ TOP_K_DOC = "-1 or 0: off; past the vocabulary it is the whole vocabulary."
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's and Anthropic's rule for function names
 
 
-# Every error status a route may answer (OpenAI's error shape, Anthropic's on /v1/messages).
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "A value out of bounds, a rule across fields, NaN/Infinity, or a body that is not JSON."},
-    401: {"description": "Missing or wrong API key."},
-    404: {"description": "Another model id, or no such conversation."},
-    413: {"description": "The request body is over the server's limit."},
-    422: {"description": "A request of the wrong shape (400 on /v1/messages)."},
-    429: {"description": "Rate limit per key, or the request queue is full."},
-    500: {"description": "The engine failed."},
-}
-
-
-# The answer of a route that can stream: JSON, or server-sent events when `stream` is true.
-STREAMED = {200: {"description": "The answer (JSON), or with `stream: true` server-sent events.",
-                  "content": {"application/json": {}, "text/event-stream": {}}}}
-
-
 class StreamOptions(BaseModel):
     model_config = LENIENT
     include_usage: bool = False
@@ -120,7 +103,8 @@ ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Fie
 class AnthropicThinking(BaseModel):
     model_config = LENIENT
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = Field(None, ge=0)
+    budget_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="Less than max_tokens (checked, not "
+                                      "enforced: the model reasons until it closes its think block).")
 
 
 class AnthropicToolChoice(BaseModel):

@@ -1,5 +1,6 @@
-"""Server settings, errors (OpenAI's shape, or Anthropic's on /v1/messages), API keys, rate limits, the
-request-body cap and the refusal of NaN/Infinity in bodies.
+"""Server settings, errors (OpenAI's shape, or Anthropic's on /v1/messages), API keys, rate limits, the Host check
+(DNS rebinding), the request-body cap and the refusal, anywhere in a body, of what JSON parses but nothing can
+hold: NaN, Infinity, numbers past a double (1e999) and lone UTF-16 surrogates.
 
 Keys are hashed (sha256) as soon as they are loaded, so the plain key never sits in memory after start-up
 and a conversation's owner is stored as the key's hash, never the key itself.
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -47,7 +50,12 @@ class Settings:
     max_queue: int = 256  # requests admitted but not yet producing tokens
     max_num_seqs: int | None = None  # passed to the engine when the server loads the model itself
     keepalive_s: float = 5.0  # SSE keep-alive comment interval while a stream has nothing to send
+    grammar_timeout_s: float = 10.0  # a new grammar (tools, response_format) compiles within this, or 400
+    shutdown_timeout_s: float = 3.0  # on SIGTERM, requests still running after this are cut off
     cors_origin: list[str] = field(default_factory=list)
+    # Host names answered besides the loopback ones ("*": any). Bound to loopback, the server refuses every other
+    # Host (a DNS-rebinding page names its own); bound elsewhere with none listed, it answers any.
+    allowed_hosts: list[str] = field(default_factory=list)
     log_requests: bool = False
     data_dir: str = field(default_factory=default_data_dir)
 
@@ -207,31 +215,115 @@ class RateLimiter:
             self.buckets[owner] = (tokens - 1.0, now)
 
 
+# ---------------------------------------------------------------------------------------------- Host check
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback name or address: localhost, *.localhost, 127.0.0.0/8, ::1."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port ("[::1]:8000" -> "::1")."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheckMiddleware:
+    """Refuse (403) a request whose Host is not allowed, before any route sees it. A web page the user visits
+    can make its own name resolve to 127.0.0.1 (DNS rebinding) and then read a keyless local server as if it
+    were its own origin; its requests carry its own name as Host. So a server bound to loopback answers loopback
+    names only, plus `allowed` (Ollama's fix for CVE-2024-28224 is the same rule); "*" turns the check off."""
+
+    def __init__(self, app, bind_host: str, allowed: list[str]):
+        self.app = app
+        self.allowed = {h.lower().rstrip(".") for h in allowed}
+        self.active = "*" not in self.allowed and (is_loopback(bind_host) or bool(self.allowed))
+
+    def permits(self, header: str | None) -> bool:
+        if not self.active or not header:  # (no Host: HTTP/1.0; a browser always sends one)
+            return True
+        name = host_name(header).lower().rstrip(".")
+        return is_loopback(name) or name in self.allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if self.permits(header):
+            return await self.app(scope, receive, send)
+        refused = error_json(scope["path"], 403, f"Host {header!r} is not allowed: this server answers loopback names "
+                             "(localhost, 127.0.0.1, [::1]) and the names given with --allowed-hosts.",
+                             "permission_error", code="host_not_allowed")
+        return await refused(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------------------------- body cap
 
 
 class _NotJSON(ValueError):
-    """NaN, Infinity or -Infinity: Python's json module reads them, JSON (RFC 8259) has no such values."""
+    """What Python's json module reads but JSON (RFC 8259) and the server cannot hold: NaN, Infinity, a number
+    past a double's range (1e999 reads as infinity) and a lone UTF-16 surrogate (not a character)."""
 
 
 def _refuse_constant(name: str) -> None:
-    raise _NotJSON(name)
+    raise _NotJSON(f"{name}, which is not JSON")
 
 
-def non_json_constant(body: bytes) -> str | None:
-    """The first NaN/Infinity in a JSON body, or None (also when the body is not JSON: the app says so)."""
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJSON(f"the number {text[:40]}, which is past the range of a double")
+    return value
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Bytes that may hold one of those: only then is the body parsed here (FastAPI parses it anyway).
+SUSPECT = re.compile(rb"NaN|Infinity|[eE][+-]?\d{3}|\d{300}|\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if LONE_SURROGATE.search(v):
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def non_json_value(body: bytes) -> str | None:
+    """What a JSON body holds that is not JSON (see _NotJSON), or None (also when the body is not JSON at all:
+    the app says so)."""
+    if not SUSPECT.search(body):
+        return None
     try:
-        json.loads(body, parse_constant=_refuse_constant)
+        value = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except _NotJSON as e:
         return str(e)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
+    if _lone_surrogate(value):
+        return "a lone UTF-16 surrogate (\\ud800-\\udfff without its pair), which is not text"
     return None
 
 
 class BodyLimitMiddleware:
     """Pure ASGI middleware: refuse (413) a request body over `max_bytes`, with or without Content-Length,
-    and (400) a JSON body holding NaN or Infinity anywhere.
+    and (400) a JSON body holding, anywhere, a value that is not JSON (`non_json_value`).
 
     The body is read up front and replayed to the app, so chunked uploads are bounded too.
     """
@@ -259,10 +351,10 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
-        constant = non_json_constant(body) if b"NaN" in body or b"Infinity" in body else None
-        if constant is not None:
-            refused = error_json(scope["path"], 400, f"The request body holds {constant}, which is not JSON "
-                                 "(numbers must be finite).", "invalid_request_error", code="invalid_json")
+        problem = non_json_value(body)
+        if problem is not None:
+            refused = error_json(scope["path"], 400, f"The request body holds {problem} (numbers must be finite, "
+                                 "text must be Unicode).", "invalid_request_error", code="invalid_json")
             return await refused(scope, receive, send)
 
         async def replay():

@@ -26,6 +26,12 @@ CREATE INDEX IF NOT EXISTS conversations_owner ON conversations (owner, updated_
 """
 
 
+def dumps(data: dict) -> str:
+    """JSON text of a conversation; ValueError for what JSON cannot hold, so that it is never stored (a stored
+    Infinity would make every later read of the conversation fail)."""
+    return json.dumps(data, allow_nan=False)
+
+
 class Store:
     def __init__(self, data_dir: str):
         os.makedirs(data_dir, exist_ok=True)
@@ -63,11 +69,12 @@ class Store:
         }
 
     def create(self, owner: str, title: str, data: dict) -> dict:
-        conv_id, now = uuid.uuid4().hex, time.time()
+        """A new conversation; ValueError (and nothing written) if `data` is not JSON (NaN, Infinity)."""
+        conv_id, now, text = uuid.uuid4().hex, time.time(), dumps(data)
         with self.lock:
             self.db.execute(
                 "INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
-                (conv_id, owner, title, json.dumps(data), now, now),
+                (conv_id, owner, title, text, now, now),
             )
         return self.get(owner, conv_id)
 
@@ -77,12 +84,13 @@ class Store:
             return None
         merged = {k: current[k] for k in ("messages", "system", "settings") if k in current}
         merged.update(data or {})
+        text = dumps(merged)
         with self.lock:
             self.db.execute(
                 "UPDATE conversations SET title = ?, data = ?, updated_at = ? WHERE owner = ? AND id = ?",
                 (
                     title if title is not None else current["title"],
-                    json.dumps(merged),
+                    text,
                     time.time(),
                     owner,
                     conv_id,

@@ -76,6 +76,7 @@ class Sample:
     cached_tokens: int = 0
     engine_finish: str | None = None
     logprobs: list[dict] = field(default_factory=list)
+    cut: bool = False  # the answer ended inside a tool call (which is then text, not a call)
 
     def add(self, delta) -> list[Event | Reasoning]:
         """Take one engine delta; returns the events it releases, in order."""
@@ -102,7 +103,19 @@ class Sample:
                 self.calls.append(Call(e.id, e.name))
             elif isinstance(e, CallArgs):
                 self.calls[e.index].arguments += e.text
+        if final and self.parser is not None:
+            self._drop_cut_call()
         return events
+
+    def _drop_cut_call(self) -> None:
+        """A call the answer ended inside (max_tokens, the context, a stop string) is not a call: its text, as the
+        model wrote it, is kept in the content, and the calls are those that ended."""
+        cut = self.parser.cut_call()
+        if cut is not None:
+            index, header = cut
+            call = self.calls.pop(index)
+            self.content += header + call.arguments
+            self.cut = True
 
     @property
     def finished(self) -> bool:
@@ -110,12 +123,14 @@ class Sample:
 
     @property
     def finish_reason(self) -> str | None:
-        """OpenAI's: tool_calls | length | stop (an abort, seen only when the client left, reads as stop)."""
+        """OpenAI's: length when max_tokens or the context cut the answer (whatever it was writing, a tool call
+        too), else tool_calls when it holds calls that all ended, else stop (an abort, seen only when the client
+        left, reads as stop)."""
         if self.engine_finish is None:
             return None
-        if self.calls:
-            return "tool_calls"
-        return "length" if self.engine_finish == "length" else "stop"
+        if self.engine_finish == "length":
+            return "length"
+        return "tool_calls" if self.calls and not self.cut else "stop"
 
 
 def new_samples(n: int, parser_factory) -> dict[int, Sample]:

@@ -1,7 +1,8 @@
 """Tool calling in each model family's own wire format, and the constraints that make outputs valid.
 
-A family's format (DeepSeek-V3/R1's tokens, Qwen2.5's <tool_call> JSON, Llama 3.1's bare JSON) is rendered into
-the prompt by its chat template (seekling/tokenizer.py) and parsed back here into OpenAI tool calls. The
+A family's format (DeepSeek-V3/R1's tokens, Qwen2.5's <tool_call> JSON, Llama 3.1's bare JSON; which one is the
+family's `tool_format` in seekling/model/families/) is rendered into the prompt by its chat template
+(seekling/tokenizer.py) and parsed back here into OpenAI tool calls. The
 parser is incremental: it takes the answer text as it streams and releases plain text at once, except a tail
 that may be the start of a tool call, which it holds until the next piece decides it. The same parser reads
 a whole answer (non-streamed requests), so both paths give the same calls.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from seekling.engine.detok import THINK_END
 from seekling.engine.sampling import StructuredOutputsParams
+from seekling.model.families import family
 from seekling.tokenizer import (
     CHAT_TEMPLATE,
     LLAMA_TOOLS_TEMPLATE,
@@ -82,6 +84,11 @@ class ToolParser:
         self.in_calls = False
         self.calls = 0  # calls started so far
 
+    def cut_call(self) -> tuple[int, str] | None:
+        """After the final push: the call whose arguments never ended (the answer was cut inside it), as (its
+        index, the text that opened it), or None. Only formats that release a call before it ends can have one."""
+        return None
+
     def push(self, piece: str, final: bool = False) -> list[Event]:
         self.buf += piece
         out: list[Event] = []
@@ -128,6 +135,10 @@ class DeepSeekParser(ToolParser):
         super().__init__(parallel)
         self.state = "begin"  # begin -> between -> header -> args -> between ... -> done
         self.keep = True  # the current call is reported (not a dropped extra one)
+        self.header = ""  # the text that opened the current call
+
+    def cut_call(self) -> tuple[int, str] | None:
+        return (self.calls - 1, self.header) if self.state == "args" and self.keep else None
 
     def _calls(self, out: list[Event], final: bool) -> bool:
         if self.state == "begin":
@@ -152,6 +163,7 @@ class DeepSeekParser(ToolParser):
                     return True
                 return False
             self.keep = self._start(out, m.group(2))
+            self.header = TOOL_CALL_BEGIN + m.group(0)
             self.buf, self.state = self.buf[m.end():], "args"
             return True
         if self.state == "args":
@@ -259,7 +271,7 @@ class Llama3Parser(JSONCallsParser):
 class ToolFormat:
     name: str
     parser: type[ToolParser]
-    template: str  # seekling's template for the family, used when the checkpoint's own renders no tools
+    template: str  # seekling's template in this format, used when the checkpoint's own renders no tools
 
 
 FORMATS = {
@@ -267,17 +279,17 @@ FORMATS = {
     "hermes": ToolFormat("hermes", HermesParser, QWEN_TOOLS_TEMPLATE),
     "llama3": ToolFormat("llama3", Llama3Parser, LLAMA_TOOLS_TEMPLATE),
 }
-FAMILY = {"qwen2": "hermes", "llama": "llama3"}  # model_type -> format; anything else is DeepSeek's
 
 
 def tool_format(chat_template: str | None, model_type: str | None) -> tuple[ToolFormat, str]:
-    """The family's tool format and the template that renders tools: the checkpoint's own when it renders
-    `tools` (its format read from its markers), else seekling's for the family."""
+    """The tool format and the template that renders tools: the checkpoint's own when it renders `tools` (its
+    format read from its markers), else the format its family calls tools in (seekling/model/families/; a
+    server without a model config is taken for seekling's own, DeepSeek-V3) with seekling's template for it."""
     if chat_template and re.search(r"\btools\b", chat_template):
         for marker, name in ((TOOL_CALLS_BEGIN, "deepseek"), ("<tool_call>", "hermes"), ('"parameters"', "llama3")):
             if marker in chat_template:
                 return FORMATS[name], chat_template
-    fmt = FORMATS[FAMILY.get(model_type or "", "deepseek")]
+    fmt = FORMATS[family(model_type or "deepseek_v3").tool_format]
     return fmt, fmt.template
 
 

@@ -61,14 +61,15 @@ class EngineWorker:
         with self.lock:
             return len(self.tickets)
 
-    def submit(self, prompt, params, n: int) -> Ticket | None:
-        """Admit a request, or return None when the queue is full (the caller answers 429)."""
-        loop = asyncio.get_running_loop()
+    def submit(self, prompt, params, n: int, loop: asyncio.AbstractEventLoop, prompt_ids: list[int] | None = None
+               ) -> Ticket | None:
+        """Admit a request (from any thread; its deltas go to `loop`), or return None when the queue is full (the
+        caller answers 429). `prompt_ids`: the prompt's tokens when the caller has them already."""
         with self.lock:
             if sum(not t.started for t in self.tickets.values()) >= self.max_queue:
                 return None
             # The lock is held across add_request so that the ticket exists before step() can emit for it.
-            request_id = self.engine.add_request(prompt, params)
+            request_id = self.engine.add_request(prompt, params, prompt_ids=prompt_ids)
             ticket = Ticket(request_id, asyncio.Queue(), loop, n)
             self.tickets[request_id] = ticket
         self.wake.set()

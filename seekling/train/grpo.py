@@ -557,7 +557,8 @@ def rollout(engine: Any, prompts_ids: list[list[int]], G: int, cfg: RLConfig) ->
     """G sampled completions of each prompt (continuous batching over all of them at once)."""
     from seekling.engine import SamplingParams
 
-    params = SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
+    params = SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                            detokenize=False)  # the token ids are decoded below
     outs = engine.generate(prompts_ids, params)
     tok = engine.tokenizer
     return [[Completion(o.token_ids, tok.decode(o.token_ids, skip_special_tokens=True), o.finish_reason)
@@ -578,7 +579,7 @@ def task_eval_fn(tasks: list[str], n: int, difficulties: list[int] | None = None
     def eval_fn(model: nn.Module, tok: Any) -> float:
         engine = Engine(model, tok, max_num_seqs=min(len(samples), 64))
         outs = engine.generate([encode_prompt(tok, s, recipe) for s in samples],
-                               SamplingParams(temperature=0, max_tokens=max_new_tokens))
+                               SamplingParams(temperature=0, max_tokens=max_new_tokens, detokenize=False))
         texts = [tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]
         return sum(accuracy_reward(s["problem"], t, recipe) for s, t in zip(samples, texts, strict=True)) / len(samples)
 

@@ -57,7 +57,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from seekling.atomic import write_bytes, write_text
+from seekling.atomic import reporting_full_disk, tensor_bytes, write_bytes, write_text
 from seekling.train.expert_parallel import apply_expert_parallel, expert_param_names, gather_experts, run_every_expert
 
 PARALLEL = ("ddp", "fsdp")
@@ -452,10 +452,15 @@ class Checkpointer:
                               f"rng_{self.d.rank}": _blob(rng_state())}
         if self.d.master:
             sd["state"] = _blob(state)
-        with _quiet_dcp():
-            dcp.save(sd, checkpoint_id=path, no_dist=not self.d.distributed)
+        try:  # a failed save (a full disk: DiskFull) leaves no partial folder behind, and `latest` as it was
+            with _quiet_dcp(), reporting_full_disk(path, tensor_bytes(sd)):
+                dcp.save(sd, checkpoint_id=path, no_dist=not self.d.distributed)
+            if self.d.master:
+                write_text(self.root / "latest", path.name)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         if self.d.master:
-            write_text(self.root / "latest", path.name)
             for old in self.root.glob("step-*"):
                 if old != path:
                     shutil.rmtree(old, ignore_errors=True)

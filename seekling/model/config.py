@@ -1,8 +1,11 @@
-"""ModelConfig: the DeepSeek-V3 hyper-parameters, with Hugging Face `DeepseekV3Config` field names.
+"""ModelConfig: the hyper-parameters of the DeepSeek MLA + MoE models (V3 and V2), with Hugging Face's
+`DeepseekV3Config` / `DeepseekV2Config` field names.
 
 A seekling checkpoint's `config.json` is exactly what transformers writes for `deepseek_v3`, so
-either side reads the other's. Presets give the shapes we train (`tiny`, `small`) and the real
-DeepSeek shapes (for reference and parameter counting only).
+either side reads the other's. DeepSeek-V2 differs only in its routing (softmax scores, greedy or
+group-limited top-k, no balancing bias) and has no MTP module: `model_type`, `scoring_func` and
+`topk_method` say which. Presets give the shapes we train (`tiny`, `small`) and the real DeepSeek
+shapes (for reference and parameter counting only).
 """
 
 from __future__ import annotations
@@ -10,26 +13,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from seekling.atomic import write_text
 
-# Fields of DeepSeek-V3's own config.json that transformers' DeepseekV3Config does not define but inference
-# engines read, with the values that describe seekling's model (sigmoid affinities, top-k on scores plus the
-# e_score_correction_bias, every layer past first_k_dense_replace an MoE one). Without them:
+# Fields of DeepSeek's own config.json files that transformers' configs do not define but inference engines
+# read. scoring_func and topk_method are ModelConfig fields (always written); these are constants here (every
+# layer past first_k_dense_replace an MoE one). Without them:
 # - llama.cpp's convert_hf_to_gguf.py takes expert_gating_func from scoring_func and builds softmax routing;
 # - vLLM defaults scoring_func to "softmax" and only loads the correction bias when topk_method is "noaux_tc";
 # - SGLang reads config.topk_method and config.moe_layer_freq as attributes and fails without them;
 # - DeepSeek's own modeling code (trust_remote_code) reads ep_size, seq_aux and aux_loss_alpha.
 # aux_loss_alpha is DeepSeek's name for the sequence-wise balance loss weight (our seq_aux_alpha).
-RELEASE_FIELDS: dict[str, Any] = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1,
-                                  "ep_size": 1, "seq_aux": True}
+RELEASE_FIELDS: dict[str, Any] = {"moe_layer_freq": 1, "ep_size": 1, "seq_aux": True}
+SCORING_FUNCS = ("sigmoid", "softmax")
+# noaux_tc (V3): top-k on scores + e_score_correction_bias within the groups whose best two score highest;
+# greedy (V2-Lite): top-k on the scores; group_limited_greedy (V2): within the groups whose best one scores highest
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
 
 @dataclass
 class ModelConfig:
+    model_type: str = "deepseek_v3"  # or "deepseek_v2" (the same modules; see the module docstring)
     vocab_size: int = 4096
     hidden_size: int = 192
     intermediate_size: int = 512  # dense FFN width (the first `first_k_dense_replace` layers)
@@ -44,6 +54,8 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"  # expert affinities: sigmoid (V3) or softmax (V2) of the router logits
+    topk_method: str = "noaux_tc"  # see TOPK_METHODS
     q_lora_rank: int | None = None  # None: queries are not compressed (DeepSeek-V2-Lite style)
     kv_lora_rank: int = 64
     qk_nope_head_dim: int = 32
@@ -66,7 +78,13 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys, written back untouched
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         problems = []
+        for name, value, allowed in (("model_type", self.model_type, MODEL_TYPES),
+                                     ("scoring_func", self.scoring_func, SCORING_FUNCS),
+                                     ("topk_method", self.topk_method, TOPK_METHODS)):
+            if value not in allowed:
+                problems.append(f"{name} {value!r} is not supported (one of {', '.join(allowed)})")
         if self.n_routed_experts % max(self.n_group, 1):
             problems.append(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
         if self.topk_group > self.n_group:
@@ -131,8 +149,7 @@ class ModelConfig:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
         d = {**self.extra, **d}
         d.update(
-            model_type="deepseek_v3",
-            architectures=["DeepseekV3ForCausalLM"],
+            architectures=["".join(p.capitalize() for p in self.model_type.split("_")) + "ForCausalLM"],
             num_key_value_heads=self.num_attention_heads,
             hidden_act="silu",
             rope_interleave=True,
@@ -152,22 +169,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        mt = d.get("model_type", "deepseek_v3")
-        if mt not in ("deepseek_v3", "deepseek_v2"):
-            raise ValueError(f"model_type {mt!r} is not a DeepSeek-V3 config")
+        """A config.json's fields; the ones it leaves out take DeepSeek-V3's defaults (a DeepSeek-V2 family
+        merges its own defaults in first: seekling/model/families/deepseek_v2.py)."""
+        if d.get("model_type", "deepseek_v3") not in MODEL_TYPES:
+            raise ValueError(f"model_type {d['model_type']!r} is not a DeepSeek-V3/V2 config")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
         if d.get("attention_bias"):
             raise ValueError("attention_bias=True is not supported")
         if d.get("rope_interleave") is False:
             raise ValueError("rope_interleave=False is not supported (DeepSeek checkpoints interleave)")
-        # Configs written before these fields existed (ours, transformers') lack them: the defaults are
-        # what seekling always computed.
-        if d.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ValueError(f"scoring_func {d['scoring_func']!r} is not supported (DeepSeek-V3 uses sigmoid)")
-        if d.get("topk_method", "noaux_tc") != "noaux_tc":
-            raise ValueError(f"topk_method {d['topk_method']!r} is not supported (DeepSeek-V3 uses noaux_tc: "
-                             "top-k on the scores plus e_score_correction_bias)")
         if d.get("moe_layer_freq", 1) != 1:
             raise ValueError(f"moe_layer_freq {d['moe_layer_freq']!r} is not supported (every layer after "
                              "first_k_dense_replace is an MoE layer)")
@@ -204,6 +215,41 @@ class ModelConfig:
         return cls.from_hf_dict(json.loads(path.read_text()))
 
 
+def check_field_types(config: Any) -> None:
+    """ValueError naming every field of a config dataclass whose value is not of its annotated type (a config.json
+    with "hidden_size": "64" or "num_hidden_layers": null), before any layer is built from it."""
+    hints = typing.get_type_hints(type(config))
+    problems = [f"{f.name} must be {_type_name(hints[f.name])}, got {getattr(config, f.name)!r}"
+                for f in dataclasses.fields(config) if not _is_a(getattr(config, f.name), hints[f.name])]
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def _alternatives(kind: Any) -> tuple[Any, ...]:
+    return typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    for alt in _alternatives(kind):
+        base = typing.get_origin(alt) or alt
+        if alt is Any or (alt is type(None) and value is None):
+            return True
+        if base is bool and isinstance(value, bool):
+            return True
+        if base in (int, float) and isinstance(value, int if base is int else (int, float)) \
+                and not isinstance(value, bool) and (base is int or math.isfinite(value)):
+            return True
+        if base in (dict, list, str) and isinstance(value, base):
+            return True
+    return False
+
+
+def _type_name(kind: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+             list: "a list", type(None): "null"}
+    return " or ".join(names.get(typing.get_origin(a) or a, str(a)) for a in _alternatives(kind))
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
@@ -225,6 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=8192,
     ),
     "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", scoring_func="softmax", topk_method="greedy",
         vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
         num_hidden_layers=27, num_attention_heads=16, n_shared_experts=2, n_routed_experts=64,
         num_experts_per_tok=6, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
