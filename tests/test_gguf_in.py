@@ -104,13 +104,13 @@ def prefill_logits(model, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["qwen3", "deepseek_v2", "llama"])
 def test_q8_0_gguf_loads_in_int8_about_as_close_to_fp32_as_int8(kind, tmp_path, tokenizer_dir):
-    """A quantised GGUF keeps 8 bits (int8 weights): teacher-forced against the fp32 checkpoint, its logits are
-    about as close as the checkpoint quantised to int8 (Q8_0's rounding is added to int8's; random models with
-    O(1) activations amplify both, a routed MoE the most)."""
+    """A Q8_0 GGUF keeps 8 bits (its blocks repacked into int8 weights exactly): teacher-forced against the fp32
+    checkpoint, its logits are about as close as the checkpoint quantised to int8 (Q8_0's rounding is added to
+    int8's; random models with O(1) activations amplify both, a routed MoE the most)."""
     path = checkpoint(tmp_path / "m", tokenizer_dir, kind)
     export_gguf(path, tmp_path / "m.gguf", outtype="q8_0")
     engine = Engine(str(tmp_path / "m.gguf"), block_size=4)
-    assert engine.model.quantized == "int8" and engine.tokenizer is not None
+    assert engine.model.quantized == "gguf" and engine.tokenizer is not None  # each tensor keeps its type's bits
     ids = torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     fp32 = prefill_logits(seekling.load_pretrained(path), ids)
     errors = {}
