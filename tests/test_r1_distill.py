@@ -209,7 +209,7 @@ def test_load_options_and_refusals(qwen2):
     with pytest.raises(ValueError, match="MTP"):
         Engine(path, speculative=True)
     with pytest.raises(ValueError, match="quantize"):
-        Engine(path, quantize="int4")
+        Engine(path, quantize="int3")
     # bytes/token = layers x 2 (K, V) x kv heads x head_dim x dtype size
     fp32 = Engine(path, cache_blocks=8)
     assert fp32.stats()["cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
