@@ -60,8 +60,8 @@ from typing import Any
 DENSE_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                    intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6)
 # The shapes users run (random weights): Moonlight-16B-A3B's layers (DeepSeek-V3 architecture; 3 of its 27 layers,
-# the first dense; a 32k vocabulary: 1.4B total, ~0.3B active) and Qwen3-0.6B's (as a Qwen2: q/k/v biases and no
-# q/k norms, until seekling reads Qwen3).
+# the first dense; a 32k vocabulary: 1.4B total, ~0.3B active) and Qwen3-0.6B (q/k norms, head_dim 128 over a
+# hidden size of 1024: llama.cpp's qwen2 architecture cannot hold that, so it must be a Qwen3 checkpoint).
 REAL_SHAPES: dict[str, dict[str, Any]] = {
     "moonlight": dict(model_type="deepseek_v3", vocab_size=32000, hidden_size=2048, intermediate_size=11264,
                       moe_intermediate_size=1408, num_hidden_layers=3, num_attention_heads=16, n_routed_experts=64,
@@ -69,7 +69,7 @@ REAL_SHAPES: dict[str, dict[str, Any]] = {
                       q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                       routed_scaling_factor=2.446, norm_topk_prob=True, num_nextn_predict_layers=0,
                       max_position_embeddings=8192, rope_theta=50000.0, tie_word_embeddings=False),
-    "qwen3-0.6b": dict(model_type="qwen2", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936,
                        max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=True),
     # a 16B-total MoE whole (memory checks, not a benchmark row): DeepSeek-V2-Lite's shapes (27 layers, 64 experts
@@ -269,7 +269,7 @@ def prepare_shape(work: Path, name: str, seed: int, std: float = 0.05) -> Path:
 
     import seekling
     from seekling.atomic import write_text
-    from seekling.model.dense import DenseConfig, DenseModel
+    from seekling.model.families import family
 
     dst = work / f"{name}-seed{seed}"
     if (dst / "model.safetensors").exists():
@@ -281,10 +281,12 @@ def prepare_shape(work: Path, name: str, seed: int, std: float = 0.05) -> Path:
         with torch.device("meta"):
             names = seekling.model.Transformer(config).state_dict()
     else:
-        config = {"architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[shape["model_type"]]
+        config = {"architectures": [arch], "hidden_act": "silu", "rms_norm_eps": 1e-6,
                   "torch_dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1, **shape}
+        f = family(shape["model_type"])
         with torch.device("meta"):
-            names = DenseModel(DenseConfig.from_dict(config)).state_dict()
+            names = f.build(f.read_config(config)).state_dict()
     g = torch.Generator().manual_seed(seed)
     names = {k: t for k, t in names.items() if not (k == "lm_head.weight" and shape.get("tie_word_embeddings"))}
 
