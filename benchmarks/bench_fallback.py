@@ -77,11 +77,7 @@ def main() -> None:
               f"(target >= 0.33); runs: {rates}")
         for name, lines in logs.items():
             print(f"  {name}: {lines[-1] if lines else '(no startup line)'}")
-    print(f"load average at the end {os.getloadavg()[0]:.2f}")
-    if args.json:
-        from seekling.atomic import write_text
-
-        write_text(args.json, json.dumps({"machine": info, "results": results}, indent=2, default=str))
+    bench_llamacpp.finish(args.json, info, results)
 
 
 if __name__ == "__main__":

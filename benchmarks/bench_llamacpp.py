@@ -685,6 +685,15 @@ def machine() -> dict[str, Any]:
             "llama_cpp_python": llama_version}
 
 
+def finish(json_path: Path | None, info: dict[str, Any], results: Any) -> None:
+    """The closing line of a benchmark (the load it ended at) and, when asked, its figures as JSON."""
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    if json_path:
+        from seekling.atomic import write_text
+
+        write_text(json_path, json.dumps({"machine": info, "results": results}, indent=2, default=str))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -194,11 +194,7 @@ def main() -> None:
         for name, row in r["rows"].items():
             extra = f"{row['bits']:.2f}  {row['types']}" if "bits" in row else ""
             print(f"{name:20s} {row['top1']:11.4f} {row['kl']:12.6f}  {extra}")
-    print(f"load average at the end {os.getloadavg()[0]:.2f}")
-    if args.json:
-        from seekling.atomic import write_text
-
-        write_text(args.json, json.dumps({"machine": info, "results": results}, indent=2, default=str))
+    bench_llamacpp.finish(args.json, info, results)
 
 
 if __name__ == "__main__":
